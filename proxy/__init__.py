@@ -1,0 +1,3 @@
+"""sidecar-proxy: a transparent TCP proxy for the redirected port of a service-mesh sidecar."""
+
+__version__ = "0.1.0"

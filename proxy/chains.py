@@ -1,0 +1,111 @@
+"""Filter-chain selection by original destination, with Envoy's semantics.
+
+Theory of operation
+-------------------
+A chain is a candidate only if ALL of its criteria hold for the connection.
+Among candidates the most specific one wins, deciding criterion by criterion
+in this fixed order, exactly as Envoy's FilterChainMatch does:
+
+1. destination port: chains naming the port beat chains with no port list;
+2. destination prefix: the longest matching prefix beats shorter ones, and
+   any prefix beats a chain with no destination list;
+3. source prefix: likewise;
+4. direction: a chain naming the connection's direction (inbound/outbound)
+   beats one that says "any".
+
+The set of chains is pruned step by step and there is no backtracking: if
+the chains naming port 80 all fail on their destination prefix, a connection
+to port 80 does not fall back to the chains without a port; it matches no
+chain. (Envoy prunes the same way; the default action then applies, like
+Envoy's default_filter_chain.) Since two chains with identical criteria are
+rejected when the config is loaded (`config.check_ambiguous`), at most one
+chain survives all four steps.
+
+Everything here is pure: addresses are `ipaddress` objects, nothing touches a
+socket. `ChainTable` indexes chains by port once so a lookup costs a dict get
+and a scan of the few chains that name that port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .config import Chain
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NO_MATCH = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """What chain selection looks at."""
+
+    dst: IPAddress
+    dst_port: int
+    src: IPAddress
+    direction: str  # "inbound" or "outbound"
+
+
+def _prefix_score(networks: Sequence, addr: IPAddress) -> int:
+    """Longest matching prefix length; 0-based scores: -1 no match, 0 = no list."""
+    if not networks:
+        return 0
+    best = NO_MATCH
+    for net in networks:
+        if net.version == addr.version and addr in net:
+            best = max(best, net.prefixlen + 1)
+    return best
+
+
+def specificity(chain: Chain, conn: Connection) -> tuple[int, int, int, int]:
+    """How specifically `chain` matches `conn`, one score per criterion in order.
+
+    Each score is NO_MATCH (-1) if the criterion fails, 0 if the chain does not
+    constrain it, and higher the more specific the match is.
+    """
+    m = chain.match
+    port = (1 if conn.dst_port in m.ports else NO_MATCH) if m.ports else 0
+    dst = _prefix_score(m.destinations, conn.dst)
+    src = _prefix_score(m.sources, conn.src)
+    if m.direction == "any":
+        direction = 0
+    else:
+        direction = 1 if m.direction == conn.direction else NO_MATCH
+    return port, dst, src, direction
+
+
+def select(chains: Iterable[Chain], conn: Connection) -> Chain | None:
+    """The chain for `conn` by Envoy's pruning, or None if no chain survives."""
+    candidates = list(chains)
+    for step in range(4):
+        scored = [(specificity(c, conn)[step], c) for c in candidates]
+        best = max((score for score, _ in scored), default=NO_MATCH)
+        if best == NO_MATCH:
+            return None
+        candidates = [c for score, c in scored if score == best]
+    return candidates[0]
+
+
+class ChainTable:
+    """The chains of one config, indexed by destination port for fast lookup."""
+
+    def __init__(self, chains: Sequence[Chain]) -> None:
+        self.chains = tuple(chains)
+        self._by_port: dict[int, tuple[Chain, ...]] = {}
+        for chain in self.chains:
+            for port in chain.match.ports:
+                self._by_port[port] = self._by_port.get(port, ()) + (chain,)
+        self._any_port = tuple(c for c in self.chains if not c.match.ports)
+
+    def select(self, conn: Connection) -> Chain | None:
+        # Step 1 (port) is the dict lookup; steps 2-4 prune what is left.
+        candidates = self._by_port.get(conn.dst_port, self._any_port)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            chain = candidates[0]
+            return chain if NO_MATCH not in specificity(chain, conn) else None
+        return select(candidates, conn)

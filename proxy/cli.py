@@ -1,0 +1,132 @@
+"""The `sidecar-proxy` command: argparse subcommands and exit codes.
+
+Exit codes: 0 success (also after a clean drain on SIGTERM); 1 the proxy
+could not start or stopped on an error of the environment (privilege, a port
+in use); 2 bad input (flags, config file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import yaml
+
+from . import config as cfg
+from .server import Proxy, StartupError, check_mark_privilege, join_cgroup
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("proxy")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; a traceback, if any, stays inside its line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.Formatter.converter = time.gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config file (see README)")
+    parser.add_argument("--port", metavar="N", help="the redirected port (env ISTIO_PROXY_PORT; default 5001)")
+    parser.add_argument("--mark", metavar="MARK",
+                        help="SO_MARK on every upstream socket, e.g. 0x1 (env ISTIO_SO_MARK; needs CAP_NET_ADMIN)")
+    parser.add_argument("--cgroup", metavar="DIR", help="join this cgroup at start (the cgroup bypass method)")
+    parser.add_argument("--loop", choices=cfg.LOOPS, help="event loop (default uvloop)")
+    parser.add_argument("--log-format", choices=cfg.LOG_FORMATS, help="log and access-log format (default text)")
+    parser.add_argument("--log-level", choices=cfg.LOG_LEVELS, help="default info")
+    parser.add_argument("--access-log", metavar="TARGET", help="stderr (default), stdout, off, or a file path")
+    parser.add_argument("--idle-timeout", metavar="DURATION", help="close connections idle this long (default 1h)")
+    parser.add_argument("--connect-timeout", metavar="DURATION", help="upstream connect timeout (default 5s)")
+    parser.add_argument("--drain-timeout", metavar="DURATION", help="on SIGTERM, wait this long for connections (default 5s)")
+
+
+def load_config(args: argparse.Namespace) -> cfg.Config:
+    flags = {key: getattr(args, key, None) for key in cfg.SETTINGS}
+    return cfg.load(args.config, flags=flags)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    setup_logging(config.log_format, config.log_level)
+    try:
+        if config.cgroup:
+            join_cgroup(config.cgroup)  # first: sockets inherit the cgroup's classid
+        check_mark_privilege(config)
+        proxy = Proxy(config)
+        if config.loop == "uvloop":
+            import uvloop
+            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        else:
+            runner = asyncio.Runner()
+        with runner:
+            runner.run(proxy.run(on_ready=lambda: log.info("ready (loop=%s)", config.loop)))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    log.info("stopped")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar-proxy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the proxy on the redirected port")
+    _config_flags(run)
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate a config and print the effective one")
+    _config_flags(check)
+    check.set_defaults(func=cmd_check)
+    for module in _extensions():
+        module.add_parser(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands that live in their own modules (each has add_parser(sub))."""
+    from . import services
+    return [services]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except cfg.ConfigError as exc:
+        print(f"sidecar-proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

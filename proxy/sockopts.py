@@ -1,0 +1,99 @@
+"""Socket options the proxy lives by: SO_ORIGINAL_DST and SO_MARK.
+
+When iptables REDIRECTs a connection, the kernel rewrites its destination to
+the proxy's port; conntrack remembers the original one, and the accepted
+socket hands it back through getsockopt:
+
+* IPv4: level SOL_IP, SO_ORIGINAL_DST (80) -> struct sockaddr_in;
+* IPv6: level SOL_IPV6, IP6T_SO_ORIGINAL_DST (also 80) -> struct sockaddr_in6.
+
+The dual-stack trap: an IPv4 client accepted on an IPv6 (`::`) socket shows
+up with v4-mapped addresses (`::ffff:192.0.2.1`). Its conntrack entry is an
+IPv4 one, so the IPv4 call is the right one even though the socket is AF_INET6.
+
+A socket that was not redirected (a client that dialled the proxy's port
+directly) has either no conntrack entry (ENOENT) or an original destination
+equal to its own local address. Both come back as `None`: "not redirected" is
+a value the caller decides about, not a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr
+_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id
+
+
+def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as Python reports it, with any v4-mapped IPv6 form unwrapped."""
+    addr = ipaddress.ip_address(host.partition("%")[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def parse_sockaddr(raw: bytes) -> tuple[str, int]:
+    """Decode a struct sockaddr_in or sockaddr_in6 into (address, port)."""
+    if len(raw) >= _SOCKADDR_IN6.size:
+        port, packed = _SOCKADDR_IN6.unpack_from(raw)
+        return socket.inet_ntop(socket.AF_INET6, packed), port
+    port, packed = _SOCKADDR_IN.unpack_from(raw)
+    return socket.inet_ntop(socket.AF_INET, packed), port
+
+
+def original_dst(sock) -> tuple[str, int] | None:
+    """Where the client was really going, or None if it was not redirected.
+
+    `sock` is anything with getsockopt/getsockname (a socket, or the socket-like
+    object an asyncio or uvloop transport hands out).
+    """
+    local_host, local_port = sock.getsockname()[:2]
+    local = plain_ip(local_host)
+    try:
+        if local.version == 4:  # a real AF_INET socket, or v4-mapped on AF_INET6
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+        else:
+            raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOPROTOOPT):
+            return None  # no conntrack entry: a direct connection
+        raise
+    host, port = parse_sockaddr(raw)
+    if (ipaddress.ip_address(host), port) == (local, local_port):
+        return None  # conntrack saw it, but nothing rewrote it
+    return host, port
+
+
+def set_mark(sock, mark: int) -> None:
+    """Tag the socket's packets with `mark` (needs CAP_NET_ADMIN)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def can_mark(mark: int) -> str | None:
+    """None if this process may set SO_MARK, else the reason it may not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            set_mark(probe, mark)
+        except PermissionError as exc:
+            return f"setsockopt(SO_MARK): {exc.strerror}"
+    return None
+
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def arm_reset(sock) -> None:
+    """Make the next close() send a RST instead of a FIN (SO_LINGER, 0 s)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass  # already closed: nothing left to reset

@@ -1,0 +1,115 @@
+"""Opening the upstream connection: endpoint choice, mark, timeout, loop guard.
+
+The socket is made by hand rather than by `loop.create_connection(host, port)`
+for two reasons:
+
+* SO_MARK must be set before the SYN leaves, or the mark-based bypass rule
+  never sees it;
+* the loop guard must know our own source address *before* the handshake can
+  complete: if the rules fail to exempt the proxy, the SYN comes straight
+  back to our listener, and the accept callback must be able to recognise it
+  as ours. A non-blocking connect() fixes the source address at once, so it
+  is registered before the event loop can run the accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Sequence
+
+from .config import Cluster, Endpoint
+from .sockopts import plain_ip, set_mark
+
+
+class ConnectFailed(Exception):
+    """No endpoint could be reached; `timeout` tells a timeout from a refusal."""
+
+    def __init__(self, reason: str, *, timeout: bool) -> None:
+        super().__init__(reason)
+        self.timeout = timeout
+
+
+class OwnSockets:
+    """Source addresses of the proxy's live upstream sockets (for the loop guard)."""
+
+    def __init__(self) -> None:
+        self._addrs: set[tuple] = set()
+
+    def add(self, sock: socket.socket) -> tuple:
+        host, port = sock.getsockname()[:2]
+        key = (plain_ip(host), port)
+        self._addrs.add(key)
+        return key
+
+    def discard(self, key: tuple | None) -> None:
+        self._addrs.discard(key)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._addrs
+
+
+class RoundRobin:
+    """Endpoint order for one cluster: each call starts one further along."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self._next = 0
+
+    def order(self) -> list[Endpoint]:
+        eps = self.cluster.endpoints
+        start = self._next % len(eps)
+        self._next = start + 1
+        return list(eps[start:] + eps[:start])
+
+
+async def _connect_one(loop: asyncio.AbstractEventLoop, endpoint: Endpoint, timeout: float,
+                       mark: int | None, own: OwnSockets) -> tuple[socket.socket, tuple]:
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    key = None
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark is not None:
+            set_mark(sock, mark)
+        try:
+            sock.connect((endpoint.host, endpoint.port))
+        except BlockingIOError:
+            pass
+        key = own.add(sock)  # before any await: see the module docstring
+        writable = loop.create_future()
+        loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
+        try:
+            async with asyncio.timeout(timeout):
+                await writable
+        finally:
+            loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        return sock, key
+    except BaseException:
+        own.discard(key)
+        sock.close()
+        raise
+
+
+async def connect(loop: asyncio.AbstractEventLoop, endpoints: Sequence[Endpoint], timeout: float,
+                  mark: int | None, own: OwnSockets) -> tuple[socket.socket, Endpoint, tuple]:
+    """Connect to the first endpoint that answers, each tried once in order."""
+    reasons = []
+    timeouts = 0
+    for endpoint in endpoints:
+        try:
+            sock, key = await _connect_one(loop, endpoint, timeout, mark, own)
+            return sock, endpoint, key
+        except TimeoutError:
+            timeouts += 1
+            reasons.append(f"{endpoint}: timed out after {timeout:g}s")
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            reasons.append(f"{endpoint}: {name} ({exc.strerror})")
+    raise ConnectFailed("; ".join(reasons), timeout=timeouts == len(reasons))
