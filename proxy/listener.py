@@ -21,7 +21,6 @@ log. Nothing a client does reaches the accept loop.
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
 import time
@@ -60,6 +59,7 @@ class Shared:
     live: dict[int, Relay] = field(default_factory=dict)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     balancers: dict[str, upstream.RoundRobin] = field(default_factory=dict)
+    exhaustion_logged: float = float("-inf")
 
     def __post_init__(self) -> None:
         self.balancers = {c.name: upstream.RoundRobin(c) for c in self.config.clusters}
@@ -159,7 +159,10 @@ class Listener:
             sock, endpoint, key = await upstream.connect(self.loop, endpoints, timeout, mark, self.shared.own)
         except upstream.ConnectFailed as exc:
             stats.inc(stat + ("upstream_cx_connect_timeout" if exc.timeout else "upstream_cx_connect_fail"))
-            log.info("conn=%d upstream connect failed: %s", relay.id, exc)
+            if exc.exhausted:
+                self._exhausted(exc)
+            else:
+                log.info("conn=%d upstream connect failed: %s", relay.id, exc)
             relay.close("connect_timeout" if exc.timeout else "connect_failed", reset=True)
             return
         except PermissionError as exc:  # SO_MARK lost its privilege after start-up?
@@ -183,6 +186,14 @@ class Listener:
             return
         relay.task = None
         relay.start()
+
+    def _exhausted(self, exc: Exception) -> None:
+        """Out of descriptors or memory: count every time, log once a second."""
+        self.shared.stats.inc(self._stat + "resource_exhaustion")
+        now = time.monotonic()
+        if now - self.shared.exhaustion_logged >= 1.0:
+            self.shared.exhaustion_logged = now
+            log.warning("out of resources (%s): refusing connections until some close", exc)
 
     # end ------------------------------------------------------------------------------
     def _ended(self, relay: Relay) -> None:
@@ -209,6 +220,3 @@ class Listener:
 def _fmt(addr, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
-
-def is_resource_exhaustion(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

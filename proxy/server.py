@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 from .accesslog import AccessLog
@@ -25,11 +26,11 @@ from .listener import Listener, Shared
 from .localaddrs import LocalAddresses
 from .sockopts import can_mark
 from .stats import Stats
+from .upstream import EXHAUSTION
 
 log = logging.getLogger("proxy.server")
 
 BACKLOG = 4096
-EXHAUSTION_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class StartupError(Exception):
@@ -127,6 +128,7 @@ class Proxy:
         local = LocalAddresses()
         self.shared = shared = Shared(config, self.stats, AccessLog(config.access_log, config.log_format), local)
         local.watch(loop)
+        loop.set_exception_handler(self._loop_exception)
         plain_by_name = {p.name: p for p in config.plain_listeners}
         try:
             redirect = Listener(shared, loop)
@@ -147,14 +149,28 @@ class Proxy:
             local.close(loop)
             shared.access_log.close()
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio reports EMFILE on accept here, once per attempt, with a
+        traceback; it already backs off and retries, so say it once a second."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTION:
+            self.stats.inc("listener.redirect.resource_exhaustion")
+            now = time.monotonic()
+            if now - self.shared.exhaustion_logged >= 1.0:
+                self.shared.exhaustion_logged = now
+                log.warning("out of resources on accept (%s): backing off", errno.errorcode.get(exc.errno))
+            return
+        loop.default_exception_handler(context)
+
     def stop(self) -> None:
+        """Stop accepting now; run() then drains and returns."""
         if not self.stopping.is_set():
+            for server in self.servers:
+                server.close()
             log.info("stopping: no new connections; draining %d live ones", len(self.shared.live))
             self.stopping.set()
 
     async def drain(self) -> None:
-        for server in self.servers:
-            server.close()
         deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
         while self.shared.live and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)

@@ -24,12 +24,19 @@ from .config import Cluster, Endpoint
 from .sockopts import plain_ip, set_mark
 
 
-class ConnectFailed(Exception):
-    """No endpoint could be reached; `timeout` tells a timeout from a refusal."""
+# errnos that mean "this process or the machine is out of something", not
+# "the upstream said no": the proxy backs off and recovers from these.
+EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-    def __init__(self, reason: str, *, timeout: bool) -> None:
+
+class ConnectFailed(Exception):
+    """No endpoint could be reached; `timeout` tells a timeout from a refusal,
+    `exhausted` a lack of descriptors or memory on our side."""
+
+    def __init__(self, reason: str, *, timeout: bool, exhausted: bool = False) -> None:
         super().__init__(reason)
         self.timeout = timeout
+        self.exhausted = exhausted
 
 
 class OwnSockets:
@@ -112,4 +119,6 @@ async def connect(loop: asyncio.AbstractEventLoop, endpoints: Sequence[Endpoint]
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "error")
             reasons.append(f"{endpoint}: {name} ({exc.strerror})")
+            if exc.errno in EXHAUSTION:  # no other endpoint will fare better
+                raise ConnectFailed(reasons[-1], timeout=False, exhausted=True) from None
     raise ConnectFailed("; ".join(reasons), timeout=timeouts == len(reasons))

@@ -93,10 +93,14 @@ class NetNs:
     def connect(self, addr: tuple, timeout: float = 5.0, source: tuple | None = None) -> socket.socket:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = self.socket(family)
-        sock.settimeout(timeout)
-        if source is not None:
-            sock.bind(source)
-        sock.connect(addr)
+        try:
+            sock.settimeout(timeout)
+            if source is not None:
+                sock.bind(source)
+            sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def listen(self, addr: tuple, backlog: int = 512) -> socket.socket:

@@ -44,9 +44,12 @@ class ProxyProcess:
 
     def __init__(self, ns: NetNs, tmp_path, config: dict | None = None, args: tuple[str, ...] = (),
                  caps: tuple[str, ...] = (), loop: str = "uvloop", env: dict | None = None,
-                 uid: int = PROXY_UID, wait: bool = True) -> None:
-        argv = [*ns.argv(*setpriv_argv(uid, caps)), PYTHON, "-m", "proxy", "run",
+                 uid: int = PROXY_UID, wait: bool = True, prefix: tuple[str, ...] = (),
+                 access_log: bool = True) -> None:
+        argv = [*ns.argv(*prefix, *setpriv_argv(uid, caps)), PYTHON, "-m", "proxy", "run",
                 "--log-format", "json", "--loop", loop, *args]
+        if not access_log:
+            argv += ["--access-log", "off"]
         self._config_dir = None
         if config is not None:
             # pytest's tmp_path is private to root; UID 1337 must read the file
