@@ -1,0 +1,112 @@
+#!/bin/sh
+# cleanup.sh: remove what redirect.sh installed, and nothing else.
+#
+# What is ours is recognisable (apply.sh): the SIDECAR_* chains and the
+# jumps from built-in chains into them. They are removed in both families
+# and both backends, one iptables-restore per family and backend, so other
+# people's rules and chains are never touched. Then each method undoes its
+# own set-up (the cgroup method removes the net_cls cgroup it created).
+#
+# Tolerant and idempotent: whatever is already gone is skipped, and running
+# it twice is running it once. It takes redirect.sh's command line and
+# environment (it reads --backend, --ipv6, --cgroup-dir, --cgroup-classid
+# and --dry-run, and ignores the rest), so the same invocation undoes it.
+#
+# Exit status: 0 done; 1 a removal failed; 2 bad input, nothing touched.
+# shellcheck source-path=SCRIPTDIR
+set -eu
+
+PROG="${0##*/}"
+case "$0" in
+*/*) HERE="${0%/*}" ;;
+*) HERE=. ;;
+esac
+
+. "$HERE/lib.sh"
+. "$HERE/apply.sh"
+
+usage() {
+	cat <<'EOF'
+usage: cleanup.sh [options]
+
+Remove the rules (and the net_cls cgroup) that redirect.sh installed;
+nothing else. Takes redirect.sh's options and environment; uses these:
+
+  --backend auto|nft|legacy   auto: every backend present (SIDECAR_BACKEND)
+  --ipv6 auto|on|off          auto: IPv6 too if the kernel has it (SIDECAR_IPV6)
+  --cgroup-dir DIR            the cgroup to remove if its classid is ours (or --cgroup)
+                              (SIDECAR_CGROUP_DIR, /sys/fs/cgroup/net_cls/sidecar-proxy)
+  --cgroup-classid ID         (ISTIO_NET_CLS_ID, 0x100001)
+  --dry-run                   print the iptables-restore input, remove nothing
+  -h, --help                  this text
+
+Exit status: 0 done, 1 a removal failed, 2 bad input (nothing touched).
+EOF
+}
+
+validate() {
+	check_choice --backend "$opt_backend" auto nft legacy
+	check_choice --ipv6 "$opt_ipv6" auto on off
+	check_u32 --cgroup-classid "$opt_cgroup_classid" "net_cls classid"
+	cgroup_classid="$REPLY"
+	check_cgroup_dir --cgroup-dir "$opt_cgroup_dir"
+	opt_cgroup_dir="$REPLY"
+	case "$opt_ipv6" in
+	off) ipv6=false ;;
+	*) if [ -e /proc/net/if_inet6 ]; then ipv6=true; else ipv6=false; fi ;;
+	esac
+}
+
+# cleanup_backend nft|legacy|plain: remove ours from both families of one
+# backend. With --backend auto a backend that is not installed is skipped.
+cleanup_backend() {
+	backend="$1"
+	tool 4 save
+	if ! have "$REPLY"; then
+		[ "$opt_backend" = auto ] || die "$REPLY not found: install iptables (backend $backend)"
+		return 0
+	fi
+	for_each_family cleanup_family
+}
+
+cleanup_family() {
+	tool "$1" save
+	have "$REPLY" || return 0
+	save_rules "$1" fail
+	_cf_input=$(transition "$REPLY" '')
+	[ -n "$_cf_input" ] || return 0
+	if [ "$opt_dry_run" = true ]; then
+		if [ "$1" = 4 ]; then _cf_name=IPv4; else _cf_name=IPv6; fi
+		printf '# ==== sidecar-proxy %s removal, backend %s ====\n%s\n' "$_cf_name" "$backend" "$_cf_input"
+		return 0
+	fi
+	restore_rules "$1" "$_cf_input" || fail "$RESTORE_ERR"
+}
+
+main() {
+	options_from_env
+	options_parse "$@"
+	validate
+	[ "$(id -u)" = 0 ] || die "reading and removing rules needs root"
+	if [ "$opt_backend" = auto ]; then
+		if have iptables-nft-save || have iptables-legacy-save; then
+			cleanup_backend nft
+			cleanup_backend legacy
+		else
+			cleanup_backend plain
+		fi
+	else
+		cleanup_backend "$opt_backend"
+	fi
+	# Every method undoes its own set-up; each file defines the same
+	# function names, hence one subshell per method.
+	for _method in uid mark cgroup explicit; do
+		(
+			# shellcheck source=method/cgroup.sh
+			. "$HERE/method/$_method.sh"
+			method_cleanup
+		)
+	done
+}
+
+main "$@"

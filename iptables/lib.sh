@@ -1,0 +1,324 @@
+# shellcheck shell=sh
+# lib.sh: what redirect.sh and cleanup.sh share.
+#
+#   messages      die (exit 2: bad input, nothing touched), fail (exit 1: the
+#                 apply went wrong and was rolled back), warn
+#   options       every option, the environment variable behind it, its default
+#   validation    ports, ids, marks, paths; every message names the culprit
+#                 (addresses and networks: addr.sh)
+#   rendering     why/rule: one iptables-restore line and the intent above it
+#
+# POSIX sh has neither local variables nor arrays. Functions that compute a
+# value leave it in REPLY (no subshell, so a die() inside them ends the whole
+# script), and their scratch variables carry the function's prefix so that
+# they cannot clash.
+
+# The opt_* variables and the constants are set here and read by the other
+# files, so on its own this file "assigns unused variables":
+# shellcheck disable=SC2034
+
+# Our chains all start with this; cleanup.sh recognises our objects by it.
+CHAIN_PREFIX=SIDECAR_
+# Every rule we install carries `-m comment --comment "sidecar-proxy: ..."`.
+COMMENT_PREFIX=sidecar-proxy
+# multiport takes at most 15 ports per rule.
+MULTIPORT_MAX=15
+NL='
+'
+
+# ---------------------------------------------------------------- messages --
+
+# _one_line TEXT: TEXT with newlines and tabs turned into spaces, in REPLY.
+# Init logs are read line by line: an error is always exactly one line.
+_one_line() {
+	REPLY=$(printf '%s' "$1" | tr '\n\t' '  ')
+}
+
+# die MESSAGE: bad input or an unusable environment, found before anything
+# was touched. Exit 2.
+die() {
+	_one_line "$*"
+	printf '%s: %s\n' "$PROG" "$REPLY" >&2
+	exit 2
+}
+
+# fail MESSAGE: applying went wrong after we started touching things (what we
+# had changed has been undone by then). Exit 1.
+fail() {
+	_one_line "$*"
+	printf '%s: %s\n' "$PROG" "$REPLY" >&2
+	exit 1
+}
+
+warn() {
+	_one_line "$*"
+	printf '%s: warning: %s\n' "$PROG" "$REPLY" >&2
+}
+
+# have COMMAND: is COMMAND on PATH?
+have() {
+	command -v "$1" >/dev/null 2>&1
+}
+
+# ----------------------------------------------------------------- options --
+
+# options_from_env: every option's value before the command line is read.
+# The first four names and defaults are fixed by the design note; the others
+# are ours. An option on the command line beats its variable.
+options_from_env() {
+	opt_method="${SIDECAR_METHOD:-uid}"
+	opt_proxy_port="${ISTIO_PROXY_PORT:-5001}"
+	opt_proxy_uid="${ISTIO_PROXY_UID:-1337}"
+	opt_proxy_gid="${SIDECAR_PROXY_GID:-}"
+	opt_mark="${ISTIO_SO_MARK:-0x1}"
+	opt_cgroup_classid="${ISTIO_NET_CLS_ID:-0x100001}"
+	opt_cgroup_path="${SIDECAR_CGROUP_PATH:-}"
+	opt_cgroup_dir="${SIDECAR_CGROUP_DIR:-/sys/fs/cgroup/net_cls/sidecar-proxy}"
+	opt_services="${SIDECAR_SERVICES:-}"
+	# These two tell "unset" (everything) from "set but empty" (nothing).
+	opt_inbound_ports="${SIDECAR_INBOUND_PORTS-*}"
+	opt_include_cidrs="${SIDECAR_INCLUDE_CIDRS-*}"
+	opt_exclude_inbound_ports="${SIDECAR_EXCLUDE_INBOUND_PORTS:-}"
+	opt_exclude_outbound_ports="${SIDECAR_EXCLUDE_OUTBOUND_PORTS:-}"
+	opt_exclude_cidrs="${SIDECAR_EXCLUDE_CIDRS:-}"
+	opt_ipv6="${SIDECAR_IPV6:-auto}"
+	opt_backend="${SIDECAR_BACKEND:-auto}"
+	opt_drop_invalid="${SIDECAR_DROP_INVALID:-false}"
+	opt_dry_run=false
+}
+
+# options_parse ARGS...: the command line over the environment's values.
+# Both `--name value` and `--name=value` work; an empty value is a value.
+options_parse() {
+	while [ "$#" -gt 0 ]; do
+		case "$1" in
+		-h | --help)
+			usage
+			exit 0
+			;;
+		--dry-run) opt_dry_run=true ;;
+		--drop-invalid) opt_drop_invalid=true ;;
+		--dry-run=* | --drop-invalid=* | --help=*)
+			die "${1%%=*}: takes no value"
+			;;
+		--*=*) option_set "${1%%=*}" "${1#*=}" ;;
+		--*)
+			if [ "$#" -lt 2 ]; then
+				option_set "$1" '' # an unknown option is the bigger mistake
+				die "$1: needs a value"
+			fi
+			option_set "$1" "$2"
+			shift
+			;;
+		*) die "unexpected argument: $1 (see --help)" ;;
+		esac
+		shift
+	done
+}
+
+# option_set NAME VALUE
+option_set() {
+	case "$1" in
+	--method) opt_method="$2" ;;
+	--proxy-port) opt_proxy_port="$2" ;;
+	--proxy-uid) opt_proxy_uid="$2" ;;
+	--proxy-gid) opt_proxy_gid="$2" ;;
+	--mark) opt_mark="$2" ;;
+	--cgroup-classid) opt_cgroup_classid="$2" ;;
+	--cgroup-path) opt_cgroup_path="$2" ;;
+	# --cgroup: the name `sidecar-proxy run --cgroup DIR` uses for the same directory
+	--cgroup-dir | --cgroup) opt_cgroup_dir="$2" ;;
+	--services) opt_services="$2" ;;
+	--inbound-ports) opt_inbound_ports="$2" ;;
+	--exclude-inbound-ports) opt_exclude_inbound_ports="$2" ;;
+	--exclude-outbound-ports) opt_exclude_outbound_ports="$2" ;;
+	--include-cidrs) opt_include_cidrs="$2" ;;
+	--exclude-cidrs) opt_exclude_cidrs="$2" ;;
+	--ipv6) opt_ipv6="$2" ;;
+	--backend) opt_backend="$2" ;;
+	*) die "$1: unknown option (see --help)" ;;
+	esac
+}
+
+# -------------------------------------------------------------- validation --
+
+# shown VALUE: VALUE as it should appear in a message, in REPLY.
+shown() {
+	if [ -z "$1" ]; then REPLY='""'; else REPLY="$1"; fi
+}
+
+# check_choice LABEL VALUE CHOICE...: VALUE must be one of the CHOICEs.
+check_choice() {
+	_cc_label="$1" _cc_value="$2"
+	shift 2
+	for _cc_choice in "$@"; do
+		[ "$_cc_value" = "$_cc_choice" ] && return 0
+	done
+	shown "$_cc_value"
+	_cc_all="$*"
+	die "$_cc_label: $REPLY is not one of: $_cc_all"
+}
+
+# check_bool LABEL VALUE: true/false (also 1/0, yes/no, on/off), in REPLY.
+check_bool() {
+	case "$2" in
+	true | 1 | yes | on) REPLY=true ;;
+	false | 0 | no | off | '') REPLY=false ;;
+	*) die "$1: $2 is not true or false" ;;
+	esac
+}
+
+# _is_plain_number VALUE MAXDIGITS: digits only, no leading zero (a leading
+# zero would make shell arithmetic read it as octal), at most MAXDIGITS.
+_is_plain_number() {
+	case "$1" in
+	'' | *[!0-9]* | 0?*) return 1 ;;
+	esac
+	[ "${#1}" -le "$2" ]
+}
+
+# check_port LABEL VALUE: a TCP port, 1-65535.
+check_port() {
+	if ! _is_plain_number "$2" 5 || [ "$2" -lt 1 ] || [ "$2" -gt 65535 ]; then
+		shown "$2"
+		die "$1: $REPLY is not a port (1-65535)"
+	fi
+}
+
+# check_port_list LABEL VALUE: comma-separated ports (blanks ignored), in
+# REPLY. An empty list is valid (it means "none").
+check_port_list() {
+	_cpl_list=$(printf '%s' "$2" | tr -d ' \t')
+	for_each , "$_cpl_list" check_port "$1"
+	REPLY="$_cpl_list"
+}
+
+# check_id LABEL VALUE: a numeric user or group id. Not 0: every connection
+# of every root process would bypass the proxy.
+check_id() {
+	if ! _is_plain_number "$2" 10 || [ "$2" -gt 4294967294 ]; then
+		shown "$2"
+		die "$1: $REPLY is not a numeric id (1-4294967294)"
+	fi
+	[ "$2" -ne 0 ] || die "$1: 0 is root: every root process would bypass the proxy"
+}
+
+# check_u32 LABEL VALUE WHAT: a non-zero 32-bit number, hex (0x...) or
+# decimal, as a decimal in REPLY. Zero is refused: it is the value of every
+# unmarked socket and every process outside a net_cls cgroup.
+check_u32() {
+	case "$2" in
+	0[xX]*)
+		_cu_hex="${2#0[xX]}"
+		case "$_cu_hex" in
+		'' | *[!0-9a-fA-F]* | ?????????*) _cu_ok=false ;;
+		*) _cu_ok=true ;;
+		esac
+		;;
+	*) if _is_plain_number "$2" 10; then _cu_ok=true; else _cu_ok=false; fi ;;
+	esac
+	if [ "$_cu_ok" = true ]; then
+		REPLY=$(($2))
+		[ "$REPLY" -le 4294967295 ] || _cu_ok=false
+	fi
+	if [ "$_cu_ok" != true ] || [ "$REPLY" -eq 0 ]; then
+		shown "$2"
+		die "$1: $REPLY is not a $3 (0x1-0xffffffff)"
+	fi
+}
+
+# check_safe_word LABEL VALUE: VALUE goes into a rule or a path: no blanks,
+# quotes, backslashes or other characters that need quoting.
+check_safe_word() {
+	case "$2" in
+	'' | *[!A-Za-z0-9._/@:+=-]*)
+		shown "$2"
+		die "$1: $REPLY has characters other than letters, digits and ._/@:+=-"
+		;;
+	esac
+}
+
+# check_cgroup_dir LABEL VALUE: an absolute path at least two levels deep
+# (its parent is the root of a cgroup hierarchy), without trailing slashes,
+# in REPLY.
+check_cgroup_dir() {
+	check_safe_word "$1" "$2"
+	_cd_dir="$2"
+	while :; do
+		case "$_cd_dir" in
+		?*/) _cd_dir="${_cd_dir%/}" ;;
+		*) break ;;
+		esac
+	done
+	case "$_cd_dir/" in
+	*//* | */./* | */../*) die "$1: $2 must be a plain path (no //, . or ..)" ;;
+	/*/*/) ;;
+	*) die "$1: $2 must be an absolute path below a hierarchy root, like /sys/fs/cgroup/net_cls/sidecar-proxy" ;;
+	esac
+	REPLY="$_cd_dir"
+}
+
+# for_each SEP LIST COMMAND...: run `COMMAND... ITEM` for every SEP-separated
+# ITEM of LIST, empty items included (so that "80,,443" is caught). Nothing
+# for an empty LIST. Not reentrant: COMMAND must not call for_each.
+for_each() {
+	_fe_sep="$1" _fe_rest="$2"
+	shift 2
+	[ -n "$_fe_rest" ] || return 0
+	while :; do
+		"$@" "${_fe_rest%%"$_fe_sep"*}"
+		case "$_fe_rest" in
+		*"$_fe_sep"*) _fe_rest="${_fe_rest#*"$_fe_sep"}" ;;
+		*) return 0 ;;
+		esac
+	done
+}
+
+# --------------------------------------------------------------- rendering --
+
+# why TEXT: the intent of the rule(s) below, as a comment line of the
+# restore input (iptables-restore skips lines that start with #).
+why() {
+	printf '# %s\n' "$1"
+}
+
+# rule CHAIN MATCHES WHAT TARGET: append one rule to CHAIN.
+#   MATCHES  in the order iptables-save prints them: [!] -s, [!] -d, -o, -p,
+#            then the -m matches
+#   WHAT     a short label; the rule carries `-m comment "sidecar-proxy: WHAT"`
+# The comment match goes last, where iptables-save puts it: the dry-run text
+# is then, line for line, what `iptables-save` shows once it is installed.
+rule() {
+	printf -- '-A %s %s-m comment --comment "%s: %s" -j %s\n' \
+		"$1" "${2:+$2 }" "$COMMENT_PREFIX" "$3" "$4"
+}
+
+# rules_per_ports CHAIN PORTS WHAT TARGET: rule() for the comma-separated
+# PORTS, as few rules as multiport allows (15 ports each); a lone port uses
+# the plain tcp match. WHAT is singular ("excluded inbound port").
+rules_per_ports() {
+	_rp_chain="$1" _rp_what="$3" _rp_target="$4" _rp_batch='' _rp_n=0
+	for_each , "$2" _rules_per_ports_add
+	_rules_per_ports_flush
+}
+_rules_per_ports_add() {
+	_rp_batch="${_rp_batch:+$_rp_batch,}$1"
+	_rp_n=$((_rp_n + 1))
+	[ "$_rp_n" -lt "$MULTIPORT_MAX" ] || _rules_per_ports_flush
+}
+_rules_per_ports_flush() {
+	case "$_rp_batch" in
+	'') return 0 ;;
+	*,*) rule "$_rp_chain" "-p tcp -m multiport --dports $_rp_batch" "${_rp_what}s $_rp_batch" "$_rp_target" ;;
+	*) rule "$_rp_chain" "-p tcp -m tcp --dport $_rp_batch" "$_rp_what $_rp_batch" "$_rp_target" ;;
+	esac
+	_rp_batch='' _rp_n=0
+}
+
+# for_each_word WORDS COMMAND...: `COMMAND... WORD` for each space-separated
+# WORD (our CIDR lists).
+for_each_word() {
+	_fw_list="$1"
+	shift
+	for_each ' ' "$_fw_list" "$@"
+}

@@ -1,0 +1,129 @@
+# shellcheck shell=sh
+# method cgroup: the proxy's process sits in a cgroup of its own, and
+# packets of sockets created there are not captured (the cgroup match,
+# xt_cgroup; iptables >= 1.6). No privilege in the proxy. Two forms:
+#
+#   net_cls (cgroup v1, the default): the cgroup's net_cls.classid is
+#     ISTIO_NET_CLS_ID, matched with `-m cgroup --cgroup CLASSID`. This script
+#     creates the cgroup (--cgroup-dir, mounting the net_cls hierarchy on its
+#     parent if nothing is mounted there), writes the classid, and hands the
+#     cgroup's `tasks` and `cgroup.procs` to the proxy's UID, so that the
+#     unprivileged proxy can put itself in when it starts
+#     (`sidecar-proxy run --cgroup DIR`), after every restart too.
+#   cgroup v2 (--cgroup-path PATH): `-m cgroup --path PATH`, PATH relative to
+#     the cgroup2 root. The kernel looks PATH up when the rule is installed,
+#     so it must exist by then; this script creates nothing for it.
+#
+# A socket belongs to the cgroup its creator was in when it was created: the
+# proxy must join the cgroup before it opens any upstream connection.
+# Interface: see method/uid.sh.
+
+# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
+# options and other globals read here:
+# shellcheck disable=SC2154
+
+method_validate() {
+	if [ -n "$opt_cgroup_path" ]; then
+		check_safe_word --cgroup-path "$opt_cgroup_path"
+		return 0
+	fi
+	check_u32 --cgroup-classid "$opt_cgroup_classid" "net_cls classid"
+	cgroup_classid="$REPLY"
+	check_cgroup_dir --cgroup-dir "$opt_cgroup_dir"
+	opt_cgroup_dir="$REPLY"
+	check_id --proxy-uid "$opt_proxy_uid"
+	[ "$opt_dry_run" = true ] && return 0
+	grep -q '^net_cls[[:space:]]' /proc/cgroups 2>/dev/null ||
+		die "--method cgroup: this kernel has no net_cls cgroup controller (use --cgroup-path with cgroup v2)"
+	# method_prepare creates the cgroup and, if need be, the hierarchy root
+	# above it, but nothing further up
+	[ -d "${opt_cgroup_dir%/*}" ] || [ -d "${opt_cgroup_dir%/*/*}" ] ||
+		die "--cgroup-dir: $opt_cgroup_dir: ${opt_cgroup_dir%/*/*} does not exist"
+}
+
+method_bypasses_proxy() { return 0; }
+
+method_output_bypass() {
+	if [ -n "$opt_cgroup_path" ]; then
+		why "The proxy's own connections come from the cgroup v2 $opt_cgroup_path: they go out as they are, which keeps them from looping back into the proxy."
+		rule SIDECAR_OUTPUT "-m cgroup --path \"$opt_cgroup_path\"" "proxy own traffic, cgroup $opt_cgroup_path" RETURN
+	else
+		_cg_hex=$(printf '0x%x' "$cgroup_classid")
+		why "The proxy's own connections come from the net_cls cgroup $opt_cgroup_dir, classid $_cg_hex (iptables-save prints it as $cgroup_classid); UID $opt_proxy_uid may put itself in. They go out as they are, which keeps them from looping back into the proxy."
+		rule SIDECAR_OUTPUT "-m cgroup --cgroup $cgroup_classid" "proxy own traffic, net_cls classid $_cg_hex" RETURN
+	fi
+}
+
+method_output_capture() {
+	render_capture_all "$1"
+}
+
+# What method_prepare did in this run, for method_rollback.
+_cg_made_root=false _cg_mounted=false _cg_made_dir=false
+
+method_prepare() {
+	[ -z "$opt_cgroup_path" ] || return 0
+	_cg_root="${opt_cgroup_dir%/*}"
+	if ! is_net_cls_root "$_cg_root"; then
+		if [ ! -d "$_cg_root" ]; then
+			_cg_err=$(mkdir "$_cg_root" 2>&1) || fail "cannot create $_cg_root: $_cg_err"
+			_cg_made_root=true
+		fi
+		_cg_err=$(mount -t cgroup -o net_cls net_cls "$_cg_root" 2>&1) ||
+			_cg_prepare_failed "cannot mount the net_cls hierarchy on $_cg_root: $_cg_err"
+		_cg_mounted=true
+	fi
+	if [ ! -d "$opt_cgroup_dir" ]; then
+		_cg_err=$(mkdir "$opt_cgroup_dir" 2>&1) ||
+			_cg_prepare_failed "cannot create the cgroup $opt_cgroup_dir: $_cg_err"
+		_cg_made_dir=true
+	fi
+	_cg_err=$( (printf '%s\n' "$cgroup_classid" >"$opt_cgroup_dir/net_cls.classid") 2>&1) ||
+		_cg_prepare_failed "cannot write $opt_cgroup_dir/net_cls.classid: $_cg_err"
+	_cg_err=$(chown "$opt_proxy_uid" "$opt_cgroup_dir/tasks" "$opt_cgroup_dir/cgroup.procs" 2>&1) ||
+		_cg_prepare_failed "cannot hand $opt_cgroup_dir to UID $opt_proxy_uid: $_cg_err"
+}
+
+_cg_prepare_failed() {
+	method_rollback
+	fail "$1"
+}
+
+# method_rollback: undo exactly what method_prepare did in this run.
+method_rollback() {
+	[ "$_cg_made_dir" = false ] || rmdir "$opt_cgroup_dir" 2>/dev/null || true
+	[ "$_cg_mounted" = false ] || umount "$_cg_root" 2>/dev/null || true
+	[ "$_cg_made_root" = false ] || rmdir "$_cg_root" 2>/dev/null || true
+}
+
+# method_cleanup: remove the cgroup an earlier run created: a directory at
+# --cgroup-dir whose classid is ours. Tolerant: a missing cgroup is fine, a
+# busy one (a process is still in it) is left with a warning. The net_cls
+# mount stays: other cgroups may live in that hierarchy.
+method_cleanup() {
+	[ -f "$opt_cgroup_dir/net_cls.classid" ] || return 0
+	read -r _cg_current <"$opt_cgroup_dir/net_cls.classid" || _cg_current=''
+	if [ "$_cg_current" != "$cgroup_classid" ]; then
+		warn "$opt_cgroup_dir has classid $_cg_current, not ours ($cgroup_classid): left in place"
+		return 0
+	fi
+	if [ "$opt_dry_run" = true ]; then
+		printf '# would remove the net_cls cgroup %s\n' "$opt_cgroup_dir"
+		return 0
+	fi
+	rmdir "$opt_cgroup_dir" 2>/dev/null ||
+		warn "$opt_cgroup_dir is still in use (a process is in it): left in place"
+}
+
+# is_net_cls_root DIR: is a net_cls cgroup hierarchy mounted on DIR?
+is_net_cls_root() {
+	_nr_dir=$(cd "$1" 2>/dev/null && pwd -P) || return 1
+	while read -r _nr_src _nr_mnt _nr_type _nr_opts _nr_rest; do
+		if [ "$_nr_type" = cgroup ] && [ "$_nr_mnt" = "$_nr_dir" ]; then
+			case ",$_nr_opts," in
+			*,net_cls,*) return 0 ;;
+			esac
+		fi
+	done </proc/self/mounts
+	return 1
+}

@@ -1,0 +1,98 @@
+# shellcheck shell=sh
+# method explicit: no bypass at all. Only the destinations listed in the
+# services file are captured, one REDIRECT rule each (the design note's
+# method 4); every other outbound connection goes out directly. Nothing
+# tells the proxy's own connections apart, so the proxy must never connect to
+# a listed destination itself: list service addresses (virtual IPs) and let
+# the proxy connect to their endpoints. Interface: see method/uid.sh.
+#
+# Services file (what `sidecar-proxy services --config FILE` prints), one
+# destination per line:
+#   198.51.100.10:80          an address and a port
+#   198.51.100.0/24:443       a network and a port
+#   [2001:db8::10]:80         IPv6, in brackets
+#   [2001:db8::/64]:443
+# Blank lines and everything after a # are ignored.
+
+# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
+# options and other globals read here:
+# shellcheck disable=SC2154
+
+method_validate() {
+	[ -n "$opt_services" ] || die "--services: --method explicit needs a services file (--services FILE)"
+	[ "$include" = all ] || die "--include-cidrs: does not apply to --method explicit (the services file lists what is captured)"
+	if [ ! -f "$opt_services" ] || [ ! -r "$opt_services" ]; then
+		die "--services: $opt_services: no such readable file"
+	fi
+	services4='' services6='' _ms_lineno=0
+	while IFS= read -r _ms_line || [ -n "$_ms_line" ]; do
+		_ms_lineno=$((_ms_lineno + 1))
+		_services_line "$_ms_line"
+	done <"$opt_services"
+}
+
+# _services_line LINE: check one line, add it to services4/services6 as
+# "CIDR PORT" (newline-separated).
+_services_line() {
+	_sl_line="${1%%#*}"
+	# trim leading and trailing blanks
+	_sl_line="${_sl_line#"${_sl_line%%[![:space:]]*}"}"
+	_sl_line="${_sl_line%"${_sl_line##*[![:space:]]}"}"
+	[ -n "$_sl_line" ] || return 0
+	_sl_where="--services $opt_services line $_ms_lineno"
+	case "$_sl_line" in
+	\[*\]:*)
+		_sl_addr="${_sl_line#\[}"
+		_sl_addr="${_sl_addr%\]:*}"
+		_sl_port="${_sl_line##*\]:}"
+		case "$_sl_addr" in
+		*:*) ;;
+		*) die "$_sl_where: \"$_sl_line\": brackets are for IPv6 only" ;;
+		esac
+		;;
+	*:*:*) die "$_sl_where: \"$_sl_line\": write an IPv6 destination as [ADDRESS]:PORT" ;;
+	?*:?*)
+		_sl_addr="${_sl_line%:*}"
+		_sl_port="${_sl_line##*:}"
+		;;
+	*) die "$_sl_where: \"$_sl_line\" is not IP:PORT, CIDR:PORT or [IPv6]:PORT" ;;
+	esac
+	check_port "$_sl_where" "$_sl_port"
+	check_cidr "$_sl_where" "$_sl_addr"
+	if [ "$REPLY_FAMILY" = 4 ]; then
+		services4="$services4$REPLY $_sl_port$NL"
+	else
+		[ "$opt_ipv6" != off ] || die "$_sl_where: $_sl_addr is IPv6 but --ipv6 is off"
+		services6="$services6$REPLY $_sl_port$NL"
+	fi
+}
+
+method_prepare() { :; }
+method_rollback() { :; }
+method_cleanup() { :; }
+method_bypasses_proxy() { return 1; }
+
+method_output_bypass() {
+	why "No bypass rule: only the listed services are captured, and the proxy never connects to them itself (it connects to their endpoints). For the same reason the app calling its own pod IP is not captured: nothing would tell the proxy's own connection to the pod IP apart."
+}
+
+method_output_capture() {
+	family_words "$1" "$services4" "$services6"
+	if [ -z "$REPLY" ]; then
+		why "The services file lists no $fam_name destination: no outbound $fam_name connection is captured."
+		return 0
+	fi
+	why "The listed services (--services) go through the proxy; every other destination is reached directly."
+	while IFS=' ' read -r _oc_cidr _oc_port; do
+		if [ "$1" = 4 ]; then
+			_oc_what="${_oc_cidr%/32}:$_oc_port"
+		else
+			_oc_what="[${_oc_cidr%/128}]:$_oc_port"
+		fi
+		_oc_match=$(dest_match "$_oc_cidr")
+		rule SIDECAR_OUTPUT "${_oc_match:+$_oc_match }-p tcp -m tcp --dport $_oc_port" \
+			"service $_oc_what" SIDECAR_REDIRECT
+	done <<EOF_SERVICES
+${REPLY%"$NL"}
+EOF_SERVICES
+}

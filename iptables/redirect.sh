@@ -1,0 +1,190 @@
+#!/bin/sh
+# redirect.sh: install the sidecar's redirection rules, the privileged
+# one-shot init step of a pod. Every TCP connection into and out of the
+# network namespace goes to the proxy's port, except the proxy's own
+# connections (told apart by the bypass method) and loopback traffic.
+#
+# Flow: options -> validate everything -> render the rule set per family
+# (rules.sh, method/*.sh) -> --dry-run prints it and stops; otherwise ->
+# method set-up -> one iptables-restore --noflush per family (apply.sh),
+# everything rolled back if any of it fails.
+#
+# Exit status: 0 done; 1 applying failed and was rolled back; 2 bad input or
+# an unusable environment, found before anything was touched. Errors are one
+# line on stderr. See README.md beside this file for the rules and options.
+# shellcheck source-path=SCRIPTDIR
+set -eu
+
+PROG="${0##*/}"
+case "$0" in
+*/*) HERE="${0%/*}" ;;
+*) HERE=. ;;
+esac
+
+. "$HERE/lib.sh"
+. "$HERE/addr.sh"
+. "$HERE/rules.sh"
+. "$HERE/apply.sh"
+
+usage() {
+	cat <<'EOF'
+usage: redirect.sh [--method uid|mark|cgroup|explicit] [options]
+
+Install the rules that redirect every TCP connection of this network
+namespace to the sidecar proxy. Options (environment variable, default):
+
+  --method M                  uid, mark, cgroup or explicit (SIDECAR_METHOD, uid)
+  --proxy-port PORT           the proxy's port (ISTIO_PROXY_PORT, 5001)
+  --proxy-uid UID             uid: the proxy's UID (ISTIO_PROXY_UID, 1337)
+  --proxy-gid GID             uid: also bypass this group (SIDECAR_PROXY_GID, none)
+  --mark MARK                 mark: the proxy's SO_MARK (ISTIO_SO_MARK, 0x1)
+  --cgroup-classid ID         cgroup: net_cls classid (ISTIO_NET_CLS_ID, 0x100001)
+  --cgroup-dir DIR            cgroup: the net_cls cgroup to create, also --cgroup DIR
+                              (SIDECAR_CGROUP_DIR, /sys/fs/cgroup/net_cls/sidecar-proxy)
+  --cgroup-path PATH          cgroup: use the cgroup v2 PATH instead (SIDECAR_CGROUP_PATH)
+  --services FILE             explicit: the destinations to capture (SIDECAR_SERVICES)
+  --inbound-ports LIST        inbound ports to capture, * = all, "" = none
+                              (SIDECAR_INBOUND_PORTS, *)
+  --exclude-inbound-ports L   inbound ports never captured (SIDECAR_EXCLUDE_INBOUND_PORTS)
+  --exclude-outbound-ports L  outbound ports never captured (SIDECAR_EXCLUDE_OUTBOUND_PORTS)
+  --include-cidrs LIST        outbound: capture only these, * = all, "" = none
+                              (SIDECAR_INCLUDE_CIDRS, *)
+  --exclude-cidrs LIST        outbound destinations never captured (SIDECAR_EXCLUDE_CIDRS)
+  --ipv6 auto|on|off          also IPv6 (SIDECAR_IPV6, auto: if the kernel has it)
+  --backend auto|nft|legacy   iptables backend (SIDECAR_BACKEND, auto: the one in use)
+  --drop-invalid              drop TCP packets conntrack finds INVALID
+                              (SIDECAR_DROP_INVALID=true)
+  --dry-run                   print the iptables-restore input, touch nothing
+  -h, --help                  this text
+
+Lists are comma-separated. Exit status: 0 done, 1 failed and rolled back,
+2 bad input (nothing touched). cleanup.sh removes what this installs.
+EOF
+}
+
+# validate: every option, before anything is touched. Leaves the normalised
+# values in the opt_* variables and sets inbound and include (all, list or
+# none), include4/include6, exclude4/exclude6, drop_invalid and ipv6.
+validate() {
+	check_choice --method "$opt_method" uid mark cgroup explicit
+	check_choice --ipv6 "$opt_ipv6" auto on off
+	check_choice --backend "$opt_backend" auto nft legacy
+	check_bool --drop-invalid "$opt_drop_invalid"
+	drop_invalid="$REPLY"
+	check_port --proxy-port "$opt_proxy_port"
+
+	if [ "$opt_inbound_ports" = '*' ]; then
+		inbound=all
+	else
+		check_port_list --inbound-ports "$opt_inbound_ports"
+		opt_inbound_ports="$REPLY"
+		if [ -z "$REPLY" ]; then inbound=none; else inbound=list; fi
+	fi
+	check_port_list --exclude-inbound-ports "$opt_exclude_inbound_ports"
+	opt_exclude_inbound_ports="$REPLY"
+	check_port_list --exclude-outbound-ports "$opt_exclude_outbound_ports"
+	opt_exclude_outbound_ports="$REPLY"
+
+	case "$opt_include_cidrs" in
+	'*') include=all ;;
+	'') include=none ;;
+	*)
+		check_cidr_list --include-cidrs "$opt_include_cidrs"
+		include=list include4="$REPLY4" include6="$REPLY6"
+		;;
+	esac
+	check_cidr_list --exclude-cidrs "$opt_exclude_cidrs"
+	exclude4="$REPLY4" exclude6="$REPLY6"
+
+	# IPv6 exists in this namespace if the kernel lists IPv6 addresses
+	case "$opt_ipv6" in
+	on) ipv6=true ;;
+	off) ipv6=false ;;
+	auto) if [ -e /proc/net/if_inet6 ]; then ipv6=true; else ipv6=false; fi ;;
+	esac
+	if [ "$opt_ipv6" = on ] && [ "$opt_dry_run" = false ] && [ ! -e /proc/net/if_inet6 ]; then
+		die "--ipv6: on, but this kernel has no IPv6 here (no /proc/net/if_inet6)"
+	fi
+
+	# One file per method, each defining the same functions (method/uid.sh
+	# lists them); the name picks the file.
+	# shellcheck source=method/uid.sh
+	. "$HERE/method/$opt_method.sh"
+	method_validate
+}
+
+dry_run() {
+	render_family 4
+	if [ "$ipv6" = true ]; then
+		printf '\n'
+		render_family 6
+	fi
+}
+
+install() {
+	[ "$(id -u)" = 0 ] || die "installing rules needs root (--dry-run does not)"
+	choose_backend
+	# IPv6 is touched when it gets rules, and also with --ipv6 off if the
+	# namespace has IPv6 and ip6tables is there: an earlier run's IPv6
+	# rules must not outlive the option
+	touch6="$ipv6"
+	if [ "$ipv6" = false ] && [ -e /proc/net/if_inet6 ]; then
+		tool 6 save
+		if have "$REPLY"; then
+			tool 6 restore
+			if have "$REPLY"; then touch6=true; fi
+		fi
+	fi
+	# the state to come back to if anything fails
+	save_rules 4 die
+	before4="$REPLY" before6=''
+	if [ "$touch6" = true ]; then
+		save_rules 6 die
+		before6="$REPLY"
+	fi
+	method_prepare
+	install_family 4
+	[ "$touch6" = false ] || install_family 6
+	if [ "$ipv6" = true ]; then _in_families='IPv4 and IPv6'; else _in_families=IPv4; fi
+	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$_in_families" "$backend"
+}
+
+# install_family 4|6: one atomic iptables-restore for the family (with
+# --ipv6 off, the IPv6 target is empty: ours there is removed).
+install_family() {
+	if [ "$1" = 4 ]; then
+		_if_before="$before4" _if_target=$(render_family 4)
+	else
+		_if_before="$before6" _if_target=''
+		[ "$ipv6" = false ] || _if_target=$(render_family 6)
+	fi
+	_if_input=$(transition "$_if_before" "$_if_target")
+	[ -n "$_if_input" ] || return 0
+	restore_rules "$1" "$_if_input" || rollback_and_fail "$RESTORE_ERR"
+}
+
+# rollback_and_fail MESSAGE: bring every family back to where it was (one
+# table of a family may already be committed, and IPv4 is committed before
+# IPv6 is tried), undo the method's set-up, and fail.
+rollback_and_fail() {
+	_rf_err="$1"
+	if rollback_family 4 "$before4" && { [ "$touch6" = false ] || rollback_family 6 "$before6"; }; then
+		method_rollback
+		fail "$_rf_err; rolled back, the rules are as they were"
+	fi
+	method_rollback
+	fail "$_rf_err; rolling back failed too: $RESTORE_ERR"
+}
+
+main() {
+	options_from_env
+	options_parse "$@"
+	validate
+	if [ "$opt_dry_run" = true ]; then
+		dry_run
+	else
+		install
+	fi
+}
+
+main "$@"
