@@ -1,0 +1,90 @@
+# Two images from one file (see deploy/README.md):
+#
+#   docker build --target proxy -t sidecar-proxy:0.1.0 .       the proxy (UID 1337, no capabilities)
+#   docker build --target init  -t sidecar-proxy-init:0.1.0 .  the one-shot iptables step (sh + iptables)
+#
+# Base images are pinned by tag (what a reader understands) and by the digest of
+# the tag's multi-platform index (what the builder actually pulls), so a rebuild
+# gets the same bytes. To move to a newer release, change both; the digest is
+# what `docker buildx imagetools inspect IMAGE:TAG` prints as "Digest".
+
+# --- builder: the package and its dependencies in a venv -----------------------------
+# Same base as the proxy stage: the venv's interpreter is a link to the base's
+# python, so both stages must have the same one at the same path.
+FROM python:3.12.11-slim-bookworm@sha256:519591d6871b7bc437060736b9f7456b8731f1499a57e22e6c285135ae657bf7 AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# uvloop and PyYAML ship binary wheels for amd64 and arm64, so no compiler is
+# needed; a platform without wheels would need build tools here, never below.
+RUN python -m venv /usr/local/sidecar-proxy
+WORKDIR /src
+# README.md* : the package metadata reads README.md when it is there.
+COPY pyproject.toml README.md* ./
+COPY proxy ./proxy
+RUN /usr/local/sidecar-proxy/bin/pip install --no-cache-dir . \
+    && /usr/local/sidecar-proxy/bin/pip uninstall --yes pip
+
+# --- proxy: what runs in the pod -------------------------------------------------------
+FROM python:3.12.11-slim-bookworm@sha256:519591d6871b7bc437060736b9f7456b8731f1499a57e22e6c285135ae657bf7 AS proxy
+
+LABEL org.opencontainers.image.title="sidecar-proxy" \
+      org.opencontainers.image.description="Transparent TCP proxy for the redirected port (5001) of a service-mesh sidecar" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A named account for UID/GID 1337 (the design note's ISTIO_PROXY_UID), so
+# `ps` and file listings say who it is; the UID itself is what the iptables
+# owner match and Kubernetes' runAsUser use.
+RUN groupadd --system --gid 1337 sidecar-proxy \
+    && useradd --system --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin sidecar-proxy
+
+COPY --from=builder /usr/local/sidecar-proxy /usr/local/sidecar-proxy
+
+# Bytecode was compiled at install time; at run time the root file system is
+# read-only (readOnlyRootFilesystem), so never try to write it.
+ENV PATH="/usr/local/sidecar-proxy/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+USER 1337:1337
+
+# 5001: the redirected port (ISTIO_PROXY_PORT). 15000: the admin API (/ready,
+# /stats, /quitquitquit); it serves the probes from inside the pod.
+EXPOSE 5001 15000
+
+# Slim images have no curl: ask /ready with the standard library. urlopen
+# raises on anything but 2xx, which exits non-zero.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15000/ready', timeout=2)"]
+
+# Exec form: the proxy is PID 1 and gets SIGTERM itself, which starts its
+# drain (server.py). It starts no children, so no init (tini) is needed to
+# reap zombies, and it installs its own SIGTERM/SIGINT handlers, which PID 1
+# needs (the kernel applies no default action to PID 1).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sidecar-proxy"]
+CMD ["run"]
+
+# --- init: the one-shot iptables step --------------------------------------------------
+# Only a shell, iptables (both backends: Alpine's iptables is the nft one,
+# iptables-legacy the other; which one a node needs is redirect.sh's choice)
+# and the project's POSIX sh scripts. It runs as root with NET_ADMIN (and
+# NET_RAW, which the legacy backend needs) and exits.
+FROM alpine:3.22.2@sha256:4b7ce07002c69e8f3d704a9c5d6fd3053be500b7f1c69fc0d80990c2ad8dd412 AS init
+
+LABEL org.opencontainers.image.title="sidecar-proxy-init" \
+      org.opencontainers.image.description="Installs the iptables redirect to the sidecar proxy, once, at pod start" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# Package versions are fixed by the pinned Alpine release; pinning apk
+# versions too breaks the build whenever Alpine ships a security fix.
+# hadolint ignore=DL3018
+RUN apk add --no-cache iptables ip6tables iptables-legacy
+
+COPY iptables/ /usr/local/lib/sidecar-proxy/iptables/
+
+# Run through sh: the scripts need no executable bit, and redirect.sh finds
+# lib.sh and method/*.sh next to itself. Flags (--method ...) come as args.
+ENTRYPOINT ["/bin/sh", "/usr/local/lib/sidecar-proxy/iptables/redirect.sh"]

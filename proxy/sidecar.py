@@ -1,0 +1,311 @@
+"""What the injected containers look like, and how they join a pod spec.
+
+Theory of operation. A pod gets two things:
+
+- `sidecar-proxy-init`, a one-shot init container (root, NET_ADMIN, and
+  NET_RAW because the iptables-legacy backend opens a raw socket) that runs
+  `redirect.sh --method M` (iptables/redirect.sh) once to install the
+  redirect in the pod's network namespace, then exits. All privileged work happens here (the design note's
+  security requirement).
+- `sidecar-proxy`, the proxy: UID 1337, no capabilities, read-only root file
+  system. The mark method is the exception: SO_MARK needs CAP_NET_ADMIN in the
+  proxy, and Kubernetes cannot give a capability to a non-root container
+  (it sets no ambient capabilities: kubernetes/kubernetes#56374, KEP-2763),
+  so that variant runs as UID 0 with NET_ADMIN as its only capability.
+
+Two ways to place the proxy:
+
+- classic: first of `containers`, with a postStart hook that waits for
+  /ready (the kubelet starts the next container only when it returns), and a
+  preStop pause so it keeps serving while the app shuts down. A Job's pod
+  never completes this way unless the app ends the proxy with
+  `POST http://127.0.0.1:15000/quitquitquit`.
+- native (Kubernetes 1.29+): an init container with `restartPolicy: Always`
+  placed right after the init step. Its startupProbe gates the rest of the
+  pod (no app-before-proxy race) and the kubelet stops it after the app
+  containers exit, so Jobs complete.
+
+The design note's variables go into both containers with the same values,
+each only where its method uses it (ISTIO_SO_MARK in the proxy's
+environment turns marking on, config.py, so it must be absent elsewhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+from . import __version__
+
+METHODS = ("uid", "mark", "cgroup", "explicit")
+
+INIT_NAME = "sidecar-proxy-init"
+PROXY_NAME = "sidecar-proxy"
+STATUS_ANNOTATION = "sidecar-proxy/status"
+INJECT_ANNOTATION = "sidecar-proxy/inject"
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+
+DEFAULT_IMAGE = f"sidecar-proxy:{__version__}"
+DEFAULT_INIT_IMAGE = f"sidecar-proxy-init:{__version__}"
+
+# The design note's numbers.
+PROXY_PORT = 5001
+PROXY_UID = 1337
+SO_MARK = "0x1"
+NET_CLS_ID = "0x100001"
+ADMIN_PORT = 15000
+
+# Before SIGTERM starts the proxy's drain (5s by default), keep serving while
+# the app finishes: preStop pause + drain stay inside the default 30s grace.
+PRESTOP_PAUSE_SECONDS = 5
+READY_WAIT_SECONDS = 60
+
+CGROUP_ROOT = "/sys/fs/cgroup/net_cls"  # on the node (cgroup v1)
+CGROUP_MOUNT = "/run/sidecar-proxy/net_cls"  # in both containers
+SERVICES_CONFIGMAP = "sidecar-proxy-services"
+SERVICES_MOUNT = "/etc/sidecar-proxy"
+
+READY_URL = f"http://127.0.0.1:{ADMIN_PORT}/ready"
+# The probes run in the proxy's container and ask the admin API on loopback:
+# the admin port is never exposed to the network (its /quitquitquit ends the
+# proxy), and the probe does not depend on the redirect. urlopen raises on
+# anything but 2xx, so the exit status is the answer.
+READY_CHECK = f"import urllib.request; urllib.request.urlopen({READY_URL!r}, timeout=2)"
+READY_WAIT = f"""\
+import time, urllib.request
+deadline = time.monotonic() + {READY_WAIT_SECONDS}
+while True:
+    try:
+        urllib.request.urlopen({READY_URL!r}, timeout=1)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.25)
+"""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that decides the injected containers."""
+
+    method: str = "uid"
+    image: str = DEFAULT_IMAGE
+    init_image: str = DEFAULT_INIT_IMAGE
+    native: bool = False
+    proxy_uid: int = PROXY_UID
+    cgroup_root: str = CGROUP_ROOT
+    services_configmap: str = SERVICES_CONFIGMAP
+
+
+def design_env(options: Options) -> list[dict]:
+    """The note's variables for this method, identical in both containers."""
+    env = [{"name": "ISTIO_PROXY_PORT", "value": str(PROXY_PORT)}]
+    if options.method in ("uid", "cgroup"):
+        # uid: the owner match lets it through; cgroup: the cgroup is handed to it.
+        env.append({"name": "ISTIO_PROXY_UID", "value": str(options.proxy_uid)})
+    if options.method == "mark":
+        env.append({"name": "ISTIO_SO_MARK", "value": SO_MARK})
+    if options.method == "cgroup":
+        env.append({"name": "ISTIO_NET_CLS_ID", "value": NET_CLS_ID})
+        # The pod's own cgroup directory, named by the pod's UID so pods on
+        # one node never share one; $(POD_UID) in args expands to it.
+        env.append({"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
+    return env
+
+
+def cgroup_dir() -> str:
+    return f"{CGROUP_MOUNT}/sidecar-proxy-$(POD_UID)"
+
+
+def init_container(options: Options) -> dict:
+    args = ["--method", options.method]
+    mounts = [
+        # Writable scratch under a read-only root: iptables-legacy takes its
+        # lock in /run; /tmp for a shell that keeps here-documents there.
+        {"name": "sidecar-proxy-init-scratch", "mountPath": "/run", "subPath": "run"},
+        {"name": "sidecar-proxy-init-scratch", "mountPath": "/tmp", "subPath": "tmp"},
+    ]
+    capabilities = ["NET_ADMIN", "NET_RAW"]
+    if options.method == "cgroup":
+        args += ["--cgroup-dir", cgroup_dir()]
+        mounts.append({"name": "sidecar-proxy-cgroup", "mountPath": CGROUP_MOUNT})
+        # redirect.sh hands the new cgroup's tasks/cgroup.procs to the
+        # proxy's UID: chown to another owner needs CAP_CHOWN, even for root.
+        capabilities.append("CHOWN")
+    if options.method == "explicit":
+        args += ["--services", f"{SERVICES_MOUNT}/services"]
+        mounts.append({"name": "sidecar-proxy-services", "mountPath": SERVICES_MOUNT, "readOnly": True})
+    return {
+        "name": INIT_NAME,
+        "image": options.init_image,
+        "args": args,
+        "env": design_env(options),
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": capabilities},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+    }
+
+
+def proxy_security_context(options: Options) -> dict:
+    if options.method == "mark":
+        # SO_MARK needs CAP_NET_ADMIN; Kubernetes gives capabilities to UID 0
+        # only (see the module docstring). Nothing else of root's is kept.
+        identity = {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
+        capabilities = {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    else:
+        identity = {"runAsUser": options.proxy_uid, "runAsGroup": options.proxy_uid, "runAsNonRoot": True}
+        capabilities = {"drop": ["ALL"]}
+    return {
+        **identity,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": capabilities,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _probe(**timing: int) -> dict:
+    return {"exec": {"command": ["python", "-c", READY_CHECK]}, "timeoutSeconds": 3, **timing}
+
+
+def proxy_container(options: Options) -> dict:
+    args = ["run"]
+    mounts = []
+    if options.method == "mark":
+        args += ["--mark", "$(ISTIO_SO_MARK)"]
+    if options.method == "cgroup":
+        args += ["--cgroup", cgroup_dir()]
+        mounts.append({"name": "sidecar-proxy-cgroup", "mountPath": CGROUP_MOUNT})
+    container = {
+        "name": PROXY_NAME,
+        "image": options.image,
+        "args": args,
+        "env": design_env(options),
+        "securityContext": proxy_security_context(options),
+        "readinessProbe": _probe(periodSeconds=5, failureThreshold=3),
+    }
+    if mounts:
+        container["volumeMounts"] = mounts
+    if options.native:
+        container["restartPolicy"] = "Always"
+        # The kubelet starts the containers after a native sidecar only when
+        # its startupProbe has passed: the app never starts before the proxy.
+        container["startupProbe"] = _probe(periodSeconds=1, failureThreshold=READY_WAIT_SECONDS)
+    else:
+        container["lifecycle"] = {
+            # The kubelet starts the next container when postStart returns.
+            "postStart": {"exec": {"command": ["python", "-c", READY_WAIT]}},
+            # Keep serving while the app shuts down; SIGTERM (drain) comes after.
+            "preStop": {"exec": {"command": ["sleep", str(PRESTOP_PAUSE_SECONDS)]}},
+        }
+    return container
+
+
+def volumes(options: Options) -> list[dict]:
+    vols: list[dict] = [{"name": "sidecar-proxy-init-scratch", "emptyDir": {}}]
+    if options.method == "cgroup":
+        # The node's net_cls hierarchy (cgroup v1 only); see deploy/README.md
+        # for what this costs: a hostPath, and a directory left per pod.
+        vols.append({"name": "sidecar-proxy-cgroup", "hostPath": {"path": options.cgroup_root, "type": "Directory"}})
+    if options.method == "explicit":
+        vols.append({"name": "sidecar-proxy-services", "configMap": {"name": options.services_configmap}})
+    return vols
+
+
+def status(options: Options) -> str:
+    """The value of the status annotation: what was injected, for people and for idempotence."""
+    return json.dumps({
+        "version": __version__,
+        "method": options.method,
+        "nativeSidecar": options.native,
+        "initContainers": [INIT_NAME] + ([PROXY_NAME] if options.native else []),
+        "containers": [] if options.native else [PROXY_NAME],
+        "volumes": [v["name"] for v in volumes(options)],
+    }, separators=(",", ":"))
+
+
+def inject(spec: dict, meta: dict, options: Options) -> tuple[dict, dict]:
+    """A new (pod spec, pod metadata) with the init step and the proxy added.
+
+    The caller has decided that this pod is to be injected and that its spec
+    is well formed (see `conflicts`). The inputs are not modified.
+    """
+    spec, meta = copy.deepcopy(spec), copy.deepcopy(meta)
+    app_containers = spec.get("containers") or []
+    user_inits = spec.get("initContainers") or []
+    init, proxy = init_container(options), proxy_container(options)
+    if options.native:
+        # init step, then the proxy, then the user's init containers: those
+        # run with the proxy up, so their traffic is proxied too.
+        spec["initContainers"] = [init, proxy] + user_inits
+    else:
+        # The user's init containers run before the redirect exists (nothing
+        # would answer on 5001 yet); the proxy starts before the app.
+        spec["initContainers"] = user_inits + [init]
+        spec["containers"] = [proxy] + app_containers
+    spec["volumes"] = (spec.get("volumes") or []) + volumes(options)
+    spec = _init_containers_first(spec)
+    annotations = meta.setdefault("annotations", {}) or {}
+    meta["annotations"] = annotations
+    annotations[STATUS_ANNOTATION] = status(options)
+    if not options.native and app_containers:
+        # `kubectl logs/exec` pick the first container unless told otherwise.
+        annotations.setdefault(DEFAULT_CONTAINER_ANNOTATION, app_containers[0].get("name"))
+    return spec, meta
+
+
+def _init_containers_first(spec: dict) -> dict:
+    """The same spec with initContainers just before containers, as people write it."""
+    keys = [k for k in spec if k != "initContainers"]
+    at = keys.index("containers") if "containers" in keys else len(keys)
+    keys.insert(at, "initContainers")
+    return {k: spec[k] for k in keys}
+
+
+def already_injected(spec: dict, meta: dict) -> bool:
+    """True if the status annotation or one of our container names is there."""
+    if STATUS_ANNOTATION in (meta.get("annotations") or {}):
+        return True
+    names = {c.get("name") for field in ("initContainers", "containers") for c in spec.get(field) or []
+             if isinstance(c, dict)}
+    return bool(names & {INIT_NAME, PROXY_NAME})
+
+
+def conflicts(spec: dict, options: Options) -> list[tuple[str, str]]:
+    """(field path in the pod spec, problem) for a spec the sidecar cannot work in."""
+    problems: list[tuple[str, str]] = []
+    pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
+    for field in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(field) or []):
+            where = f"{field}[{i}]"
+            for j, port in enumerate(container.get("ports") or []):
+                number = port.get("containerPort") if isinstance(port, dict) else None
+                if number in (PROXY_PORT, ADMIN_PORT):
+                    what = "redirected port" if number == PROXY_PORT else "admin port"
+                    problems.append((f"{where}.ports[{j}].containerPort",
+                                     f"{number} is the proxy's {what}; the pod's containers share one network"))
+            if options.method != "uid":
+                continue
+            # The uid method lets the proxy's UID through unredirected: an
+            # app running as that UID would silently bypass the proxy.
+            own_uid = (container.get("securityContext") or {}).get("runAsUser")
+            if own_uid == options.proxy_uid:
+                problems.append((f"{where}.securityContext.runAsUser",
+                                 f"{own_uid} is the proxy's UID; this container's traffic would bypass the proxy "
+                                 "(run it as another UID, or pick another with --proxy-uid)"))
+            elif own_uid is None and pod_uid == options.proxy_uid:
+                problems.append(("securityContext.runAsUser",
+                                 f"{pod_uid} is the proxy's UID and {where} ({container.get('name')}) inherits it; "
+                                 "its traffic would bypass the proxy"))
+    return problems
