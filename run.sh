@@ -13,7 +13,7 @@ set -eu
 
 VENV="${SIDECAR_PROXY_VENV:-/opt/sidecar-proxy/venv}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-APT_PACKAGES="iptables nftables iproute2 util-linux procps shellcheck python3-venv python3-pip"
+APT_PACKAGES="iptables nftables iproute2 util-linux procps shellcheck busybox python3-venv python3-pip"
 
 say() { printf 'run.sh: %s\n' "$*" >&2; }
 
@@ -26,7 +26,7 @@ need_root() {
 
 install_system_packages() {
   missing=""
-  for tool in ip iptables nft setpriv shellcheck; do
+  for tool in ip iptables nft setpriv shellcheck busybox; do
     command -v "$tool" >/dev/null 2>&1 || missing="yes"
   done
   /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="yes"
@@ -58,6 +58,12 @@ main() {
       cd "$HERE"
       exec "$VENV/bin/python" -m pytest "$@"
       ;;
+    demo)
+      need_root demo
+      install_system_packages
+      install_python_packages
+      exec "$VENV/bin/sidecar-proxy" demo "$@"
+      ;;
     proxy)
       need_root proxy
       install_system_packages
@@ -65,7 +71,7 @@ main() {
       exec "$VENV/bin/sidecar-proxy" "$@"
       ;;
     *)
-      say "usage: $0 test [PYTEST ARGS] | proxy [ARGS]"
+      say "usage: $0 demo [--method uid|mark|cgroup|explicit] | test [PYTEST ARGS] | proxy [ARGS]"
       exit 2
       ;;
   esac

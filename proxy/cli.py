@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands that live in their own modules (each has add_parser(sub))."""
-    from . import services
-    return [services]
+    from . import demo, inject, services
+    return [demo, services, inject]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

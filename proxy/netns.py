@@ -1,16 +1,16 @@
-"""Throwaway network namespaces for the end-to-end tests.
+"""Throwaway network namespaces, for the demo and the end-to-end tests.
 
-A test builds a small world of its own: a "pod" namespace (the app and the
+The demo and each test build a small world of their own: a "pod" namespace (the app and the
 proxy) and a "remote" namespace (servers at documentation addresses), joined
-by one veth pair and linked to nothing else. Every name carries a per-run
-suffix so that parallel or aborted runs never collide, and everything is
-removed by `close()` (the fixtures call it, also when a test fails).
+by one veth pair and linked to nothing else (only documentation addresses).
+Every name carries a per-run suffix so that parallel or aborted runs never
+collide, and everything is removed by `close()`, also on failure.
 
 Sockets are opened *inside* a namespace from this process: `NetNs.socket()`
 switches the calling thread into the namespace just for the `socket()` call
-(a socket stays in the namespace it was created in). So the test process
-itself plays the app and the servers, with no helper processes to manage,
-while the proxy runs as a real separate process under UID 1337.
+(a socket stays in the namespace it was created in). So one process plays
+the app and the servers, with no helper processes to manage, while the proxy
+runs as a real separate process under UID 1337.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import secrets
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from collections.abc import Iterator, Sequence
 
 CLONE_NEWNET = 0x40000000
@@ -60,6 +61,12 @@ class NetNs:
     # -- running things inside ------------------------------------------------
     def argv(self, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *cmd]
+
+    def nsenter_argv(self, *cmd: str) -> list[str]:
+        """Like argv, but keeping this process's mounts: `ip netns exec` gives
+        the command a fresh /sys without the cgroup hierarchies, which the
+        cgroup bypass method needs to see (and to mount into)."""
+        return ["nsenter", f"--net={self.path}", "--", *cmd]
 
     def exec(self, *cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return run(self.argv(*cmd), check=check, input=input)
@@ -160,3 +167,43 @@ class PodWorld:
         for ns in (getattr(self, "pod", None), getattr(self, "remote", None)):
             if ns is not None:
                 ns.close()
+
+
+class ThreadedServer:
+    """A threaded TCP server in a namespace; `handler(conn)` runs per connection."""
+
+    def __init__(self, ns: NetNs, addr: tuple, handler: Callable[[socket.socket], None]) -> None:
+        self.sock = ns.listen(addr)
+        self.addr = addr
+        self.handler = handler
+        self.accepted: list[tuple] = []
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, peer = self.sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.accepted.append(peer)
+            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _handle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(30)
+            self.handler(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
+        for t in self._threads:
+            t.join(timeout=5)

@@ -6,7 +6,9 @@ only the destinations listed in a services file, one `IP:PORT` or
 which destinations the proxy has something to do for, so the file is derived
 from them: every (destination prefix, port) pair of every chain that names
 both. Chains without ports or destinations cannot be expressed as explicit
-rules; they are listed as comments, so nothing is dropped silently.
+rules, and a chain that forwards to the original destination would have the
+proxy dial an address its own rule captures (the explicit method has no
+bypass for the proxy); both are listed as comments, never dropped silently.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def render(config: cfg.Config) -> str:
         m = chain.match
         if not (m.ports and m.destinations):
             lines.append(f"# chain {chain.name}: skipped (needs both ports and destinations to be explicit)")
+            continue
+        if chain.action == "original":
+            # the proxy would dial the very address the rule captures: a loop
+            lines.append(f"# chain {chain.name}: skipped (action original would loop under the explicit method)")
             continue
         lines.append(f"# chain {chain.name} ({chain.action}{' ' + chain.cluster if chain.cluster else ''})")
         for net in m.destinations:

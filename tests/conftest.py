@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from netns import PodWorld
+from proxy.netns import PodWorld
 from support import PYTHON, setpriv_argv
 
-REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-save", "setpriv")
+REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-save", "setpriv", "nsenter", "prlimit")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ def test_outbound_bytes_arrive_intact(uid_world, tmp_path, loop_name, family):
     w = uid_world
     addr = ("198.51.100.10", 80) if family == "ipv4" else ("2001:db8:2::10", 80)
     srv = Server(w.remote, addr, digest_sink)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name)
+    proxy = ProxyProcess(w.pod, loop=loop_name)
     try:
         assert proxy.status_field("Uid").split()[:2] == ["1337", "1337"]
         assert int(proxy.status_field("CapEff"), 16) == 0
@@ -69,7 +69,7 @@ def test_ipv4_on_a_plain_ipv4_socket(uid_world, tmp_path):
     """With separate 0.0.0.0 and :: listeners, IPv4 arrives on an AF_INET socket."""
     w = uid_world
     srv = Server(w.remote, ("198.51.100.10", 80), identify("web"))
-    proxy = ProxyProcess(w.pod, tmp_path, config={"addresses": ["0.0.0.0", "::"]})
+    proxy = ProxyProcess(w.pod, config={"addresses": ["0.0.0.0", "::"]})
     try:
         assert len([e for e in proxy.lines if "listening on" in e.get("msg", "")]) == 2
         with w.pod.connect(("198.51.100.10", 80)) as c:
@@ -106,7 +106,7 @@ def test_chain_selection_decides_where_bytes_go(uid_world, tmp_path, loop_name):
         Server(w.remote, ("2001:db8:2::44", 80), identify("v6-80")),
         Server(w.remote, ("2001:db8:2::44", 8443), identify("v6-8443")),
     ]
-    proxy = ProxyProcess(w.pod, tmp_path, config=CHAINS, loop=loop_name)
+    proxy = ProxyProcess(w.pod, config=CHAINS, loop=loop_name)
 
     def who(addr):
         try:
@@ -140,7 +140,7 @@ def test_cluster_tries_next_endpoint_when_one_refuses(uid_world, tmp_path):
     cfg = {"clusters": [{"name": "c", "endpoints": ["198.51.100.40:80", "198.51.100.41:80"]}],
            "chains": [{"name": "all", "cluster": "c"}]}
     srv = Server(w.remote, ("198.51.100.41", 80), identify("second"))  # .40 has no listener
-    proxy = ProxyProcess(w.pod, tmp_path, config=cfg)
+    proxy = ProxyProcess(w.pod, config=cfg)
     try:
         for _ in range(3):
             with w.pod.connect(("203.0.113.5", 9)) as c:
@@ -163,7 +163,7 @@ def test_half_close_keeps_the_other_direction_open(uid_world, tmp_path, loop_nam
 
     srv = Server(w.remote, ("198.51.100.10", 80), digest_sink)
     srv2 = Server(w.remote, ("198.51.100.10", 81), server_closes_first)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name)
+    proxy = ProxyProcess(w.pod, loop=loop_name)
     try:
         with w.pod.connect(("198.51.100.10", 80)) as c:
             send_and_digest(c, 3 * MB)  # send, FIN, then read the answer
@@ -208,7 +208,7 @@ def test_reset_is_propagated_both_ways(uid_world, tmp_path, loop_name):
 
     s1 = Server(w.remote, ("198.51.100.10", 80), server_resets)
     s2 = Server(w.remote, ("198.51.100.10", 81), server_waits)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name)
+    proxy = ProxyProcess(w.pod, loop=loop_name)
     try:
         with w.pod.connect(("198.51.100.10", 80)) as c:
             c.sendall(b"x")
@@ -231,7 +231,7 @@ def test_upstream_refused_or_timing_out_closes_the_client_promptly(uid_world, tm
     w = uid_world
     # the remote silently drops SYNs to port 81: a connect that never completes
     w.remote.exec("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name, args=("--connect-timeout", "300ms"))
+    proxy = ProxyProcess(w.pod, loop=loop_name, args=("--connect-timeout", "300ms"))
     try:
         for port, end in ((80, "connect_failed"), (81, "connect_timeout")):
             start = time.monotonic()
@@ -247,7 +247,7 @@ def test_upstream_refused_or_timing_out_closes_the_client_promptly(uid_world, tm
 def test_idle_timeout_closes_quiet_connections(uid_world, tmp_path):
     w = uid_world
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
-    proxy = ProxyProcess(w.pod, tmp_path, args=("--idle-timeout", "700ms"))
+    proxy = ProxyProcess(w.pod, args=("--idle-timeout", "700ms"))
     try:
         with w.pod.connect(("198.51.100.10", 80)) as c:
             for _ in range(4):  # activity keeps it open past the timeout
@@ -279,7 +279,7 @@ def test_slow_reader_keeps_proxy_memory_bounded(uid_world, tmp_path, loop_name):
         conn.sendall(f"{n} {h.hexdigest()}\n".encode())
 
     srv = Server(w.remote, ("198.51.100.10", 80), slow_reader)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name)
+    proxy = ProxyProcess(w.pod, loop=loop_name)
     samples = []
     done = threading.Event()
 

@@ -26,7 +26,7 @@ def test_loop_guard_refuses_a_redirect_loop(world, tmp_path, loop_name):
         w.pod.exec(tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-d", lo,
                    "-j", "REDIRECT", "--to-ports", "5001")
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name)
+    proxy = ProxyProcess(w.pod, loop=loop_name)
     try:
         with w.pod.connect(("198.51.100.10", 80)) as c:
             with pytest.raises(ConnectionResetError):
@@ -48,7 +48,7 @@ def test_loop_guard_refuses_a_redirect_loop(world, tmp_path, loop_name):
 def test_direct_connection_to_the_proxy_port_is_refused(uid_world, tmp_path):
     """Dialling 127.0.0.1:5001 is not redirected: nothing to forward to."""
     w = uid_world
-    proxy = ProxyProcess(w.pod, tmp_path)
+    proxy = ProxyProcess(w.pod)
     try:
         with w.pod.connect(("127.0.0.1", 5001)) as c:
             with pytest.raises(ConnectionResetError):
@@ -61,7 +61,7 @@ def test_direct_connection_to_the_proxy_port_is_refused(uid_world, tmp_path):
 def test_sigterm_drains_live_connections(uid_world, tmp_path, loop_name):
     w = uid_world
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name, args=("--drain-timeout", "10s"))
+    proxy = ProxyProcess(w.pod, loop=loop_name, args=("--drain-timeout", "10s"))
     try:
         c = w.pod.connect(("198.51.100.10", 80))
         c.sendall(b"before")
@@ -85,7 +85,7 @@ def test_sigterm_drains_live_connections(uid_world, tmp_path, loop_name):
 def test_drain_timeout_resets_what_is_left_and_exits_0(uid_world, tmp_path):
     w = uid_world
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
-    proxy = ProxyProcess(w.pod, tmp_path, args=("--drain-timeout", "500ms"))
+    proxy = ProxyProcess(w.pod, args=("--drain-timeout", "500ms"))
     try:
         with w.pod.connect(("198.51.100.10", 80)) as c:
             c.sendall(b"x")
@@ -107,7 +107,7 @@ def test_accept_loop_survives_running_out_of_descriptors(uid_world, tmp_path, lo
     burst is gone, the proxy accepts again."""
     w = uid_world
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name, prefix=("prlimit", "--nofile=64:64", "--"))
+    proxy = ProxyProcess(w.pod, loop=loop_name, prefix=("prlimit", "--nofile=64:64", "--"))
     held = []
     try:
         for i in range(60):  # each proxied connection costs the proxy two descriptors
@@ -144,7 +144,7 @@ def test_accept_loop_survives_running_out_of_descriptors(uid_world, tmp_path, lo
 def test_500_concurrent_connections_keep_their_data(uid_world, tmp_path, loop_name):
     w = uid_world
     srv_sock = w.remote.listen(("198.51.100.10", 80), backlog=1024)
-    proxy = ProxyProcess(w.pod, tmp_path, loop=loop_name, access_log=False)
+    proxy = ProxyProcess(w.pod, loop=loop_name, access_log=False)
     n = 500
 
     async def run():
@@ -185,7 +185,7 @@ def test_500_concurrent_connections_keep_their_data(uid_world, tmp_path, loop_na
 def test_garbage_and_resets_do_not_disturb_other_connections(uid_world, tmp_path):
     w = uid_world
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
-    proxy = ProxyProcess(w.pod, tmp_path)
+    proxy = ProxyProcess(w.pod)
     try:
         with w.pod.connect(("198.51.100.10", 80)) as steady:
             steady.sendall(b"one")
@@ -213,9 +213,9 @@ def test_mark_needs_cap_net_admin_and_bypasses_with_it(world, tmp_path):
                    "-m", "mark", "!", "--mark", "0x1", "-j", "REDIRECT", "--to-ports", "5001")
     # without the capability: refuses to start, one line, exit 1
     with pytest.raises(AssertionError, match="exited 1"):
-        ProxyProcess(w.pod, tmp_path, args=("--mark", "0x1"))
+        ProxyProcess(w.pod, args=("--mark", "0x1"))
     srv = Server(w.remote, ("2001:db8:2::10", 80), identify("web"))
-    proxy = ProxyProcess(w.pod, tmp_path, args=("--mark", "0x1"), caps=("net_admin",))
+    proxy = ProxyProcess(w.pod, args=("--mark", "0x1"), caps=("net_admin",))
     try:
         assert int(proxy.status_field("CapEff"), 16) == 1 << 12  # CAP_NET_ADMIN alone
         with w.pod.connect(("2001:db8:2::10", 80)) as c:
@@ -253,7 +253,7 @@ def test_plain_listener_goes_straight_to_its_cluster(uid_world, tmp_path):
     srv = Server(w.remote, ("198.51.100.20", 8080), identify("backend"))
     cfg = {"clusters": [{"name": "backend", "endpoints": ["198.51.100.20:8080"]}],
            "plain_listeners": [{"name": "local-backend", "port": 15080, "cluster": "backend"}]}
-    proxy = ProxyProcess(w.pod, tmp_path, config=cfg)
+    proxy = ProxyProcess(w.pod, config=cfg)
     try:
         with w.pod.connect(("127.0.0.1", 15080)) as c:  # loopback: never redirected
             assert recv_line(c).startswith("backend ")
@@ -270,7 +270,7 @@ def test_inbound_is_told_from_outbound_and_new_addresses_are_seen(world, tmp_pat
     w = world
     install_uid_redirect(w)
     app = Server(w.pod, ("0.0.0.0", 8080), identify("app"))
-    proxy = ProxyProcess(w.pod, tmp_path)
+    proxy = ProxyProcess(w.pod)
     try:
         with w.remote.connect((w.POD_V4, 8080)) as c:
             assert recv_line(c) == f"app {w.POD_V4}\n"  # the app sees the proxy's connection

@@ -1,0 +1,153 @@
+"""The proxy as a real process in a namespace, as it runs in a pod.
+
+Used by the demo and the end-to-end tests: `sidecar-proxy run` inside the pod
+namespace, as UID 1337, with an empty capability set (or CAP_NET_ADMIN alone
+for the mark method), started through `setpriv` so nothing of root's
+survives the exec. Its JSON log lines are collected as they come.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import yaml
+
+from .netns import NetNs
+
+PROXY_UID = 1337
+PYTHON = sys.executable  # must be executable by UID 1337 (see README)
+
+
+def setpriv_argv(uid: int = PROXY_UID, caps: tuple[str, ...] = ()) -> list[str]:
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    if caps:
+        spec = ",".join(f"+{c}" for c in caps)
+        argv += [f"--inh-caps={spec}", f"--ambient-caps={spec}"]
+    else:
+        argv += ["--inh-caps=-all"]
+    return argv + ["--"]
+
+
+class ProxyProcess:
+    """`sidecar-proxy run` in a namespace, its JSON log lines collected."""
+
+    def __init__(self, ns: NetNs, config: dict | None = None, args: tuple[str, ...] = (),
+                 caps: tuple[str, ...] = (), loop: str = "uvloop", env: dict | None = None,
+                 uid: int = PROXY_UID, wait: bool = True, prefix: tuple[str, ...] = (),
+                 access_log: bool = True, enter: str = "ip-netns") -> None:
+        """`enter` is how the namespace is entered: "ip-netns" (`ip netns exec`,
+        a fresh /sys) or "nsenter" (keeps our mounts: the cgroup method)."""
+        into = ns.nsenter_argv if enter == "nsenter" else ns.argv
+        argv = [*into(*prefix, *setpriv_argv(uid, caps)), PYTHON, "-m", "proxy", "run",
+                "--log-format", "json", "--loop", loop, *args]
+        if not access_log:
+            argv += ["--access-log", "off"]
+        self._config_dir = None
+        if config is not None:
+            # a directory UID 1337 can read (root's temp dirs may be private)
+            self._config_dir = tempfile.mkdtemp(prefix="scp-config-")
+            os.chmod(self._config_dir, 0o755)
+            path = os.path.join(self._config_dir, "proxy.yaml")
+            with open(path, "w") as f:
+                yaml.safe_dump(config, f)
+            os.chmod(path, 0o644)
+            argv += ["--config", path]
+        self.lines: list[dict] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, cwd="/",
+                                     env={**os.environ, **(env or {})})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait:
+            try:
+                self.wait_for(lambda e: e.get("msg", "").startswith("ready"), what="ready")
+            except BaseException:
+                self.stop(signal.SIGKILL)
+                raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            with self._cond:
+                self.raw.append(line)
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[dict], bool], timeout: float = 15.0, what: str = "log line") -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for entry in self.lines:
+                    if pred(entry):
+                        return entry
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"proxy exited {self.proc.returncode} before {what}: {self.raw[-5:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {what} within {timeout}s; last lines: {self.raw[-5:]}")
+                self._cond.wait(left)
+
+    def access(self, timeout: float = 10.0, **match) -> dict:
+        """The access-log entry whose fields equal `match` (waits for it)."""
+        return self.wait_for(lambda e: e.get("type") == "access" and all(e.get(k) == v for k, v in match.items()),
+                             timeout, what=f"access entry {match}")
+
+    def wait_new_access(self, seen: int, timeout: float) -> dict | None:
+        """The first access entry after the first `seen` ones, or None."""
+        try:
+            self.wait_for(lambda _: len(self.access_entries()) > seen, timeout, what="a new access entry")
+        except AssertionError:
+            return None
+        return self.access_entries()[seen]
+
+    def access_entries(self) -> list[dict]:
+        with self._cond:
+            return [e for e in self.lines if e.get("type") == "access"]
+
+    def status_field(self, name: str) -> str:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return line.split(":", 1)[1].strip()
+        raise KeyError(name)
+
+    def rss_kib(self) -> int:
+        return int(self.status_field("VmRSS").split()[0])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0, verbose: bool = True) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        self.proc.stderr.close()
+        if self._config_dir is not None:
+            shutil.rmtree(self._config_dir, ignore_errors=True)
+        if verbose:  # pytest shows this for a failed test
+            print(f"--- proxy pid {self.pid} exited {self.proc.returncode}; its log:")
+            print("\n".join(self.raw))
+        return self.proc.returncode
