@@ -43,9 +43,9 @@ NO_MATCH = -1
 class Connection:
     """What chain selection looks at."""
 
-    dst: IPAddress
+    dst: IPAddress | None  # None when no chain has prefixes (ChainTable.uses_prefixes)
     dst_port: int
-    src: IPAddress
+    src: IPAddress | None
     direction: str  # "inbound" or "outbound"
 
 
@@ -99,6 +99,9 @@ class ChainTable:
             for port in chain.match.ports:
                 self._by_port[port] = self._by_port.get(port, ()) + (chain,)
         self._any_port = tuple(c for c in self.chains if not c.match.ports)
+        # Without prefixes, chain selection never looks at the addresses, and
+        # the accept path can skip parsing them.
+        self.uses_prefixes = any(c.match.destinations or c.match.sources for c in self.chains)
 
     def select(self, conn: Connection) -> Chain | None:
         # Step 1 (port) is the dict lookup; steps 2-4 prune what is left.

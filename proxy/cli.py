@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import yaml
 
 from . import config as cfg
-from .server import Proxy, StartupError, check_mark_privilege, join_cgroup
+from .server import LISTENER_DELAY_ENV, Proxy, StartupError, check_mark_privilege, join_cgroup
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -61,6 +62,11 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", metavar="DURATION", help="close connections idle this long (default 1h)")
     parser.add_argument("--connect-timeout", metavar="DURATION", help="upstream connect timeout (default 5s)")
     parser.add_argument("--drain-timeout", metavar="DURATION", help="on SIGTERM, wait this long for connections (default 5s)")
+    parser.add_argument("--admin-address", metavar="IP",
+                        help="admin API address (default 127.0.0.1; anything but loopback needs --admin-allow-remote)")
+    parser.add_argument("--admin-port", metavar="N", help="admin API port (default 15000, Istio's; 0 turns it off)")
+    parser.add_argument("--admin-allow-remote", action="store_true", default=None,
+                        help="allow a non-loopback admin address (the API is unauthenticated and can stop the proxy)")
 
 
 def load_config(args: argparse.Namespace) -> cfg.Config:
@@ -75,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.cgroup:
             join_cgroup(config.cgroup)  # first: sockets inherit the cgroup's classid
         check_mark_privilege(config)
-        proxy = Proxy(config)
+        proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay())
         if config.loop == "uvloop":
             import uvloop
             runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
@@ -88,6 +94,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+def _listener_delay() -> float:
+    """The test hook that holds the listeners back (see server.LISTENER_DELAY_ENV)."""
+    value = os.environ.get(LISTENER_DELAY_ENV, "")
+    return cfg.parse_duration(value, LISTENER_DELAY_ENV) if value else 0.0
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ DEFAULT_PORT = 5001  # ISTIO_PROXY_PORT
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's cluster connect_timeout default
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy idle_timeout default
 DEFAULT_DRAIN_TIMEOUT = 5.0  # Istio's terminationDrainDuration default
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
+DEFAULT_ADMIN_PORT = 15000  # Istio's Envoy admin port
 
 ACTIONS = ("original", "cluster", "reject")
 DIRECTIONS = ("any", "inbound", "outbound")
@@ -117,6 +119,11 @@ class Config:
     clusters: tuple[Cluster, ...] = ()
     chains: tuple[Chain, ...] = ()
     plain_listeners: tuple[PlainListener, ...] = ()
+    # The admin API (proxy/admin.py); port 0 turns it off. A non-loopback
+    # address needs admin_allow_remote: the API is unauthenticated and can stop the proxy.
+    admin_address: str = DEFAULT_ADMIN_ADDRESS
+    admin_port: int = DEFAULT_ADMIN_PORT
+    admin_allow_remote: bool = False
 
     def cluster(self, name: str) -> Cluster:
         return next(c for c in self.clusters if c.name == name)
@@ -232,6 +239,19 @@ def parse_text(value: Any, where: str) -> str:
     return value
 
 
+def parse_bool(value: Any, where: str) -> bool:
+    """true/false in YAML; also the strings true, false, 1, 0, yes, no (flags, env)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ConfigError(where, f"{value!r} is not a boolean (true or false)")
+
+
+def parse_admin_port(value: Any, where: str) -> int:
+    return parse_port(value, where, allow_zero=True)
+
+
 def parse_addresses(value: Any, where: str) -> tuple[str, ...]:
     items = _list(value, where)
     if not items:
@@ -253,6 +273,9 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
     "default_action": parse_choice(("original", "reject")),
+    "admin_address": parse_address,
+    "admin_port": parse_admin_port,
+    "admin_allow_remote": parse_bool,
 }
 
 # Settings whose absence means "off": `mark: null` in a file is the same as no mark.
@@ -294,7 +317,8 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+        problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
         raise ConfigError("", f"not valid YAML: {problem}", source=source, line=line) from None
     lines: dict[str, int] = {}
 

@@ -16,6 +16,18 @@ it has no original destination and always goes to its one cluster.
 Every per-connection failure is contained here: it ends that connection,
 is logged once with the connection id, counted, and written to the access
 log. Nothing a client does reaches the accept loop.
+
+Stat names are made here and only here (Envoy's where the meaning is the same):
+
+    listener.<address>.downstream_cx_{total,active,destroy,rx_bytes_total,tx_bytes_total}
+    listener.<address>.{loop_guard_refused,resource_exhaustion}      (ours)
+    cluster.<name>.upstream_cx_{total,active,destroy,connect_fail,connect_timeout,
+                                rx_bytes_total,tx_bytes_total}
+    chain.<name>.{cx_total,rejected}, direction.<inbound|outbound>.cx_total   (ours)
+
+<address> is Envoy's form of the listener's first address, `[__]_5001` for
+[::]:5001, `0.0.0.0_5001`, `127.0.0.1_15080`; `original_dst` is the cluster
+of connections forwarded to their original destination.
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
+from ipaddress import ip_address
 from dataclasses import dataclass, field
 
 from . import upstream
@@ -32,8 +46,8 @@ from .chains import ChainTable, Connection
 from .config import Chain, Config, Endpoint, PlainListener
 from .localaddrs import LocalAddresses
 from .relay import Relay
-from .sockopts import original_dst, plain_ip
-from .stats import Stats
+from .sockopts import original_dst, unmapped
+from .stats import Stats, stat_address
 
 log = logging.getLogger("proxy.listener")
 
@@ -41,6 +55,14 @@ log = logging.getLogger("proxy.listener")
 # the same thing PassthroughCluster; Envoy, the default filter chain.
 PASSTHROUGH = Chain(name="passthrough", action="original")
 BLACKHOLE = Chain(name="blackhole", action="reject")
+# The cluster of connections that go to their original destination (Envoy's
+# ORIGINAL_DST cluster type; Istio's PassthroughCluster).
+ORIGINAL_DST = "original_dst"
+
+LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_destroy",
+                  "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion")
+CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_connect_fail",
+                 "upstream_cx_connect_timeout", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total")
 
 LOOP_HINT = ("the proxy's own upstream connection was redirected back to it: "
              "the rules do not exempt the proxy (check that it runs as the UID, "
@@ -60,49 +82,91 @@ class Shared:
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     balancers: dict[str, upstream.RoundRobin] = field(default_factory=dict)
     exhaustion_logged: float = float("-inf")
+    listener_stats: dict[str, str] = field(default_factory=dict)  # listener name -> its stat prefix
 
     def __post_init__(self) -> None:
         self.balancers = {c.name: upstream.RoundRobin(c) for c in self.config.clusters}
         self.table = ChainTable(self.config.chains)
         self.default_chain = PASSTHROUGH if self.config.default_action == "original" else BLACKHOLE
+        self._declare_stats()
+
+    def _declare_stats(self) -> None:
+        """Every configured cluster, chain and direction is listed in /stats from the start."""
+        stats, config = self.stats, self.config
+        for name in (*(c.name for c in config.clusters), ORIGINAL_DST):
+            stats.declare(*(f"cluster.{name}.{s}" for s in CLUSTER_STATS))
+        for cluster in config.clusters:
+            for endpoint in cluster.endpoints:
+                stats.host(cluster.name, endpoint)
+        for chain in (*config.chains, self.default_chain):
+            stats.declare(f"chain.{chain.name}.cx_total")
+            if chain.action == "reject":
+                stats.declare(f"chain.{chain.name}.rejected")
+        stats.declare("direction.inbound.cx_total", "direction.outbound.cx_total")
+
+    def live_counts(self) -> Counter[str]:
+        """Bytes of the connections still open, under the names `_ended` will add them to.
+
+        Called by the admin API when it renders, never on the data path.
+        """
+        counts: Counter[str] = Counter()
+        for relay in self.live.values():
+            up, down = relay.bytes_from_downstream, relay.bytes_from_upstream
+            prefix = self.listener_stats.get(relay.info.get("listener"))
+            if prefix is not None:
+                counts[prefix + "downstream_cx_rx_bytes_total"] += up
+                counts[prefix + "downstream_cx_tx_bytes_total"] += down
+            stat = relay.info.get("upstream_stat")
+            if stat is not None:
+                counts[stat + "upstream_cx_tx_bytes_total"] += up
+                counts[stat + "upstream_cx_rx_bytes_total"] += down
+        return counts
 
 
 class Listener:
     """One logical listener: the redirected port, or a plain listener."""
 
-    def __init__(self, shared: Shared, loop: asyncio.AbstractEventLoop, plain: PlainListener | None = None):
+    def __init__(self, shared: Shared, loop: asyncio.AbstractEventLoop, plain: PlainListener | None = None,
+                 address: tuple[str, int] | None = None):
+        """`address`: the first address it listens on, which names its stats (as in Envoy)."""
         self.shared = shared
         self.loop = loop
         self.plain = plain
         self.name = plain.name if plain else "redirect"
         self.port = plain.port if plain else shared.config.port
-        self._stat = f"listener.{self.name}."
+        if address is None:
+            address = (plain.address, plain.port) if plain else (shared.config.addresses[0], self.port)
+        self.stat_prefix = f"listener.{stat_address(*address)}."
+        shared.listener_stats[self.name] = self.stat_prefix
+        shared.stats.declare(*(self.stat_prefix + s for s in LISTENER_STATS))
+        if plain is None:
+            shared.stats.declare(self.stat_prefix + "loop_guard_refused")
 
     def protocol(self):
         """Protocol factory for loop.create_server: one Relay per connection."""
-        relay = Relay(next(self.shared.ids), self.loop, self.shared.config.idle_timeout,
-                      self._accepted, self._ended)
+        relay = Relay(next(self.shared.ids), self._accepted, self._ended)
         return relay.downstream
 
     # accept -> decision ---------------------------------------------------------
     def _accepted(self, relay: Relay) -> None:
         shared, stats = self.shared, self.shared.stats
         shared.live[relay.id] = relay
-        stats.inc(self._stat + "downstream_cx_total")
-        stats.inc(self._stat + "downstream_cx_active")
+        stats.inc(self.stat_prefix + "downstream_cx_total")
+        stats.inc(self.stat_prefix + "downstream_cx_active")
         transport = relay.downstream.transport
         peer = transport.get_extra_info("peername")
+        src, src_port = unmapped(peer[0]), peer[1]
         relay.info = info = {
             "id": relay.id, "start": time.time(), "listener": self.name,
-            "source": _fmt(plain_ip(peer[0]), peer[1]), "destination": "-",
+            "source": _fmt(src, src_port), "destination": "-",
             "direction": "-", "chain": "-", "upstream": None,
         }
         if self.plain is not None:
             info["direction"], info["chain"] = "outbound", f"plain:{self.name}"
             self._forward(relay, shared.config.cluster(self.plain.cluster).name)
             return
-        try:
-            orig = original_dst(transport.get_extra_info("socket"))
+        try:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
+            orig = original_dst(transport.get_extra_info("socket"), ipv4=":" not in src)
         except OSError as exc:
             self._refuse(relay, "error", f"cannot read the original destination: {exc}")
             return
@@ -110,17 +174,27 @@ class Listener:
             self._refuse(relay, "not_redirected",
                          f"{info['source']} dialled the redirected port directly; nothing to forward to")
             return
-        dst, dst_port = plain_ip(orig[0]), orig[1]
+        dst, dst_port = orig
         info["destination"] = _fmt(dst, dst_port)
-        src = plain_ip(peer[0])
-        if (src, peer[1]) in shared.own or (dst_port == self.port and (dst in shared.local or dst.is_loopback)):
-            stats.inc(self._stat + "loop_guard_refused")
+        if (src, src_port) in shared.own:
+            stats.inc(self.stat_prefix + "loop_guard_refused")
             self._refuse(relay, "loop_guard", LOOP_HINT)
+            return
+        if dst_port == self.port and (dst in shared.local or _is_loopback(dst)):
+            # conntrack saw it, but nothing rewrote it: it came to our own port
+            stats.inc(self.stat_prefix + "loop_guard_refused")
+            self._refuse(relay, "not_redirected",
+                         f"{info['source']} dialled the redirected port directly; nothing to forward to")
             return
         direction = "inbound" if dst in shared.local else "outbound"
         info["direction"] = direction
         stats.inc(f"direction.{direction}.cx_total")
-        chain = shared.table.select(Connection(dst, dst_port, src, direction)) or shared.default_chain
+        table = shared.table
+        if table.uses_prefixes:  # parse addresses only when a chain looks at them
+            conn = Connection(ip_address(dst), dst_port, ip_address(src), direction)
+        else:
+            conn = Connection(None, dst_port, None, direction)
+        chain = table.select(conn) or shared.default_chain
         info["chain"] = chain.name
         stats.inc(f"chain.{chain.name}.cx_total")
         if chain.action == "reject":
@@ -129,7 +203,7 @@ class Listener:
         elif chain.action == "cluster":
             self._forward(relay, chain.cluster)
         else:
-            self._forward(relay, None, Endpoint(str(dst), dst_port))
+            self._forward(relay, None, Endpoint(dst, dst_port))
 
     def _refuse(self, relay: Relay, reason: str, why: str) -> None:
         log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, relay.info["source"],
@@ -140,26 +214,28 @@ class Listener:
         config = self.shared.config
         if cluster_name is None:
             endpoints, timeout, mark = [original], config.connect_timeout, config.mark
-            stat = "cluster.original_dst."
+            cluster_name = ORIGINAL_DST
         else:
             cluster = config.cluster(cluster_name)
             endpoints = self.shared.balancers[cluster_name].order()
             timeout = cluster.connect_timeout
             mark = cluster.mark if cluster.mark is not None else config.mark
-            stat = f"cluster.{cluster_name}."
-        relay.info["cluster"] = stat.split(".")[1]
-        relay.task = self.loop.create_task(self._connect(relay, endpoints, timeout, mark, stat),
+        relay.info["cluster"] = cluster_name
+        relay.task = self.loop.create_task(self._connect(relay, cluster_name, endpoints, timeout, mark),
                                            name=f"connect-{relay.id}")
 
     # upstream -> relay --------------------------------------------------------------
-    async def _connect(self, relay: Relay, endpoints, timeout: float, mark: int | None, stat: str) -> None:
+    async def _connect(self, relay: Relay, cluster_name: str, endpoints, timeout: float, mark: int | None) -> None:
         stats = self.shared.stats
-        stats.inc(stat + "upstream_cx_total")
+        stat = f"cluster.{cluster_name}."
+        stats.inc(stat + "upstream_cx_total")  # the first attempt; _failed_attempts counts the others
+        failed: list[tuple[Endpoint, bool]] = []
         try:
-            sock, endpoint, key = await upstream.connect(self.loop, endpoints, timeout, mark, self.shared.own)
+            sock, endpoint, key = await upstream.connect(self.loop, endpoints, timeout, mark, self.shared.own, failed)
         except upstream.ConnectFailed as exc:
-            stats.inc(stat + ("upstream_cx_connect_timeout" if exc.timeout else "upstream_cx_connect_fail"))
+            self._failed_attempts(cluster_name, failed, last_failed=not exc.exhausted)
             if exc.exhausted:
+                stats.inc(stat + "upstream_cx_connect_fail")
                 self._exhausted(exc)
             else:
                 log.info("conn=%d upstream connect failed: %s", relay.id, exc)
@@ -169,6 +245,7 @@ class Listener:
             log.error("conn=%d cannot open upstream socket: %s", relay.id, exc)
             relay.close("error", reset=True)
             return
+        self._failed_attempts(cluster_name, failed, last_failed=False)
         relay.upstream_key = key
         relay.info["upstream"] = str(endpoint)
         if relay.ended:  # the client went away while we were connecting
@@ -176,7 +253,13 @@ class Listener:
             sock.close()
             return
         stats.inc(stat + "upstream_cx_active")
+        host = stats.host(cluster_name, endpoint)
+        host["cx_total"] += 1
+        host["cx_active"] += 1
+        host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
+        host["rq_active"] += 1
         relay.info["upstream_stat"] = stat
+        relay.info["upstream_host"] = endpoint
         side = relay.attach_upstream()
         try:
             await self.loop.create_connection(lambda: side, sock=sock)
@@ -187,9 +270,27 @@ class Listener:
         relay.task = None
         relay.start()
 
+    def _failed_attempts(self, cluster_name: str, failed: list[tuple[Endpoint, bool]], last_failed: bool) -> None:
+        """Count per attempt, as Envoy does: each one is an upstream_cx_total; one that
+        fails is an upstream_cx_connect_fail, and one that times out is that and an
+        upstream_cx_connect_timeout too. `last_failed`: was the last attempt one of `failed`?"""
+        stats, stat = self.shared.stats, f"cluster.{cluster_name}."
+        if len(failed) > last_failed:
+            stats.inc(stat + "upstream_cx_total", len(failed) - last_failed)
+        for endpoint, timed_out in failed:
+            stats.inc(stat + "upstream_cx_connect_fail")
+            if timed_out:
+                stats.inc(stat + "upstream_cx_connect_timeout")
+            # Original destinations are not remembered when they fail (there is
+            # no bound on how many a client can try); the cluster's stats count them.
+            if cluster_name != ORIGINAL_DST:
+                host = stats.host(cluster_name, endpoint)
+                host["cx_total"] += 1
+                host["cx_connect_fail"] += 1
+
     def _exhausted(self, exc: Exception) -> None:
         """Out of descriptors or memory: count every time, log once a second."""
-        self.shared.stats.inc(self._stat + "resource_exhaustion")
+        self.shared.stats.inc(self.stat_prefix + "resource_exhaustion")
         now = time.monotonic()
         if now - self.shared.exhaustion_logged >= 1.0:
             self.shared.exhaustion_logged = now
@@ -202,21 +303,32 @@ class Listener:
         shared.own.discard(relay.upstream_key)
         if relay.task is not None and not relay.task.done():
             relay.task.cancel()
-        stats.dec(self._stat + "downstream_cx_active")
-        stats.inc(self._stat + "downstream_cx_destroy")
+        stats.dec(self.stat_prefix + "downstream_cx_active")
+        stats.inc(self.stat_prefix + "downstream_cx_destroy")
         up, down = relay.bytes_from_downstream, relay.bytes_from_upstream
-        stats.inc(self._stat + "downstream_cx_rx_bytes_total", up)
-        stats.inc(self._stat + "downstream_cx_tx_bytes_total", down)
+        stats.inc(self.stat_prefix + "downstream_cx_rx_bytes_total", up)
+        stats.inc(self.stat_prefix + "downstream_cx_tx_bytes_total", down)
         if "upstream_stat" in info:
             stat = info.pop("upstream_stat")
             stats.dec(stat + "upstream_cx_active")
+            stats.inc(stat + "upstream_cx_destroy")
             stats.inc(stat + "upstream_cx_tx_bytes_total", up)
             stats.inc(stat + "upstream_cx_rx_bytes_total", down)
+            endpoint, cluster_name = info.pop("upstream_host"), info["cluster"]
+            host = stats.host(cluster_name, endpoint)
+            host["cx_active"] -= 1
+            host["rq_active"] -= 1
+            if cluster_name == ORIGINAL_DST and not host["cx_active"]:
+                stats.drop_host(cluster_name, endpoint)  # Envoy too forgets idle original destinations
         info.update(bytes_up=up, bytes_down=down, end=relay.end or "done",
                     duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
         shared.access_log.write(info)
 
 
-def _fmt(addr, port: int) -> str:
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
 

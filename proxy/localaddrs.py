@@ -36,8 +36,9 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def parse_addr_dump(data: bytes) -> tuple[set[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]:
-    """Addresses in a chunk of RTM_NEWADDR messages; True once NLMSG_DONE is seen."""
+def parse_addr_dump(data: bytes) -> tuple[set[str], bool]:
+    """Addresses in a chunk of RTM_NEWADDR messages, as canonical strings (the
+    form inet_ntop writes); True once NLMSG_DONE is seen."""
     found = set()
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
@@ -61,7 +62,7 @@ def parse_addr_dump(data: bytes) -> tuple[set[ipaddress.IPv4Address | ipaddress.
                 pos += _align(alen)
             raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
             if raw is not None and family in (socket.AF_INET, socket.AF_INET6):
-                found.add(ipaddress.ip_address(raw))
+                found.add(str(ipaddress.ip_address(raw)))
         offset += _align(length)
     return found, False
 
@@ -87,7 +88,7 @@ class LocalAddresses:
         self.addresses = dump_addresses()
         self._watch: socket.socket | None = None
 
-    def __contains__(self, addr) -> bool:
+    def __contains__(self, addr: str) -> bool:
         return addr in self.addresses
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -108,7 +109,7 @@ class LocalAddresses:
         before = self.addresses
         self.addresses = dump_addresses()
         if before != self.addresses:
-            log.info("local addresses now: %s", ", ".join(sorted(map(str, self.addresses))))
+            log.info("local addresses now: %s", ", ".join(sorted(self.addresses)))
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._watch is not None:

@@ -24,9 +24,11 @@ Reset: if one side fails (RST, or a write error), the other side is closed
 with SO_LINGER 0, so its peer gets a RST too rather than a polite FIN that
 would look like a complete response.
 
-Idle timeout: one timer per connection, checked against the time of the last
-read on either side and re-armed for the remainder, so a busy connection pays
-one attribute store per chunk, not a timer reset.
+Idle timeout: each read stores the time on the connection (one attribute
+store per chunk, no timer reset); one sweep for the whole process
+(`close_idle`, run by the server a few times per timeout) closes the
+connections that have been quiet too long. One timer in all instead of one
+per connection keeps an idle connection small.
 
 No task per connection: once both sockets are wired, the connection is pure
 callbacks, which keeps an idle connection to a few hundred bytes of objects.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .sockopts import arm_reset
 
@@ -46,6 +48,11 @@ _monotonic = time.monotonic
 # the opposite socket stops being read (asyncio's default high-water mark is
 # 64 KiB; uvloop's is the same).
 WRITE_HIGH_WATER = 256 * 1024
+
+
+# Bytes a client may send before its upstream is connected, before we stop
+# reading from it.
+EARLY_LIMIT = 64 * 1024
 
 
 class Side(asyncio.Protocol):
@@ -88,27 +95,37 @@ class Side(asyncio.Protocol):
 
 
 class Downstream(Side):
-    """The accepted socket: held still until the upstream is connected."""
+    """The accepted socket: its first bytes wait for the upstream."""
 
     __slots__ = ("early", "wired")
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.early: list[bytes] = []
+        self.early: list[bytes] | None = None  # reads that came before the upstream
         self.wired = False  # set by Relay.start once the upstream is connected
-        transport.pause_reading()  # nowhere to put bytes yet; Relay.start resumes
         self.relay.on_accept(self.relay)
 
     def data_received(self, data: bytes) -> None:
         if not self.wired:
-            # Loops may start reading after connection_made despite the pause
-            # (uvloop does; so does asyncio before 3.11.x): keep what came
-            # for the upstream, and pause again.
+            # The upstream is still connecting: keep what the client sends
+            # first (usually its first request), and stop reading once that
+            # passes EARLY_LIMIT. Pausing right away would cost two syscalls
+            # on every accept, and both loops ignore a pause made inside
+            # connection_made anyway (they start reading after it returns).
             self.received += len(data)
+            if self.early is None:
+                self.early = []
             self.early.append(data)
-            self.transport.pause_reading()
+            if self.received >= EARLY_LIMIT:
+                self.transport.pause_reading()
             return
         super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if not self.wired:  # Relay.start forwards it after the early bytes
+            self.eof = True
+            return True
+        return super().eof_received()
 
 
 class Relay:
@@ -118,22 +135,19 @@ class Relay:
     `on_end(relay)` exactly once, when both sockets are closed or closing.
     """
 
-    __slots__ = ("id", "downstream", "upstream", "last_active", "idle_timeout", "_timer",
-                 "end", "started", "on_accept", "_on_end", "_loop", "_ended", "info",
+    __slots__ = ("id", "downstream", "upstream", "last_active",
+                 "end", "started", "on_accept", "_on_end", "_ended", "info",
                  "task", "upstream_key")
 
-    def __init__(self, conn_id: int, loop: asyncio.AbstractEventLoop, idle_timeout: float,
-                 on_accept: Callable[[Relay], None], on_end: Callable[[Relay], None]) -> None:
+    def __init__(self, conn_id: int, on_accept: Callable[[Relay], None],
+                 on_end: Callable[[Relay], None]) -> None:
         self.id = conn_id
-        self._loop = loop
         self.downstream = Downstream(self, "downstream")
         self.upstream: Side | None = None
         self.on_accept = on_accept
         self.task: asyncio.Task | None = None  # the upstream connect, while it runs
         self.upstream_key: tuple | None = None  # our source address, for the loop guard
-        self.idle_timeout = idle_timeout
         self.last_active = self.started = _monotonic()
-        self._timer: asyncio.TimerHandle | None = None
         self.end: str | None = None  # why it ended: done, idle_timeout, *_reset, ...
         self._on_end = on_end
         self._ended = False
@@ -150,12 +164,12 @@ class Relay:
     def start(self) -> None:
         """Both sockets are connected: let bytes flow."""
         self.last_active = _monotonic()
-        self._arm_idle(self.idle_timeout)
         down, up = self.downstream, self.upstream
         down.wired = True
-        for data in down.early:
-            up.transport.write(data)
-        down.early.clear()
+        if down.early:
+            for data in down.early:
+                up.transport.write(data)
+            down.early = None
         if down.eof:  # the client said all it had to say before we were connected
             self.half_closed(down)
         else:
@@ -213,22 +227,7 @@ class Relay:
             if side is not None and side.transport is not None and not side.transport.is_closing():
                 return
         self._ended = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._on_end(self)
-
-    # idle timeout ---------------------------------------------------------------
-    def _arm_idle(self, delay: float) -> None:
-        self._timer = self._loop.call_later(delay, self._check_idle)
-
-    def _check_idle(self) -> None:
-        idle_for = _monotonic() - self.last_active
-        if idle_for >= self.idle_timeout:
-            self._timer = None
-            self.close("idle_timeout")
-        else:
-            self._arm_idle(self.idle_timeout - idle_for)
 
     # counters -------------------------------------------------------------------
     @property
@@ -238,3 +237,17 @@ class Relay:
     @property
     def bytes_from_upstream(self) -> int:
         return self.upstream.received if self.upstream is not None else 0
+
+
+def idle_sweep_interval(timeout: float) -> float:
+    """How often to sweep: an eighth of the timeout, at most once a second."""
+    return min(timeout / 8, 1.0)
+
+
+def close_idle(relays: Iterable[Relay], timeout: float, now: float | None = None) -> int:
+    """Close every relayed connection quiet for `timeout` seconds; how many."""
+    now = _monotonic() if now is None else now
+    quiet = [r for r in relays if r.upstream is not None and now - r.last_active >= timeout]
+    for relay in quiet:
+        relay.close("idle_timeout")
+    return len(quiet)

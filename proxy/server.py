@@ -1,36 +1,66 @@
 """Start-up, signals, drain and shutdown of the proxy process.
 
 Start-up does every check that can fail before the first connection:
-joining the bypass cgroup, the SO_MARK privilege, binding every listener.
-Any failure there is a `StartupError` with one line that says whose fault it
-is; the CLI prints it and exits 1.
+joining the bypass cgroup, the SO_MARK privilege, binding the admin API,
+binding every listener. Any failure there is a `StartupError` with one line
+that says whose fault it is; the CLI prints it and exits 1.
 
-Shutdown (SIGTERM or SIGINT): stop accepting, give live connections up to
-`drain_timeout` to finish on their own, reset whatever is left, exit 0.
+The server's state is Envoy's (admin.v3.ServerInfo.State), which the admin
+API reports in /ready, /server_info and the `server.state` stat:
+
+    PRE_INITIALIZING (2)  the admin API is up, the listeners are not bound yet
+    INITIALIZING (3)      binding the listeners
+    LIVE (0)              every listener is bound and serving
+    DRAINING (1)          listeners closed (SIGTERM, /drain_listeners,
+                          /quitquitquit), or /healthcheck/fail was called
+
+The admin API binds first so a probe sees "not ready" rather than "refused"
+while the rest starts. For tests, the environment variable named by
+`LISTENER_DELAY_ENV` (seconds) holds the proxy in PRE_INITIALIZING that long
+before it binds the listeners: the only way to observe that state from
+outside, since binding is otherwise near-instant.
+
+Shutdown (SIGTERM, SIGINT or /quitquitquit): stop accepting, give live
+connections up to `drain_timeout` to finish on their own, reset whatever is
+left, exit 0. /drain_listeners does only the first step: the process goes on
+with the connections it has until SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import errno
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .accesslog import AccessLog
 from .config import Config
 from .listener import Listener, Shared
 from .localaddrs import LocalAddresses
 from .sockopts import can_mark
+from .relay import close_idle, idle_sweep_interval
 from .stats import Stats
 from .upstream import EXHAUSTION
 
 log = logging.getLogger("proxy.server")
 
 BACKLOG = 4096
+LISTENER_DELAY_ENV = "SIDECAR_PROXY_TEST_LISTENER_DELAY"  # test hook, see the module docstring
+
+
+class State(enum.IntEnum):
+    """Envoy's server states, with Envoy's numbers (the `server.state` stat)."""
+
+    LIVE = 0
+    DRAINING = 1
+    PRE_INITIALIZING = 2
+    INITIALIZING = 3
 
 
 class StartupError(Exception):
@@ -113,48 +143,102 @@ def open_listen_sockets(config: Config) -> list[tuple[str, socket.socket]]:
 
 
 class Proxy:
-    """The running proxy: listeners, shared state, lifecycle."""
+    """The running proxy: admin API, listeners, shared state, lifecycle."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, argv: Sequence[str] = (), listener_delay: float = 0.0) -> None:
         self.config = config
+        self.argv = tuple(argv)  # the command line, for /server_info
+        self.listener_delay = listener_delay
         self.stats = Stats()
         self.servers: list[asyncio.base_events.Server] = []
+        self.listeners: dict[str, list[tuple[str, int]]] = {}  # name -> bound (host, port)s
+        self.redirect: Listener | None = None
+        self.workers_started = False  # every listener serves (Envoy's listener_manager.workers_started)
         self.stopping = asyncio.Event()
+        self.phase = State.PRE_INITIALIZING  # LIVE once every listener serves
+        self.draining = False
+        self.health_check_failed = False
+        self.started_mono, self.started_wall = time.monotonic(), time.time()
+
+    @property
+    def state(self) -> State:
+        """As Envoy computes it: a failed health check reads DRAINING once LIVE."""
+        if self.draining:
+            return State.DRAINING
+        if self.phase != State.LIVE:
+            return self.phase
+        return State.DRAINING if self.health_check_failed else State.LIVE
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        sockets = open_listen_sockets(config)
         local = LocalAddresses()
         self.shared = shared = Shared(config, self.stats, AccessLog(config.access_log, config.log_format), local)
-        local.watch(loop)
-        loop.set_exception_handler(self._loop_exception)
-        plain_by_name = {p.name: p for p in config.plain_listeners}
+        admin = None
         try:
-            redirect = Listener(shared, loop)
-            for name, sock in sockets:
-                listener = Listener(shared, loop, plain_by_name[name]) if name in plain_by_name else redirect
-                server = await loop.create_server(listener.protocol, sock=sock, backlog=BACKLOG)
-                self.servers.append(server)
-                log.info("listening on %s (%s)", _sockname(sock), listener.name)
+            local.watch(loop)
+            loop.set_exception_handler(self._loop_exception)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-            if on_ready is not None:
-                on_ready()
+            if config.admin_port:
+                # imported here: aiohttp is loaded only when the admin API runs
+                from .admin import start_admin
+                admin = await start_admin(self)
+            if self.listener_delay > 0:
+                log.info("test hook %s: binding the listeners in %gs", LISTENER_DELAY_ENV, self.listener_delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.listener_delay)
+            sweeper = loop.create_task(self._sweep_idle(), name="idle-sweep")
+            if not self.stopping.is_set():
+                self.phase = State.INITIALIZING
+                await self._start_listeners(loop)
+                self.workers_started, self.phase = True, State.LIVE
+                if on_ready is not None:
+                    on_ready()
             await self.stopping.wait()
             await self.drain()
+            sweeper.cancel()
         finally:
             for server in self.servers:
                 server.close()
+            if admin is not None:
+                await admin.close()
             local.close(loop)
             shared.access_log.close()
+
+    async def _sweep_idle(self) -> None:
+        """Close connections quiet for idle_timeout: one timer for all of them."""
+        timeout = self.config.idle_timeout
+        while True:
+            await asyncio.sleep(idle_sweep_interval(timeout))
+            close_idle(list(self.shared.live.values()), timeout)
+
+    async def _start_listeners(self, loop: asyncio.AbstractEventLoop) -> None:
+        config, shared = self.config, self.shared
+        sockets = open_listen_sockets(config)
+        plain_by_name = {p.name: p for p in config.plain_listeners}
+        try:
+            first = next(sock.getsockname()[:2] for name, sock in sockets if name not in plain_by_name)
+            self.redirect = Listener(shared, loop, address=first)
+            while sockets:
+                name, sock = sockets[0]
+                plain = plain_by_name.get(name)
+                listener = Listener(shared, loop, plain) if plain else self.redirect
+                server = await loop.create_server(listener.protocol, sock=sock, backlog=BACKLOG)
+                sockets.pop(0)
+                self.servers.append(server)
+                self.listeners.setdefault(listener.name, []).append(sock.getsockname()[:2])
+                log.info("listening on %s (%s)", _sockname(sock), listener.name)
+        finally:
+            for _, sock in sockets:  # not handed to a server: a failure above
+                sock.close()
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """asyncio reports EMFILE on accept here, once per attempt, with a
         traceback; it already backs off and retries, so say it once a second."""
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in EXHAUSTION:
-            self.stats.inc("listener.redirect.resource_exhaustion")
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTION and self.redirect is not None:
+            self.stats.inc(self.redirect.stat_prefix + "resource_exhaustion")
             now = time.monotonic()
             if now - self.shared.exhaustion_logged >= 1.0:
                 self.shared.exhaustion_logged = now
@@ -162,11 +246,21 @@ class Proxy:
             return
         loop.default_exception_handler(context)
 
+    def _close_listeners(self) -> None:
+        self.draining = True
+        for server in self.servers:
+            server.close()
+
+    def drain_listeners(self) -> None:
+        """Stop accepting; live connections go on, and so does the process."""
+        if not self.draining:
+            self._close_listeners()
+            log.info("draining: listeners closed, no new connections; %d live ones go on", len(self.shared.live))
+
     def stop(self) -> None:
         """Stop accepting now; run() then drains and returns."""
         if not self.stopping.is_set():
-            for server in self.servers:
-                server.close()
+            self._close_listeners()
             log.info("stopping: no new connections; draining %d live ones", len(self.shared.live))
             self.stopping.set()
 

@@ -12,9 +12,14 @@ up with v4-mapped addresses (`::ffff:192.0.2.1`). Its conntrack entry is an
 IPv4 one, so the IPv4 call is the right one even though the socket is AF_INET6.
 
 A socket that was not redirected (a client that dialled the proxy's port
-directly) has either no conntrack entry (ENOENT) or an original destination
-equal to its own local address. Both come back as `None`: "not redirected" is
-a value the caller decides about, not a crash.
+directly) has either no conntrack entry (ENOENT), which comes back as `None`,
+or an original destination equal to the proxy's own address, which the
+caller's loop guard recognises. "Not redirected" is a value the caller
+decides about, not a crash.
+
+The accept path avoids `ipaddress` objects: addresses travel as the strings
+inet_ntop writes (canonical, compressed), which compare equal whenever the
+addresses do.
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return addr
 
 
+def unmapped(host: str) -> str:
+    """A peer or local address string with the v4-mapped prefix removed
+    ('::ffff:192.0.2.1' -> '192.0.2.1'); cheap enough for every accept."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
 def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     """Decode a struct sockaddr_in or sockaddr_in6 into (address, port)."""
     if len(raw) >= _SOCKADDR_IN6.size:
@@ -50,16 +63,16 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, packed), port
 
 
-def original_dst(sock) -> tuple[str, int] | None:
-    """Where the client was really going, or None if it was not redirected.
+def original_dst(sock, ipv4: bool) -> tuple[str, int] | None:
+    """Where the client was really going, or None if conntrack has no entry.
 
-    `sock` is anything with getsockopt/getsockname (a socket, or the socket-like
-    object an asyncio or uvloop transport hands out).
+    `sock` is anything with getsockopt (a socket, or the socket-like object an
+    asyncio or uvloop transport hands out). `ipv4` says which call to make:
+    true for an AF_INET socket *and* for an IPv4 client on an AF_INET6 socket
+    (its peer address is v4-mapped), false for a real IPv6 client.
     """
-    local_host, local_port = sock.getsockname()[:2]
-    local = plain_ip(local_host)
     try:
-        if local.version == 4:  # a real AF_INET socket, or v4-mapped on AF_INET6
+        if ipv4:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
         else:
             raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
@@ -67,10 +80,7 @@ def original_dst(sock) -> tuple[str, int] | None:
         if exc.errno in (errno.ENOENT, errno.ENOPROTOOPT):
             return None  # no conntrack entry: a direct connection
         raise
-    host, port = parse_sockaddr(raw)
-    if (ipaddress.ip_address(host), port) == (local, local_port):
-        return None  # conntrack saw it, but nothing rewrote it
-    return host, port
+    return parse_sockaddr(raw)
 
 
 def set_mark(sock, mark: int) -> None:

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Sequence
 
 from .config import Cluster, Endpoint
-from .sockopts import plain_ip, set_mark
+from .sockopts import set_mark, unmapped
 
 
 # errnos that mean "this process or the machine is out of something", not
@@ -47,7 +47,7 @@ class OwnSockets:
 
     def add(self, sock: socket.socket) -> tuple:
         host, port = sock.getsockname()[:2]
-        key = (plain_ip(host), port)
+        key = (unmapped(host), port)
         self._addrs.add(key)
         return key
 
@@ -105,8 +105,13 @@ async def _connect_one(loop: asyncio.AbstractEventLoop, endpoint: Endpoint, time
 
 
 async def connect(loop: asyncio.AbstractEventLoop, endpoints: Sequence[Endpoint], timeout: float,
-                  mark: int | None, own: OwnSockets) -> tuple[socket.socket, Endpoint, tuple]:
-    """Connect to the first endpoint that answers, each tried once in order."""
+                  mark: int | None, own: OwnSockets,
+                  failed: list[tuple[Endpoint, bool]] | None = None) -> tuple[socket.socket, Endpoint, tuple]:
+    """Connect to the first endpoint that answers, each tried once in order.
+
+    Each endpoint that refused or timed out is appended to `failed` as
+    (endpoint, timed_out), also when a later one answers (for the stats).
+    """
     reasons = []
     timeouts = 0
     for endpoint in endpoints:
@@ -116,7 +121,11 @@ async def connect(loop: asyncio.AbstractEventLoop, endpoints: Sequence[Endpoint]
         except TimeoutError:
             timeouts += 1
             reasons.append(f"{endpoint}: timed out after {timeout:g}s")
+            if failed is not None:
+                failed.append((endpoint, True))
         except OSError as exc:
+            if failed is not None and exc.errno not in EXHAUSTION:
+                failed.append((endpoint, False))
             name = errno.errorcode.get(exc.errno or 0, "error")
             reasons.append(f"{endpoint}: {name} ({exc.strerror})")
             if exc.errno in EXHAUSTION:  # no other endpoint will fare better
