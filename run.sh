@@ -3,6 +3,7 @@
 #
 #   sudo ./run.sh demo [--method uid|mark|cgroup|explicit]   watch interception happen
 #   sudo ./run.sh test [PYTEST ARGS]                         the whole test suite
+#   sudo ./run.sh bench [--quick]                            the benchmark (bench/README.md)
 #   sudo ./run.sh proxy [sidecar-proxy ARGS]                 any sidecar-proxy command
 #
 # The package goes into its own virtual environment outside the checkout
@@ -13,7 +14,9 @@ set -eu
 
 VENV="${SIDECAR_PROXY_VENV:-/opt/sidecar-proxy/venv}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-APT_PACKAGES="iptables nftables iproute2 util-linux procps shellcheck busybox python3-venv python3-pip"
+# the proxy and its tests; socat and haproxy are benchmark peers; chromium
+# renders the admin page in the browser test
+APT_PACKAGES="iptables nftables iproute2 util-linux procps shellcheck busybox socat haproxy chromium python3-venv python3-pip"
 
 say() { printf 'run.sh: %s\n' "$*" >&2; }
 
@@ -26,7 +29,7 @@ need_root() {
 
 install_system_packages() {
   missing=""
-  for tool in ip iptables nft setpriv shellcheck busybox; do
+  for tool in ip iptables nft setpriv shellcheck busybox socat haproxy chromium; do
     command -v "$tool" >/dev/null 2>&1 || missing="yes"
   done
   /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="yes"
@@ -43,8 +46,8 @@ install_python_packages() {
     say "creating $VENV"
     /usr/bin/python3 -m venv "$VENV"
   fi
-  say "installing sidecar-proxy and its test dependencies into $VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "${HERE}[test]"
+  say "installing sidecar-proxy and its test and benchmark dependencies into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${HERE}[test,bench]"
 }
 
 main() {
@@ -64,6 +67,13 @@ main() {
       install_python_packages
       exec "$VENV/bin/sidecar-proxy" demo "$@"
       ;;
+    bench)
+      need_root bench
+      install_system_packages
+      install_python_packages
+      cd "$HERE"
+      exec "$VENV/bin/python" -m bench "$@"
+      ;;
     proxy)
       need_root proxy
       install_system_packages
@@ -71,7 +81,7 @@ main() {
       exec "$VENV/bin/sidecar-proxy" "$@"
       ;;
     *)
-      say "usage: $0 demo [--method uid|mark|cgroup|explicit] | test [PYTEST ARGS] | proxy [ARGS]"
+      say "usage: $0 demo [--method uid|mark|cgroup|explicit] | test [PYTEST ARGS] | bench [--quick] | proxy [ARGS]"
       exit 2
       ;;
   esac

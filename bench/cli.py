@@ -1,0 +1,349 @@
+"""`python -m bench`: the whole benchmark, one command.
+
+    sudo python -m bench              # ~15 minutes: every subject x workload, 3 repetitions,
+                                      # then rule scaling; results in bench/results/
+    sudo python -m bench --quick      # seconds: the same, tiny and once (CI keeps it working)
+    sudo python -m bench --profile    # also profile the proxy's connection path (py-spy)
+
+Measurements are interleaved (each repetition runs every workload against
+every subject, in a rotating order), every subject is started fresh for each
+measurement, and each reported number is the median over the repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+from proxy.sandbox import setpriv_argv
+
+from . import charts, report
+from .profile import profile_connections, py_spy, resummarise
+from .rules import RuleScaling
+from .runner import FAILURES, measure
+from .subjects import SUBJECTS, Subject
+from .workloads import Workload, workloads
+from .world import HERE, PYTHON, ROOT, BenchWorld, signals_raise
+
+REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-restore", "nft", "setpriv", "prlimit")
+PARTS = ("matrix", "rules", "profile")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test)")
+    p.add_argument("--reps", type=int, help="repetitions of every measurement (default 3; --quick 1)")
+    p.add_argument("--subjects", help="comma-separated subset of: " + ",".join(s.name for s in SUBJECTS))
+    p.add_argument("--workloads", help="comma-separated subset of the workload names")
+    p.add_argument("--parts", default="matrix,rules",
+                   help="what to run, of: matrix (subjects x workloads), rules (rule scaling), profile "
+                        "(default matrix,rules)")
+    p.add_argument("--profile", action="store_true", help="add the profile part (py-spy)")
+    p.add_argument("--out", help="output directory (default bench/results, --quick: bench/results/quick)")
+    p.add_argument("--seed", type=int, default=0, help="rotation of the subject order (default 0)")
+    p.add_argument("--render", metavar="JSON",
+                   help="measure nothing: redo the tables and charts of an earlier run's latest.json")
+    args = p.parse_args(argv)
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if args.profile and "profile" not in args.parts:
+        args.parts.append("profile")
+    bad = [x for x in args.parts if x not in PARTS]
+    if bad:
+        p.error(f"--parts: unknown {', '.join(bad)} (choose from {', '.join(PARTS)})")
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    if args.out is None and not args.render:
+        args.out = str(HERE / "results" / ("quick" if args.quick else ""))
+    return args
+
+
+def pick(names: str | None, items, what: str):
+    if not names:
+        return list(items)
+    by = {i.name: i for i in items}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by]
+    if unknown:
+        raise SystemExit(f"bench: unknown {what}: {', '.join(unknown)} (known: {', '.join(by)})")
+    return [by[n] for n in wanted]
+
+
+def preflight(subjects: list[Subject], parts: list[str]) -> None:
+    """Fail early, naming what is missing."""
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (network namespaces, iptables): sudo python -m bench")
+    problems = [f"tool {t}" for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    for s in subjects:
+        problems += [f"{m} (for {s.name})" for m in s.missing()]
+    if "profile" in parts and py_spy() is None:
+        problems.append("py-spy (for --profile; pip install py-spy)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        problems.append("python module matplotlib (the bench extra)")
+    probe = subprocess.run([*setpriv_argv(), PYTHON, "-c", "import proxy, uvloop"], capture_output=True,
+                           text=True, cwd="/", check=False)
+    if probe.returncode != 0:
+        problems.append(f"UID 1337 cannot run {PYTHON} with the proxy installed")
+    if problems:
+        raise SystemExit("bench: missing: " + "; ".join(problems)
+                         + " (apt: socat haproxy nftables iptables iproute2 util-linux; "
+                           "pip: the project's bench extra)")
+
+
+class Progress:
+    """What runs now, how far along, and an ETA, on stderr."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+        self.durations: dict[str, list[float]] = {}
+
+    def estimate(self, key: str, default: float) -> float:
+        seen = self.durations.get(key)
+        return sum(seen) / len(seen) if seen else default
+
+    def begin(self, label: str, remaining: float) -> float:
+        elapsed = time.monotonic() - self.start
+        pct = 100 * self.done / max(1, self.total)
+        print(f"[{self.done + 1:>3}/{self.total} {pct:3.0f}%] {label:<48} "
+              f"elapsed {_clock(elapsed)}, ETA {_clock(remaining)}", file=sys.stderr, flush=True)
+        return time.monotonic()
+
+    def end(self, key: str, started: float, outcome: str) -> None:
+        took = time.monotonic() - started
+        self.durations.setdefault(key, []).append(took)
+        self.done += 1
+        print(f"          {outcome} ({took:.1f}s)", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def versions() -> dict:
+    def first_line(cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def dist(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    socat = first_line(["socat", "-V"])
+    try:
+        lines = subprocess.run(["socat", "-V"], capture_output=True, text=True, check=False).stdout.splitlines()
+        socat = next(line for line in lines if "socat version" in line).strip()
+    except (OSError, StopIteration):
+        pass
+    git = first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    return {"python": platform.python_version(), "uvloop": dist("uvloop"), "pproxy": dist("pproxy"),
+            "haproxy": first_line(["haproxy", "-v"]), "socat": socat, "kernel": platform.release(),
+            "cpus": os.cpu_count(), "sidecar_proxy_git": git}
+
+
+def describe(value: float | None, label: str) -> str:
+    return f"{report.fmt(value)} {label}"
+
+
+def run(args: argparse.Namespace) -> int:
+    subjects = pick(args.subjects, SUBJECTS, "subject")
+    loads: list[Workload] = pick(args.workloads, workloads(args.quick), "workload")
+    preflight(subjects, args.parts)
+    os.makedirs(args.out, exist_ok=True)
+
+    plan = []
+    if "matrix" in args.parts:
+        for rep in range(args.reps):
+            for wi, w in enumerate(loads):
+                k = (rep + wi + args.seed) % len(subjects)
+                for s in subjects[k:] + subjects[:k]:  # rotate: nobody always runs first
+                    plan.append(("matrix", rep, w, s))
+    rule_counts = (1, 10) if args.quick else (1, 100, 1000, 10000)
+    rules_plan = []
+    if "rules" in args.parts:
+        rules_plan = [(n, v) for n in rule_counts for v in ("iptables", "nft-set")]
+    profile_seconds = 2 if args.quick else 6
+    # (progress key, seconds expected before any was timed) of every step, in order
+    steps = [(w.name, w.estimate) for _, _, w, _ in plan]
+    steps += [("rules", 2.0 if args.quick else 8.0)] * len(rules_plan)
+    steps += [("profile", 2 * profile_seconds + 8.0)] * ("profile" in args.parts)
+    progress = Progress(len(steps))
+
+    def eta() -> float:
+        return sum(progress.estimate(key, default) for key, default in steps[progress.done:])
+
+    started = datetime.datetime.now(datetime.UTC)
+    runs: list[dict] = []
+    rule_steps: list[dict] = []
+    profile = None
+    failures: list[str] = []
+    log(f"{len(subjects)} subjects x {len(loads)} workloads x {args.reps} repetition(s)"
+        f"{', rule scaling' if rules_plan else ''}{', profile' if 'profile' in args.parts else ''}; "
+        f"results in {args.out}")
+    world = None
+    with signals_raise():
+        try:
+            world = BenchWorld()
+            for _, rep, w, s in plan:
+                t = progress.begin(f"rep {rep + 1}/{args.reps} {w.name} · {s.name}", eta())
+                record = {"subject": s.name, "workload": w.name, "rep": rep}
+                try:
+                    result = measure(world, s, w)
+                    record.update(result)
+                    outcome = ", ".join(describe(result["metrics"][m.key], m.label) for m in w.metrics
+                                        if result["metrics"][m.key] is not None) or "n/a"
+                    if result["errors"]:
+                        outcome += f"  [{result['errors']} connection errors]"
+                except FAILURES as exc:  # one failed measurement must not lose the run
+                    record.update(failed=True, error=f"{type(exc).__name__}: {exc}",
+                                  metrics={m.key: None for m in w.metrics})
+                    failures.append(f"{w.name} · {s.name}: {exc}")
+                    outcome = f"FAILED: {exc}"
+                record["seconds"] = round(time.monotonic() - t, 2)
+                runs.append(record)
+                progress.end(w.name, t, outcome)
+            if rules_plan:
+                scaling = RuleScaling(world, rule_counts, installs=1 if args.quick else 3,
+                                      samples=20 if args.quick else 1000, seconds=5 if args.quick else 15)
+                for n, variant in rules_plan:
+                    t = progress.begin(f"rule scaling: {n:,} services · {variant}", eta())
+                    try:
+                        step = scaling.run_step(n, variant)
+                        rule_steps.append(step)
+                        outcome = (f"install {step['install_s'] * 1000:.0f} ms, connect p50 first "
+                                   f"{step['first']['connect_p50_us']:.1f} µs / last "
+                                   f"{step['last']['connect_p50_us']:.1f} µs")
+                    except FAILURES as exc:
+                        failures.append(f"rules {n} {variant}: {exc}")
+                        outcome = f"FAILED: {exc}"
+                    progress.end("rules", t, outcome)
+            if "profile" in args.parts:
+                t = progress.begin("profile: proxy-uvloop under conn-32 (py-spy)", eta())
+                try:
+                    profile = profile_connections(world, args.out, profile_seconds, log)
+                    top = profile["self"][0] if profile["self"] else {"function": "?", "percent": 0}
+                    outcome = f"{profile['samples']} samples; top: {top['function']} {top['percent']}%"
+                except FAILURES as exc:
+                    failures.append(f"profile: {exc}")
+                    outcome = f"FAILED: {exc}"
+                progress.end("profile", t, outcome)
+        except KeyboardInterrupt:
+            log("interrupted: cleaning up")
+            return 130
+        finally:
+            if world is not None:
+                world.close()
+
+    finished = datetime.datetime.now(datetime.UTC)
+    meta = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
+            "duration_s": round((finished - started).total_seconds(), 1), "quick": args.quick,
+            "repetitions": args.reps, "parts": args.parts, "versions": versions(),
+            "command": "python -m bench " + " ".join(sys.argv[1:])}
+    doc = {
+        "meta": meta,
+        "subjects": [{"name": s.name, "kind": s.kind, "description": s.description, "peer": s.is_peer}
+                     for s in subjects],
+        "workloads": [{"name": w.name, "title": w.title, "kind": w.kind, "connections": w.conns,
+                       "seconds": w.seconds,
+                       "metrics": [{"key": m.key, "label": m.label, "better": m.better, "relay_only": m.relay_only}
+                                   for m in w.metrics]} for w in loads],
+        "runs": runs,
+        "rules": rule_steps,
+        "profile": profile,
+        "failures": failures,
+    }
+    write_outputs(doc, subjects, loads, args.out)
+    if failures:
+        log(f"{len(failures)} failure(s):\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+def write_outputs(doc: dict, subjects: list[Subject], loads: list[Workload], out: str) -> None:
+    """Medians, ratios and targets into `doc`; then latest.json, results.md and the charts."""
+    summary = report.aggregate(doc["runs"], subjects, loads)
+    rat = report.ratios(summary, subjects, loads)
+    goals = report.targets(summary, rat, loads) if any(s.name == "proxy-uvloop" for s in subjects) else []
+    doc.update(summary=summary, ratios=rat, targets=goals)
+    meta = doc["meta"]
+    with open(os.path.join(out, "latest.json"), "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+    subtitle = (f"sidecar-proxy bench, {meta['started']}, {meta['versions']['cpus']} CPUs, kernel "
+                f"{meta['versions']['kernel']}, medians of {meta['repetitions']}{' (quick)' if meta['quick'] else ''}")
+    md = markdown(doc, summary, rat, subjects, loads, goals, doc["rules"], doc["profile"])
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    pngs = charts.draw(summary, subjects, loads, doc["rules"], doc["profile"], out, subtitle)
+    print(md)
+    log(f"wrote {os.path.join(out, 'latest.json')}, results.md and {len(pngs)} charts "
+        f"({meta['duration_s'] / 60:.1f} min of measuring)")
+
+
+def render(path: str, out: str | None) -> int:
+    """Redo the tables and charts of an earlier run from its JSON (and its py-spy files), measuring nothing."""
+    with open(path) as f:
+        doc = json.load(f)
+    out = out or os.path.dirname(os.path.abspath(path))
+    names = [s["name"] for s in doc["subjects"]]
+    subjects = [s for s in SUBJECTS if s.name in names]
+    by_name = {w.name: w for w in workloads(doc["meta"]["quick"])}
+    loads = [by_name[w["name"]] for w in doc["workloads"]]
+    if doc.get("profile"):
+        doc["profile"] = resummarise(doc["profile"], os.path.dirname(os.path.abspath(path)))
+    write_outputs(doc, subjects, loads, out)
+    return 0
+
+
+def markdown(doc, summary, rat, subjects, loads, goals, rule_steps, profile) -> str:
+    meta = doc["meta"]
+    v = meta["versions"]
+    parts = [f"# sidecar-proxy benchmark{' (quick)' if meta['quick'] else ''}\n",
+             (f"{meta['started']}, {meta['duration_s'] / 60:.1f} min; {v['cpus']} CPUs, kernel {v['kernel']}, "
+              f"Python {v['python']}, uvloop {v['uvloop']}; {v['haproxy']}; {v['socat']}; pproxy {v['pproxy']}; "
+              f"medians of {meta['repetitions']} repetition(s), subjects interleaved, each started fresh.\n")]
+    if doc["runs"]:
+        parts += ["## Subjects against the physical limit and the peers\n",
+                  report.markdown_results(summary, rat, subjects, loads)]
+    if goals:
+        parts += ["## Targets (proxy-uvloop, the default loop)\n", report.markdown_targets(goals)]
+    if rule_steps:
+        parts += ["## Rule scaling: the explicit method, iptables rules vs an nftables set\n",
+                  ("connect() p50 to the service of the first rule and of the last one; first echo: connect "
+                   "plus a 64-byte round trip through the proxy (whose own upstream connection walks the "
+                   "rules too).\n"),
+                  report.markdown_rules(rule_steps)]
+    if profile:
+        parts += ["## Profile: the proxy's connection path (py-spy)\n", report.markdown_profile(profile)]
+    if doc["failures"]:
+        parts += ["## Failures\n", "\n".join(f"- {f}" for f in doc["failures"]) + "\n"]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.out)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""From measurements to medians, ratios, the markdown tables and the target check.
+
+Every ratio is the subject's median divided by the reference's median, measured
+in the same run. Whether more is better depends on the metric (↑ or ↓ in its
+label): a throughput ratio of 0.8 is 20% slower, a latency ratio of 1.2 is 20%
+slower too.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from .subjects import Subject
+from .workloads import Metric, Workload
+
+MATCH = 0.95  # "match": within 5% of the reference, the noise of this machine
+
+
+def aggregate(runs: list[dict], subjects: list[Subject], workloads: list[Workload]) -> dict:
+    """summary[workload][metric][subject] = {median, min, max, n, values}."""
+    summary: dict = {}
+    for w in workloads:
+        summary[w.name] = {}
+        for m in w.metrics:
+            per_subject = {}
+            for s in subjects:
+                values = [r["metrics"][m.key] for r in runs
+                          if r["workload"] == w.name and r["subject"] == s.name and not r.get("failed")
+                          and r["metrics"].get(m.key) is not None]
+                per_subject[s.name] = ({"median": statistics.median(values), "min": min(values),
+                                        "max": max(values), "n": len(values), "values": values}
+                                       if values else None)
+            summary[w.name][m.key] = per_subject
+    return summary
+
+
+def better(metric: Metric, a: float, b: float) -> bool:
+    return a > b if metric.better == "higher" else a < b
+
+
+def best_peer(metric: Metric, cells: dict, subjects: list[Subject]) -> str | None:
+    best = None
+    for s in subjects:
+        cell = cells.get(s.name)
+        if s.is_peer and cell is not None and (best is None or better(metric, cell["median"], cells[best]["median"])):
+            best = s.name
+    return best
+
+
+def ratios(summary: dict, subjects: list[Subject], workloads: list[Workload]) -> dict:
+    """ratios[workload][metric] = {best_peer, subjects: {name: {to_direct, to_best_peer}}}."""
+    out: dict = {}
+    for w in workloads:
+        out[w.name] = {}
+        for m in w.metrics:
+            cells = summary[w.name][m.key]
+            peer = best_peer(m, cells, subjects)
+            direct = cells.get("direct")
+            entry = {"best_peer": peer, "subjects": {}}
+            for s in subjects:
+                cell = cells.get(s.name)
+                if cell is None:
+                    continue
+                entry["subjects"][s.name] = {
+                    "to_direct": cell["median"] / direct["median"] if direct else None,
+                    "to_best_peer": cell["median"] / cells[peer]["median"] if peer else None,
+                }
+            out[w.name][m.key] = entry
+    return out
+
+
+def fmt(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def markdown_results(summary: dict, rat: dict, subjects: list[Subject], workloads: list[Workload]) -> str:
+    """Two tables: the medians, and each subject's ratio to direct and to the best peer."""
+    names = [s.name for s in subjects]
+    head = "| workload | metric | " + " | ".join(names) + " | best peer |"
+    sep = "|---|---|" + "---:|" * len(names) + "---|"
+    values = [head, sep]
+    ratio_rows = ["| workload | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for w in workloads:
+        for m in w.metrics:
+            cells = summary[w.name][m.key]
+            entry = rat[w.name][m.key]
+            row = [fmt(cells[n]["median"]) if cells.get(n) else "—" for n in names]
+            values.append(f"| {w.title} | {m.label} {m.arrow} | " + " | ".join(row) + f" | {entry['best_peer'] or '—'} |")
+            rrow = []
+            for n in names:
+                r = entry["subjects"].get(n)
+                rrow.append("—" if r is None else f"{fmt_ratio(r['to_direct'])} / {fmt_ratio(r['to_best_peer'])}")
+            ratio_rows.append(f"| {w.title} | {m.label} {m.arrow} | " + " | ".join(rrow) + " |")
+    return ("Medians (↑ more is better, ↓ less is better; — : not applicable or not measured):\n\n"
+            + "\n".join(values)
+            + "\n\nRatios, each cell `× direct / × best peer` (subject median divided by theirs; "
+              "best peer per row as above):\n\n"
+            + "\n".join(ratio_rows) + "\n")
+
+
+def targets(summary: dict, rat: dict, workloads: list[Workload], subject: str = "proxy-uvloop") -> list[dict]:
+    """The issue's targets, checked for one subject (the proxy's default loop)."""
+    out = []
+
+    def cell(w, key, name):
+        c = summary.get(w.name, {}).get(key, {}).get(name)
+        return c["median"] if c else None
+
+    def compare(peers: tuple[str, ...], title: str, tolerance: float) -> None:
+        misses, checked = [], 0
+        for w in workloads:
+            for m in w.metrics:
+                ours = cell(w, m.key, subject)
+                refs = [cell(w, m.key, p) for p in peers]
+                refs = [r for r in refs if r is not None]
+                if ours is None or not refs:
+                    continue
+                ref = max(refs) if m.better == "higher" else min(refs)
+                ratio = ours / ref
+                checked += 1
+                ok = ratio >= tolerance if m.better == "higher" else ratio <= 1 / tolerance
+                if not ok:
+                    misses.append(f"{w.name} {m.label} ×{ratio:.2f}")
+        out.append({"target": title, "met": checked > 0 and not misses,
+                    "detail": f"{checked} metrics compared" + (f"; behind on: {', '.join(misses)}" if misses else "")})
+
+    compare(("pproxy",), "ahead of pproxy on every workload", 1.0)
+    compare(("socat",), "ahead of socat on every workload", 1.0)
+    compare(("haproxy", "haproxy-splice"),
+            f"match or beat single-threaded HAProxy (the better of the two; match = within {100 - MATCH * 100:.0f}%)",
+            MATCH)
+    for w in workloads:
+        if w.kind == "rr_latency":
+            ours, direct = cell(w, "p50_us", subject), cell(w, "p50_us", "direct")
+            if ours and direct:
+                out.append({"target": f"p50 latency within 1.4x of direct ({w.name})", "met": ours / direct <= 1.4,
+                            "detail": f"{fmt(ours)} µs vs {fmt(direct)} µs: ×{ours / direct:.2f}"})
+        if w.kind == "idle":
+            kib = cell(w, "kib_per_conn", subject)
+            rss = cell(w, "rss_kib_per_conn", subject)
+            if kib is not None:
+                out.append({"target": "≤ 4 KiB per idle connection", "met": kib <= 4.0 and (rss is None or rss <= 4.0),
+                            "detail": f"{fmt(kib)} KiB (Pss), {fmt(rss)} KiB (Rss) per connection"})
+    bulk = []
+    for w in workloads:
+        if w.kind.startswith("bulk"):
+            ours, direct = cell(w, "mb_per_s", subject), cell(w, "mb_per_s", "direct")
+            if ours and direct:
+                bulk.append((w.name, ours / direct))
+    if bulk:
+        out.append({"target": "≥ 0.5x direct bulk throughput", "met": all(r >= 0.5 for _, r in bulk),
+                    "detail": ", ".join(f"{n} ×{r:.2f}" for n, r in bulk)})
+    for t in out:
+        t["subject"] = subject
+    return out
+
+
+def markdown_targets(items: list[dict]) -> str:
+    rows = ["| target | met | detail |", "|---|---|---|"]
+    rows += [f"| {t['target']} | {'yes' if t['met'] else 'NO'} | {t['detail']} |" for t in items]
+    return "\n".join(rows) + "\n"
+
+
+def markdown_rules(steps: list[dict]) -> str:
+    by = {(s["rules"], s["variant"]): s for s in steps}
+    counts = sorted({s["rules"] for s in steps})
+    rows = [("| services | iptables install (ms) | iptables connect first / last (µs) | "
+             "iptables first echo first / last (µs) | nft set install (ms) | nft set connect first / last (µs) | "
+             "nft set first echo first / last (µs) |"),
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in counts:
+        cells = [f"{n:,}"]
+        for variant in ("iptables", "nft-set"):
+            s = by.get((n, variant))
+            if s is None:
+                cells += ["—", "—", "—"]
+                continue
+            cells.append(fmt(s["install_s"] * 1000))
+            cells.append(f"{fmt(s['first']['connect_p50_us'])} / {fmt(s['last']['connect_p50_us'])}")
+            cells.append(f"{fmt(s['first']['echo_p50_us'])} / {fmt(s['last']['echo_p50_us'])}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def markdown_profile(profile: dict, top: int = 12) -> str:
+    def table(entries, head, k=top):
+        return [f"| {head} | |", "|---:|---|"] + [f"| {e['percent']}% | `{e['function']}` |" for e in entries[:k]]
+
+    threads = ", ".join(f"{e['function']} {e['percent']}%" for e in profile.get("threads", []))
+    rows = [(f"py-spy, {profile['samples']:,} samples of the thread holding the GIL ({threads}), the proxy "
+             "(uvloop) under the connection-rate workload. Own time: the function was the innermost Python "
+             "frame (the C functions it called, system calls included, count as its own); `Runner.run` as "
+             "the innermost frame is the event loop's C code.\n")]
+    rows += table(profile["self"], "own")
+    rows += [""] + table(profile["inclusive"], "inclusive")
+    rows += [""] + table(profile["by_file"], "own, per file")
+    native = profile.get("native")
+    if native:
+        rows += ["", (f"With native frames, the event loop's thread only ({native['samples']:,} samples): "
+                      "where the time lands, system calls and C included.\n")]
+        rows += table(native.get("by_category", []), "own, per kind", 6)
+        rows += [""] + table(native["self"], "own")
+    return "\n".join(rows) + "\n"
