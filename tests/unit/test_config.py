@@ -83,6 +83,18 @@ def test_services_file_from_chains(tmp_path):
     assert "# chain smtp: skipped" in text  # no destinations: said, not dropped
 
 
+def test_services_file_leaves_out_chains_that_would_loop(tmp_path):
+    path = write(tmp_path, """\
+        chains:
+          - name: passthrough-web
+            match: {ports: [80], destinations: ["198.51.100.10/32", "2001:db8:2::/64"]}
+            action: original
+        """)
+    text = render(cfg.load(path, env={}))
+    assert "198.51.100.10:80" not in text.splitlines()
+    assert "# chain passthrough-web: skipped (action original would loop" in text
+
+
 BAD = [
     ("port: 70000\n", r"proxy.yaml:1: port: 70000 is not a port \(1-65535\)"),
     ("port: http\n", r"proxy.yaml:1: port: 'http' is not a port"),
