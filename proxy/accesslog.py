@@ -84,7 +84,13 @@ class AccessLog:
             batch = self._queue.get()
             if batch is _STOP:
                 break
-            self._emit([self._format(entry) for entry in batch])
+            self._emit([self._format_safely(entry) for entry in batch])
+
+    def _format_safely(self, entry: dict) -> str:
+        try:
+            return self._format(entry)
+        except Exception as exc:  # a bad entry must not silence the log for good
+            return f"access-log: cannot format entry {entry.get('id', '?')}: {exc!r}"
 
     def _emit(self, lines: list[str]) -> None:
         try:

@@ -184,8 +184,8 @@ async def stats_prometheus(request: web.Request, proxy: Proxy) -> web.Response:
 
 async def connections(request: web.Request, proxy: Proxy) -> web.Response:
     raw = request.query.get("limit", str(CONNECTIONS_LIMIT))
-    if not (raw.isascii() and raw.isdigit()):
-        raise fmt.BadRequest(f"limit {raw!r} is not a number")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise fmt.BadRequest(f"limit {raw[:20]!r} is not a number up to 999999999")
     return _json(connection_views(proxy, int(raw)))
 
 

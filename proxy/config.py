@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -148,7 +149,7 @@ def _plain(value: Any) -> Any:
 # --- value parsers: each takes (value, where) and raises ConfigError(where, ...) ----
 
 def parse_port(value: Any, where: str, *, allow_zero: bool = False) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 5:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(where, f"{value!r} is not a port")
@@ -170,6 +171,7 @@ def parse_mark(value: Any, where: str) -> int:
     return value
 
 
+MAX_DURATION = 365 * 86400.0  # a year: anything longer is a typo, or NaN/inf
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -178,15 +180,25 @@ def parse_duration(value: Any, where: str) -> float:
     """Seconds as a number, or a string such as 250ms, 5s, 2m, 1h."""
     if isinstance(value, bool):
         raise ConfigError(where, f"{value!r} is not a duration")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    else:
-        raise ConfigError(where, f"{value!r} is not a duration (e.g. 5s, 250ms, 1h)")
+    try:
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNIT[m.group(2)]
+        else:
+            raise ConfigError(where, f"{value!r} is not a duration (e.g. 5s, 250ms, 1h)")
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ConfigError(where, f"{_short(value)} is not a duration of at most {MAX_DURATION // 86400:g} days")
     if seconds <= 0:
         raise ConfigError(where, f"{value!r} must be positive")
     return seconds
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_network(value: Any, where: str) -> IPNetwork:
@@ -322,8 +334,14 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         raise ConfigError("", f"not valid YAML: {problem}", source=source, line=line) from None
     lines: dict[str, int] = {}
 
+    active: set[int] = set()  # the nodes on the current path: an alias back to one is a cycle
+
     def walk(node: yaml.Node, where: str) -> None:
-        lines[where] = node.start_mark.line + 1
+        line = node.start_mark.line + 1
+        lines[where] = line
+        if id(node) in active:
+            raise ConfigError(where, "a YAML alias that refers to itself", source=source, line=line)
+        active.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key, child in node.value:
@@ -335,6 +353,7 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         elif isinstance(node, yaml.SequenceNode):
             for i, child in enumerate(node.value):
                 walk(child, f"{where}[{i}]")
+        active.discard(id(node))
 
     if root is not None:
         walk(root, "")
@@ -394,7 +413,8 @@ def _cluster(value: Any, where: str) -> Cluster:
 def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
     raw = _mapping(value, where, ("name", "match", "action", "cluster"), ("name",))
     name = parse_name(raw["name"], f"{where}.name")
-    m = _mapping(raw.get("match", {}) or {}, f"{where}.match", ("ports", "destinations", "sources", "direction"))
+    m = raw.get("match")
+    m = _mapping({} if m is None else m, f"{where}.match", ("ports", "destinations", "sources", "direction"))
     match = Match(
         ports=tuple(sorted({parse_port(p, f"{where}.match.ports[{i}]") for i, p in enumerate(_list(m.get("ports", []), f"{where}.match.ports"))})),
         destinations=tuple(parse_network(d, f"{where}.match.destinations[{i}]") for i, d in enumerate(_list(m.get("destinations", []), f"{where}.match.destinations"))),
@@ -403,6 +423,8 @@ def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
     )
     action = parse_choice(ACTIONS)(raw.get("action", "cluster" if "cluster" in raw else "original"), f"{where}.action")
     cluster = raw.get("cluster")
+    if cluster is not None and not isinstance(cluster, str):
+        raise ConfigError(f"{where}.cluster", f"{_short(cluster)} is not a cluster name")
     if action == "cluster":
         if cluster is None:
             raise ConfigError(f"{where}.cluster", "is required when action is cluster")
@@ -416,7 +438,7 @@ def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
 def _plain_listener(value: Any, where: str, clusters: set[str]) -> PlainListener:
     raw = _mapping(value, where, ("name", "address", "port", "cluster"), ("name", "port", "cluster"))
     cluster = raw["cluster"]
-    if cluster not in clusters:
+    if not isinstance(cluster, str) or cluster not in clusters:
         raise ConfigError(f"{where}.cluster", f"unknown cluster {cluster!r}")
     return PlainListener(
         name=parse_name(raw["name"], f"{where}.name"),

@@ -149,18 +149,30 @@ class Listener:
 
     # accept -> decision ---------------------------------------------------------
     def _accepted(self, relay: Relay) -> None:
+        """Decide about one accepted connection; nothing in here reaches the loop."""
         shared, stats = self.shared, self.shared.stats
         shared.live[relay.id] = relay
         stats.inc(self.stat_prefix + "downstream_cx_total")
         stats.inc(self.stat_prefix + "downstream_cx_active")
+        relay.info = {
+            "id": relay.id, "start": time.time(), "listener": self.name,
+            "source": "-", "destination": "-", "direction": "-", "chain": "-", "upstream": None,
+        }
+        try:
+            self._decide(relay)
+        except Exception:  # a bug: this connection ends, the proxy goes on
+            log.exception("conn=%d failed while accepting", relay.id)
+            relay.close("error", reset=True)
+
+    def _decide(self, relay: Relay) -> None:
+        shared, stats, info = self.shared, self.shared.stats, relay.info
         transport = relay.downstream.transport
         peer = transport.get_extra_info("peername")
+        if peer is None:  # reset before we could even ask who it was
+            relay.close("downstream_reset", reset=True)
+            return
         src, src_port = unmapped(peer[0]), peer[1]
-        relay.info = info = {
-            "id": relay.id, "start": time.time(), "listener": self.name,
-            "source": _fmt(src, src_port), "destination": "-",
-            "direction": "-", "chain": "-", "upstream": None,
-        }
+        info["source"] = _fmt(src, src_port)
         if self.plain is not None:
             info["direction"], info["chain"] = "outbound", f"plain:{self.name}"
             self._forward(relay, shared.config.cluster(self.plain.cluster).name)
@@ -176,7 +188,7 @@ class Listener:
             return
         dst, dst_port = orig
         info["destination"] = _fmt(dst, dst_port)
-        if (src, src_port) in shared.own:
+        if (src, src_port, dst, dst_port) in shared.own:  # one of our own upstream sockets
             stats.inc(self.stat_prefix + "loop_guard_refused")
             self._refuse(relay, "loop_guard", LOOP_HINT)
             return
@@ -226,6 +238,17 @@ class Listener:
 
     # upstream -> relay --------------------------------------------------------------
     async def _connect(self, relay: Relay, cluster_name: str, endpoints, timeout: float, mark: int | None) -> None:
+        """The connect task: whatever goes wrong ends this connection only."""
+        try:
+            await self._open_upstream(relay, cluster_name, endpoints, timeout, mark)
+        except asyncio.CancelledError:
+            raise  # the client went away: _ended cancelled us
+        except Exception:  # a bug: this connection ends, the proxy goes on
+            log.exception("conn=%d failed while connecting upstream", relay.id)
+            relay.close("error", reset=True)
+
+    async def _open_upstream(self, relay: Relay, cluster_name: str, endpoints, timeout: float,
+                             mark: int | None) -> None:
         stats = self.shared.stats
         stat = f"cluster.{cluster_name}."
         stats.inc(stat + "upstream_cx_total")  # the first attempt; _failed_attempts counts the others
@@ -241,8 +264,8 @@ class Listener:
                 log.info("conn=%d upstream connect failed: %s", relay.id, exc)
             relay.close("connect_timeout" if exc.timeout else "connect_failed", reset=True)
             return
-        except PermissionError as exc:  # SO_MARK lost its privilege after start-up?
-            log.error("conn=%d cannot open upstream socket: %s", relay.id, exc)
+        except upstream.MarkDenied as exc:  # the privilege went away after start-up?
+            log.error("conn=%d privilege: %s", relay.id, exc)
             relay.close("error", reset=True)
             return
         self._failed_attempts(cluster_name, failed, last_failed=False)

@@ -106,6 +106,8 @@ class LocalAddresses:
                 pass
         except BlockingIOError:
             pass
+        except OSError:
+            pass  # ENOBUFS: events were lost; the dump below catches up anyway
         before = self.addresses
         self.addresses = dump_addresses()
         if before != self.addresses:

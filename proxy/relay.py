@@ -60,7 +60,7 @@ EARLY_LIMIT = 64 * 1024
 class Side(asyncio.Protocol):
     """One socket of a relayed connection."""
 
-    __slots__ = ("relay", "transport", "peer", "eof", "received", "name")
+    __slots__ = ("relay", "transport", "peer", "eof", "received", "name", "lost")
 
     def __init__(self, relay: Relay, name: str) -> None:
         self.relay = relay
@@ -68,6 +68,7 @@ class Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Side | None = None
         self.eof = False
+        self.lost = False  # connection_lost has run: the socket is closed
         self.received = 0  # bytes read from this socket
 
     # asyncio.Protocol ---------------------------------------------------------
@@ -93,7 +94,13 @@ class Side(asyncio.Protocol):
         self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.relay.side_lost(self, exc)
+
+    @property
+    def open(self) -> bool:
+        """The socket is still there (connected, or closing with bytes to flush)."""
+        return self.transport is not None and not self.lost
 
 
 class Downstream(Side):
@@ -184,37 +191,44 @@ class Relay:
             return  # not wired yet: start() forwards the EOF
         if peer.transport.can_write_eof() and not peer.transport.is_closing():
             peer.transport.write_eof()
-        if peer.eof:  # both directions finished
+        # Both directions finished, unless the client's early bytes and FIN
+        # still wait for start() (the upstream may finish before we wired it).
+        if peer.eof and self.downstream.wired:
             self.close("done")
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         peer = side.peer
         if exc is not None and self.end is None:
             self.end = f"{side.name}_reset"
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+        if peer is not None and peer.open:
             if exc is not None:
-                self.reset(peer)
-            else:
+                self.reset(peer)  # a RST becomes a RST, even mid-flush
+            elif not peer.transport.is_closing():
                 peer.transport.close()
         self._maybe_ended()
 
     # ending -------------------------------------------------------------------
     def reset(self, side: Side) -> None:
-        """Abort one side so its peer sees a RST."""
+        """Abort one side so its peer sees a RST (also one already closing)."""
         sock = side.transport.get_extra_info("socket")
         if sock is not None:
             arm_reset(sock)
         side.transport.abort()
 
     def close(self, reason: str, *, reset: bool = False) -> None:
-        """End the connection: flush and close (or reset) both sockets."""
+        """End the connection: flush and close (or reset) both sockets.
+
+        A graceful close waits for the write buffers to drain; a peer that
+        never reads keeps the connection open (and in `live`, visible) until
+        the idle sweep resets it.
+        """
         if self.end is None:
             self.end = reason
         for side in (self.downstream, self.upstream):
-            if side is not None and side.transport is not None and not side.transport.is_closing():
+            if side is not None and side.open:
                 if reset:
                     self.reset(side)
-                else:
+                elif not side.transport.is_closing():
                     side.transport.close()
         self._maybe_ended()
 
@@ -226,8 +240,8 @@ class Relay:
         if self._ended:
             return
         for side in (self.downstream, self.upstream):
-            if side is not None and side.transport is not None and not side.transport.is_closing():
-                return
+            if side is not None and side.open:
+                return  # ended only when both sockets are really closed
         self._ended = True
         self._on_end(self)
 
@@ -247,9 +261,16 @@ def idle_sweep_interval(timeout: float) -> float:
 
 
 def close_idle(relays: Iterable[Relay], timeout: float, now: float | None = None) -> int:
-    """Close every relayed connection quiet for `timeout` seconds; how many."""
+    """Close every connection quiet for `timeout` seconds; how many.
+
+    The first time, gracefully (as Envoy's idle timeout); a connection still
+    there a timeout later is stuck flushing to a peer that does not read, and
+    is reset.
+    """
     now = _monotonic() if now is None else now
-    quiet = [r for r in relays if r.upstream is not None and now - r.last_active >= timeout]
+    quiet = [r for r in relays if now - r.last_active >= timeout]
     for relay in quiet:
-        relay.close("idle_timeout")
+        stuck = relay.end is not None
+        relay.close("idle_timeout", reset=stuck)
+        relay.last_active = now
     return len(quiet)

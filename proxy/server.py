@@ -173,7 +173,11 @@ class Proxy:
         loop = asyncio.get_running_loop()
         config = self.config
         local = LocalAddresses()
-        self.shared = shared = Shared(config, self.stats, AccessLog(config.access_log, config.log_format), local)
+        try:
+            access_log = AccessLog(config.access_log, config.log_format)
+        except OSError as exc:
+            raise StartupError(f"access_log {config.access_log}: cannot open it: {exc.strerror}") from None
+        self.shared = shared = Shared(config, self.stats, access_log, local)
         admin = None
         try:
             local.watch(loop)
@@ -189,7 +193,7 @@ class Proxy:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.listener_delay)
             sweeper = loop.create_task(self._sweep_idle(), name="idle-sweep")
-            if not self.stopping.is_set():
+            if not self.stopping.is_set() and not self.draining:
                 self.phase = State.INITIALIZING
                 await self._start_listeners(loop)
                 self.workers_started, self.phase = True, State.LIVE
@@ -227,6 +231,8 @@ class Proxy:
                 server = await loop.create_server(listener.protocol, sock=sock, backlog=BACKLOG)
                 sockets.pop(0)
                 self.servers.append(server)
+                if self.draining:  # a drain or stop came while we were binding
+                    server.close()
                 self.listeners.setdefault(listener.name, []).append(sock.getsockname()[:2])
                 log.info("listening on %s (%s)", _sockname(sock), listener.name)
         finally:

@@ -39,23 +39,34 @@ class ConnectFailed(Exception):
         self.exhausted = exhausted
 
 
+class MarkDenied(Exception):
+    """SO_MARK was refused: a privilege problem, not the upstream's fault."""
+
+
 class OwnSockets:
-    """Source addresses of the proxy's live upstream sockets (for the loop guard)."""
+    """The proxy's live upstream sockets, by their 4-tuple (for the loop guard).
+
+    A connection that loops back is accepted with our socket's source as its
+    peer and our socket's destination as its original destination, so the
+    full (source, source port, destination, destination port) names it
+    exactly; the source pair alone could also be an app's connection to
+    somewhere else that got the same ephemeral port.
+    """
 
     def __init__(self) -> None:
-        self._addrs: set[tuple] = set()
+        self._keys: set[tuple] = set()
 
-    def add(self, sock: socket.socket) -> tuple:
+    def add(self, sock: socket.socket, endpoint: Endpoint) -> tuple:
         host, port = sock.getsockname()[:2]
-        key = (unmapped(host), port)
-        self._addrs.add(key)
+        key = (unmapped(host), port, endpoint.host, endpoint.port)
+        self._keys.add(key)
         return key
 
     def discard(self, key: tuple | None) -> None:
-        self._addrs.discard(key)
+        self._keys.discard(key)
 
     def __contains__(self, key: tuple) -> bool:
-        return key in self._addrs
+        return key in self._keys
 
 
 class RoundRobin:
@@ -81,12 +92,15 @@ async def _connect_one(loop: asyncio.AbstractEventLoop, endpoint: Endpoint, time
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if mark is not None:
-            set_mark(sock, mark)
+            try:
+                set_mark(sock, mark)
+            except PermissionError as exc:
+                raise MarkDenied(f"setsockopt(SO_MARK {mark:#x}): {exc.strerror}") from None
         try:
             sock.connect((endpoint.host, endpoint.port))
         except BlockingIOError:
             pass
-        key = own.add(sock)  # before any await: see the module docstring
+        key = own.add(sock, endpoint)  # before any await: see the module docstring
         writable = loop.create_future()
         loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
         try:
