@@ -90,15 +90,12 @@ def connection_views(proxy: Proxy, limit: int) -> dict:
     now, live = time.monotonic(), proxy.shared.live
     views = []
     for relay in itertools.islice(live.values(), limit):
-        info = relay.info
-        views.append({
-            "id": relay.id, "listener": info.get("listener"), "direction": info.get("direction"),
-            "source": info.get("source"), "destination": info.get("destination"),
-            "chain": info.get("chain"), "cluster": info.get("cluster"), "upstream": info.get("upstream"),
-            "state": "open" if "upstream_stat" in info else "connecting",
-            "bytes_up": relay.bytes_from_downstream, "bytes_down": relay.bytes_from_upstream,
-            "age_s": round(now - relay.started, 3),
-        })
+        view = relay.describe()
+        del view["start"]
+        view.update(state="open" if relay.upstream_stat is not None else "connecting",
+                    bytes_up=relay.bytes_from_downstream, bytes_down=relay.bytes_from_upstream,
+                    age_s=round(now - relay.started, 3))
+        views.append(view)
     return {"total": len(live), "connections": views}
 
 

@@ -45,7 +45,7 @@ from .accesslog import AccessLog
 from .chains import ChainTable, Connection
 from .config import Chain, Config, Endpoint, PlainListener
 from .localaddrs import LocalAddresses
-from .relay import Relay
+from .relay import Relay, hostport
 from .sockopts import original_dst, unmapped
 from .stats import Stats, stat_address
 
@@ -112,11 +112,11 @@ class Shared:
         counts: Counter[str] = Counter()
         for relay in self.live.values():
             up, down = relay.bytes_from_downstream, relay.bytes_from_upstream
-            prefix = self.listener_stats.get(relay.info.get("listener"))
+            prefix = self.listener_stats.get(relay.listener)
             if prefix is not None:
                 counts[prefix + "downstream_cx_rx_bytes_total"] += up
                 counts[prefix + "downstream_cx_tx_bytes_total"] += down
-            stat = relay.info.get("upstream_stat")
+            stat = relay.upstream_stat
             if stat is not None:
                 counts[stat + "upstream_cx_tx_bytes_total"] += up
                 counts[stat + "upstream_cx_rx_bytes_total"] += down
@@ -154,10 +154,7 @@ class Listener:
         shared.live[relay.id] = relay
         stats.inc(self.stat_prefix + "downstream_cx_total")
         stats.inc(self.stat_prefix + "downstream_cx_active")
-        relay.info = {
-            "id": relay.id, "start": time.time(), "listener": self.name,
-            "source": "-", "destination": "-", "direction": "-", "chain": "-", "upstream": None,
-        }
+        relay.listener, relay.started_wall = self.name, time.time()
         try:
             self._decide(relay)
         except Exception:  # a bug: this connection ends, the proxy goes on
@@ -165,16 +162,16 @@ class Listener:
             relay.close("error", reset=True)
 
     def _decide(self, relay: Relay) -> None:
-        shared, stats, info = self.shared, self.shared.stats, relay.info
+        shared, stats = self.shared, self.shared.stats
         transport = relay.downstream.transport
         peer = transport.get_extra_info("peername")
         if peer is None:  # reset before we could even ask who it was
             relay.close("downstream_reset", reset=True)
             return
         src, src_port = unmapped(peer[0]), peer[1]
-        info["source"] = _fmt(src, src_port)
+        relay.source = (src, src_port)
         if self.plain is not None:
-            info["direction"], info["chain"] = "outbound", f"plain:{self.name}"
+            relay.direction, relay.chain = "outbound", f"plain:{self.name}"
             self._forward(relay, shared.config.cluster(self.plain.cluster).name)
             return
         try:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
@@ -184,10 +181,10 @@ class Listener:
             return
         if orig is None:
             self._refuse(relay, "not_redirected",
-                         f"{info['source']} dialled the redirected port directly; nothing to forward to")
+                         f"{hostport(relay.source)} dialled the redirected port directly; nothing to forward to")
             return
         dst, dst_port = orig
-        info["destination"] = _fmt(dst, dst_port)
+        relay.destination = orig
         if (src, src_port, dst, dst_port) in shared.own:  # one of our own upstream sockets
             stats.inc(self.stat_prefix + "loop_guard_refused")
             self._refuse(relay, "loop_guard", LOOP_HINT)
@@ -196,10 +193,10 @@ class Listener:
             # conntrack saw it, but nothing rewrote it: it came to our own port
             stats.inc(self.stat_prefix + "loop_guard_refused")
             self._refuse(relay, "not_redirected",
-                         f"{info['source']} dialled the redirected port directly; nothing to forward to")
+                         f"{hostport(relay.source)} dialled the redirected port directly; nothing to forward to")
             return
         direction = "inbound" if dst in shared.local else "outbound"
-        info["direction"] = direction
+        relay.direction = direction
         stats.inc(f"direction.{direction}.cx_total")
         table = shared.table
         if table.uses_prefixes:  # parse addresses only when a chain looks at them
@@ -207,7 +204,7 @@ class Listener:
         else:
             conn = Connection(None, dst_port, None, direction)
         chain = table.select(conn) or shared.default_chain
-        info["chain"] = chain.name
+        relay.chain = chain.name
         stats.inc(f"chain.{chain.name}.cx_total")
         if chain.action == "reject":
             stats.inc(f"chain.{chain.name}.rejected")
@@ -218,8 +215,8 @@ class Listener:
             self._forward(relay, None, Endpoint(dst, dst_port))
 
     def _refuse(self, relay: Relay, reason: str, why: str) -> None:
-        log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, relay.info["source"],
-                    relay.info["destination"], reason, why)
+        log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, hostport(relay.source),
+                    hostport(relay.destination), reason, why)
         relay.close(reason, reset=True)
 
     def _forward(self, relay: Relay, cluster_name: str | None, original: Endpoint | None = None) -> None:
@@ -232,7 +229,7 @@ class Listener:
             endpoints = self.shared.balancers[cluster_name].order()
             timeout = cluster.connect_timeout
             mark = cluster.mark if cluster.mark is not None else config.mark
-        relay.info["cluster"] = cluster_name
+        relay.cluster = cluster_name
         relay.task = self.loop.create_task(self._connect(relay, cluster_name, endpoints, timeout, mark),
                                            name=f"connect-{relay.id}")
 
@@ -270,7 +267,7 @@ class Listener:
             return
         self._failed_attempts(cluster_name, failed, last_failed=False)
         relay.upstream_key = key
-        relay.info["upstream"] = str(endpoint)
+        relay.endpoint = endpoint
         if relay.ended:  # the client went away while we were connecting
             self.shared.own.discard(key)
             sock.close()
@@ -281,8 +278,7 @@ class Listener:
         host["cx_active"] += 1
         host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
         host["rq_active"] += 1
-        relay.info["upstream_stat"] = stat
-        relay.info["upstream_host"] = endpoint
+        relay.upstream_stat = stat
         side = relay.attach_upstream()
         try:
             await self.loop.create_connection(lambda: side, sock=sock)
@@ -321,7 +317,7 @@ class Listener:
 
     # end ------------------------------------------------------------------------------
     def _ended(self, relay: Relay) -> None:
-        shared, stats, info = self.shared, self.shared.stats, relay.info
+        shared, stats = self.shared, self.shared.stats
         shared.live.pop(relay.id, None)
         shared.own.discard(relay.upstream_key)
         if relay.task is not None and not relay.task.done():
@@ -331,25 +327,22 @@ class Listener:
         up, down = relay.bytes_from_downstream, relay.bytes_from_upstream
         stats.inc(self.stat_prefix + "downstream_cx_rx_bytes_total", up)
         stats.inc(self.stat_prefix + "downstream_cx_tx_bytes_total", down)
-        if "upstream_stat" in info:
-            stat = info.pop("upstream_stat")
+        if relay.upstream_stat is not None:
+            stat, relay.upstream_stat = relay.upstream_stat, None
             stats.dec(stat + "upstream_cx_active")
             stats.inc(stat + "upstream_cx_destroy")
             stats.inc(stat + "upstream_cx_tx_bytes_total", up)
             stats.inc(stat + "upstream_cx_rx_bytes_total", down)
-            endpoint, cluster_name = info.pop("upstream_host"), info["cluster"]
+            endpoint, cluster_name = relay.endpoint, relay.cluster
             host = stats.host(cluster_name, endpoint)
             host["cx_active"] -= 1
             host["rq_active"] -= 1
             if cluster_name == ORIGINAL_DST and not host["cx_active"]:
                 stats.drop_host(cluster_name, endpoint)  # Envoy too forgets idle original destinations
-        info.update(bytes_up=up, bytes_down=down, end=relay.end or "done",
-                    duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
-        shared.access_log.write(info)
-
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        entry = relay.describe()
+        entry.update(bytes_up=up, bytes_down=down, end=relay.end or "done",
+                     duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
+        shared.access_log.write(entry)
 
 
 def _is_loopback(host: str) -> bool:

@@ -145,8 +145,12 @@ class Relay:
     """
 
     __slots__ = ("id", "downstream", "upstream", "last_active",
-                 "end", "started", "on_accept", "_on_end", "_ended", "info",
-                 "task", "upstream_key")
+                 "end", "started", "on_accept", "_on_end", "_ended",
+                 "task", "upstream_key",
+                 # what the connection is, for the access log and the admin API;
+                 # plain fields rather than a dict: an idle connection stays small
+                 "listener", "started_wall", "source", "destination", "direction",
+                 "chain", "cluster", "endpoint", "upstream_stat")
 
     def __init__(self, conn_id: int, on_accept: Callable[[Relay], None],
                  on_end: Callable[[Relay], None]) -> None:
@@ -160,7 +164,15 @@ class Relay:
         self.end: str | None = None  # why it ended: done, idle_timeout, *_reset, ...
         self._on_end = on_end
         self._ended = False
-        self.info: dict = {}  # source, destination, chain, ...: for the access log
+        self.listener = "-"
+        self.started_wall = 0.0
+        self.source: tuple[str, int] | None = None  # (host, port)
+        self.destination: tuple[str, int] | None = None  # the original destination
+        self.direction = "-"
+        self.chain = "-"
+        self.cluster: str | None = None
+        self.endpoint = None  # the upstream endpoint, once connected
+        self.upstream_stat: str | None = None  # its cluster's stat prefix, once connected
 
     # set-up -------------------------------------------------------------------
     def attach_upstream(self) -> Side:
@@ -245,6 +257,15 @@ class Relay:
         self._ended = True
         self._on_end(self)
 
+    def describe(self) -> dict:
+        """The connection as plain data (the access log, /connections)."""
+        return {
+            "id": self.id, "start": self.started_wall, "listener": self.listener,
+            "source": hostport(self.source), "destination": hostport(self.destination),
+            "direction": self.direction, "chain": self.chain, "cluster": self.cluster,
+            "upstream": str(self.endpoint) if self.endpoint is not None else None,
+        }
+
     # counters -------------------------------------------------------------------
     @property
     def bytes_from_downstream(self) -> int:
@@ -253,6 +274,14 @@ class Relay:
     @property
     def bytes_from_upstream(self) -> int:
         return self.upstream.received if self.upstream is not None else 0
+
+
+def hostport(addr: tuple[str, int] | None) -> str:
+    """'192.0.2.1:80', '[2001:db8::1]:80', or '-'."""
+    if addr is None:
+        return "-"
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def idle_sweep_interval(timeout: float) -> float:
