@@ -104,6 +104,14 @@ class Shared:
                 stats.declare(f"chain.{chain.name}.rejected")
         stats.declare("direction.inbound.cx_total", "direction.outbound.cx_total")
 
+    def note_exhaustion(self, stat_prefix: str, message: str) -> None:
+        """Out of descriptors or memory: count every time, log once a second."""
+        self.stats.inc(stat_prefix + "resource_exhaustion")
+        now = time.monotonic()
+        if now - self.exhaustion_logged >= 1.0:
+            self.exhaustion_logged = now
+            log.warning("%s", message)
+
     def live_counts(self) -> Counter[str]:
         """Bytes of the connections still open, under the names `_ended` will add them to.
 
@@ -179,9 +187,8 @@ class Listener:
         except OSError as exc:
             self._refuse(relay, "error", f"cannot read the original destination: {exc}")
             return
-        if orig is None:
-            self._refuse(relay, "not_redirected",
-                         f"{hostport(relay.source)} dialled the redirected port directly; nothing to forward to")
+        if orig is None:  # no conntrack entry at all
+            self._refuse_direct(relay)
             return
         dst, dst_port = orig
         relay.destination = orig
@@ -192,8 +199,7 @@ class Listener:
         if dst_port == self.port and (dst in shared.local or _is_loopback(dst)):
             # conntrack saw it, but nothing rewrote it: it came to our own port
             stats.inc(self.stat_prefix + "loop_guard_refused")
-            self._refuse(relay, "not_redirected",
-                         f"{hostport(relay.source)} dialled the redirected port directly; nothing to forward to")
+            self._refuse_direct(relay)
             return
         direction = "inbound" if dst in shared.local else "outbound"
         relay.direction = direction
@@ -218,6 +224,10 @@ class Listener:
         log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, hostport(relay.source),
                     hostport(relay.destination), reason, why)
         relay.close(reason, reset=True)
+
+    def _refuse_direct(self, relay: Relay) -> None:
+        self._refuse(relay, "not_redirected",
+                     f"{hostport(relay.source)} dialled the redirected port directly; nothing to forward to")
 
     def _forward(self, relay: Relay, cluster_name: str | None, original: Endpoint | None = None) -> None:
         config = self.shared.config
@@ -256,7 +266,8 @@ class Listener:
             self._failed_attempts(cluster_name, failed, last_failed=not exc.exhausted)
             if exc.exhausted:
                 stats.inc(stat + "upstream_cx_connect_fail")
-                self._exhausted(exc)
+                self.shared.note_exhaustion(self.stat_prefix, f"out of resources ({exc}): "
+                                            "refusing connections until some close")
             else:
                 log.info("conn=%d upstream connect failed: %s", relay.id, exc)
             relay.close("connect_timeout" if exc.timeout else "connect_failed", reset=True)
@@ -306,14 +317,6 @@ class Listener:
                 host = stats.host(cluster_name, endpoint)
                 host["cx_total"] += 1
                 host["cx_connect_fail"] += 1
-
-    def _exhausted(self, exc: Exception) -> None:
-        """Out of descriptors or memory: count every time, log once a second."""
-        self.shared.stats.inc(self.stat_prefix + "resource_exhaustion")
-        now = time.monotonic()
-        if now - self.shared.exhaustion_logged >= 1.0:
-            self.shared.exhaustion_logged = now
-            log.warning("out of resources (%s): refusing connections until some close", exc)
 
     # end ------------------------------------------------------------------------------
     def _ended(self, relay: Relay) -> None:

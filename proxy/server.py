@@ -244,11 +244,8 @@ class Proxy:
         traceback; it already backs off and retries, so say it once a second."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in EXHAUSTION and self.redirect is not None:
-            self.stats.inc(self.redirect.stat_prefix + "resource_exhaustion")
-            now = time.monotonic()
-            if now - self.shared.exhaustion_logged >= 1.0:
-                self.shared.exhaustion_logged = now
-                log.warning("out of resources on accept (%s): backing off", errno.errorcode.get(exc.errno))
+            self.shared.note_exhaustion(self.redirect.stat_prefix, "out of resources on accept "
+                                        f"({errno.errorcode.get(exc.errno)}): backing off")
             return
         loop.default_exception_handler(context)
 
