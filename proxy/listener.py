@@ -33,19 +33,20 @@ of connections forwarded to their original destination.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import time
 from collections import Counter
-from ipaddress import ip_address
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import upstream
 from .accesslog import AccessLog
-from .chains import ChainTable, Connection
+from .chains import ChainTable
 from .config import Chain, Config, Endpoint, PlainListener
 from .localaddrs import LocalAddresses
-from .relay import Relay, hostport
+from .relay import Relay, Upstream, hostport
 from .sockopts import original_dst, unmapped
 from .stats import Stats, stat_address
 
@@ -69,6 +70,15 @@ LOOP_HINT = ("the proxy's own upstream connection was redirected back to it: "
              "mark or cgroup the redirect rules bypass)")
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one cluster's upstream connections are made."""
+
+    stat: str  # "cluster.<name>."
+    timeout: float  # per attempt
+    mark: int | None
+
+
 @dataclass
 class Shared:
     """State every listener of one proxy process shares."""
@@ -85,7 +95,12 @@ class Shared:
     listener_stats: dict[str, str] = field(default_factory=dict)  # listener name -> its stat prefix
 
     def __post_init__(self) -> None:
-        self.balancers = {c.name: upstream.RoundRobin(c) for c in self.config.clusters}
+        config = self.config
+        self.balancers = {c.name: upstream.RoundRobin(c) for c in config.clusters}
+        # how each cluster's attempts are made: its stat prefix, connect timeout, mark
+        self.routes = {c.name: Route(f"cluster.{c.name}.", c.connect_timeout,
+                                     c.mark if c.mark is not None else config.mark) for c in config.clusters}
+        self.routes[ORIGINAL_DST] = Route(f"cluster.{ORIGINAL_DST}.", config.connect_timeout, config.mark)
         self.table = ChainTable(self.config.chains)
         self.default_chain = PASSTHROUGH if self.config.default_action == "original" else BLACKHOLE
         self._declare_stats()
@@ -113,7 +128,7 @@ class Shared:
             log.warning("%s", message)
 
     def live_counts(self) -> Counter[str]:
-        """Bytes of the connections still open, under the names `_ended` will add them to.
+        """Bytes of the connections still open, under the names `ended` will add them to.
 
         Called by the admin API when it renders, never on the data path.
         """
@@ -152,11 +167,10 @@ class Listener:
 
     def protocol(self):
         """Protocol factory for loop.create_server: one Relay per connection."""
-        relay = Relay(next(self.shared.ids), self._accepted, self._ended)
-        return relay.downstream
+        return Relay(next(self.shared.ids), self).downstream
 
     # accept -> decision ---------------------------------------------------------
-    def _accepted(self, relay: Relay) -> None:
+    def accepted(self, relay: Relay) -> None:
         """Decide about one accepted connection; nothing in here reaches the loop."""
         shared, stats = self.shared, self.shared.stats
         shared.live[relay.id] = relay
@@ -180,7 +194,8 @@ class Listener:
         relay.source = (src, src_port)
         if self.plain is not None:
             relay.direction, relay.chain = "outbound", f"plain:{self.name}"
-            self._forward(relay, shared.config.cluster(self.plain.cluster).name)
+            cluster = shared.config.cluster(self.plain.cluster).name
+            self._forward(relay, cluster, shared.balancers[cluster].order())
             return
         try:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
             orig = original_dst(transport.get_extra_info("socket"), ipv4=":" not in src)
@@ -204,21 +219,16 @@ class Listener:
         direction = "inbound" if dst in shared.local else "outbound"
         relay.direction = direction
         stats.inc(f"direction.{direction}.cx_total")
-        table = shared.table
-        if table.uses_prefixes:  # parse addresses only when a chain looks at them
-            conn = Connection(ip_address(dst), dst_port, ip_address(src), direction)
-        else:
-            conn = Connection(None, dst_port, None, direction)
-        chain = table.select(conn) or shared.default_chain
+        chain = shared.table.lookup(dst, dst_port, src, direction) or shared.default_chain
         relay.chain = chain.name
         stats.inc(f"chain.{chain.name}.cx_total")
         if chain.action == "reject":
             stats.inc(f"chain.{chain.name}.rejected")
             relay.close("rejected", reset=True)
         elif chain.action == "cluster":
-            self._forward(relay, chain.cluster)
+            self._forward(relay, chain.cluster, shared.balancers[chain.cluster].order())
         else:
-            self._forward(relay, None, Endpoint(dst, dst_port))
+            self._forward(relay, ORIGINAL_DST, [Endpoint(dst, dst_port)])
 
     def _refuse(self, relay: Relay, reason: str, why: str) -> None:
         log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, hostport(relay.source),
@@ -229,102 +239,92 @@ class Listener:
         self._refuse(relay, "not_redirected",
                      f"{hostport(relay.source)} dialled the redirected port directly; nothing to forward to")
 
-    def _forward(self, relay: Relay, cluster_name: str | None, original: Endpoint | None = None) -> None:
-        config = self.shared.config
-        if cluster_name is None:
-            endpoints, timeout, mark = [original], config.connect_timeout, config.mark
-            cluster_name = ORIGINAL_DST
-        else:
-            cluster = config.cluster(cluster_name)
-            endpoints = self.shared.balancers[cluster_name].order()
-            timeout = cluster.connect_timeout
-            mark = cluster.mark if cluster.mark is not None else config.mark
-        relay.cluster = cluster_name
-        relay.task = self.loop.create_task(self._connect(relay, cluster_name, endpoints, timeout, mark),
-                                           name=f"connect-{relay.id}")
+    # upstream -------------------------------------------------------------------------
+    def _forward(self, relay: Relay, cluster_name: str, endpoints: list[Endpoint]) -> None:
+        """Connect upstream: the endpoints in this order, each tried once."""
+        relay.cluster, relay.remaining = cluster_name, endpoints
+        self._attempt(relay)
 
-    # upstream -> relay --------------------------------------------------------------
-    async def _connect(self, relay: Relay, cluster_name: str, endpoints, timeout: float, mark: int | None) -> None:
-        """The connect task: whatever goes wrong ends this connection only."""
-        try:
-            await self._open_upstream(relay, cluster_name, endpoints, timeout, mark)
-        except asyncio.CancelledError:
-            raise  # the client went away: _ended cancelled us
-        except Exception:  # a bug: this connection ends, the proxy goes on
-            log.exception("conn=%d failed while connecting upstream", relay.id)
-            relay.close("error", reset=True)
+    def _attempt(self, relay: Relay) -> None:
+        """Start connecting to the next endpoint; give up when none is left."""
+        shared, stats = self.shared, self.shared.stats
+        route = shared.routes[relay.cluster]
+        remaining = relay.remaining
+        while remaining:
+            endpoint = remaining.pop(0)
+            stats.inc(route.stat + "upstream_cx_total")  # each attempt counts, as in Envoy
+            try:
+                sock, key = upstream.open_socket(endpoint, route.mark, shared.own)
+            except upstream.MarkDenied as exc:  # the privilege went away after start-up?
+                log.error("conn=%d privilege: %s", relay.id, exc)
+                relay.close("error", reset=True)
+                return
+            except OSError as exc:
+                self._count_failure(relay.cluster, endpoint, timed_out=False)
+                if exc.errno in upstream.EXHAUSTION:  # no other endpoint will fare better
+                    shared.note_exhaustion(self.stat_prefix, f"out of resources ({errno.errorcode[exc.errno]} "
+                                           f"opening a socket to {endpoint}): refusing connections until some close")
+                    relay.close("connect_failed", reset=True)
+                    return
+                if not remaining:
+                    self._gave_up(relay, endpoint, exc.strerror, timed_out=False)
+            up = Upstream(relay, endpoint, key, sock)
+            relay.attach(up, keep=bool(remaining))
+            relay.deadline = self.loop.call_later(route.timeout, relay.connect_deadline)
+            upstream.start(self.loop.create_connection(lambda: up, sock=sock),
+                           partial(self._start_failed, relay, up))
+            return
 
-    async def _open_upstream(self, relay: Relay, cluster_name: str, endpoints, timeout: float,
-                             mark: int | None) -> None:
+    def _start_failed(self, relay: Relay, up: Upstream, exc: BaseException) -> None:
+        log.info("conn=%d upstream socket failed: %r", relay.id, exc)
+        relay.failed(up, timed_out=False, reason=repr(exc))
+
+    def connected(self, relay: Relay, up: Upstream) -> None:
+        """The relay confirmed its upstream: count it as an open connection."""
         stats = self.shared.stats
-        stat = f"cluster.{cluster_name}."
-        stats.inc(stat + "upstream_cx_total")  # the first attempt; _failed_attempts counts the others
-        failed: list[tuple[Endpoint, bool]] = []
-        try:
-            sock, endpoint, key = await upstream.connect(self.loop, endpoints, timeout, mark, self.shared.own, failed)
-        except upstream.ConnectFailed as exc:
-            self._failed_attempts(cluster_name, failed, last_failed=not exc.exhausted)
-            if exc.exhausted:
-                stats.inc(stat + "upstream_cx_connect_fail")
-                self.shared.note_exhaustion(self.stat_prefix, f"out of resources ({exc}): "
-                                            "refusing connections until some close")
-            else:
-                log.info("conn=%d upstream connect failed: %s", relay.id, exc)
-            relay.close("connect_timeout" if exc.timeout else "connect_failed", reset=True)
-            return
-        except upstream.MarkDenied as exc:  # the privilege went away after start-up?
-            log.error("conn=%d privilege: %s", relay.id, exc)
-            relay.close("error", reset=True)
-            return
-        self._failed_attempts(cluster_name, failed, last_failed=False)
-        relay.upstream_key = key
-        relay.endpoint = endpoint
-        if relay.ended:  # the client went away while we were connecting
-            self.shared.own.discard(key)
-            sock.close()
-            return
+        stat = self.shared.routes[relay.cluster].stat
         stats.inc(stat + "upstream_cx_active")
-        host = stats.host(cluster_name, endpoint)
+        host = stats.host(relay.cluster, up.endpoint)
         host["cx_total"] += 1
         host["cx_active"] += 1
         host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
         host["rq_active"] += 1
-        relay.upstream_stat = stat
-        side = relay.attach_upstream()
-        try:
-            await self.loop.create_connection(lambda: side, sock=sock)
-        except OSError as exc:
-            log.info("conn=%d upstream socket failed: %s", relay.id, exc)
-            relay.close("connect_failed", reset=True)
-            return
-        relay.task = None
-        relay.start()
+        relay.upstream_stat, relay.endpoint = stat, up.endpoint
 
-    def _failed_attempts(self, cluster_name: str, failed: list[tuple[Endpoint, bool]], last_failed: bool) -> None:
-        """Count per attempt, as Envoy does: each one is an upstream_cx_total; one that
-        fails is an upstream_cx_connect_fail, and one that times out is that and an
-        upstream_cx_connect_timeout too. `last_failed`: was the last attempt one of `failed`?"""
-        stats, stat = self.shared.stats, f"cluster.{cluster_name}."
-        if len(failed) > last_failed:
-            stats.inc(stat + "upstream_cx_total", len(failed) - last_failed)
-        for endpoint, timed_out in failed:
-            stats.inc(stat + "upstream_cx_connect_fail")
-            if timed_out:
-                stats.inc(stat + "upstream_cx_connect_timeout")
-            # Original destinations are not remembered when they fail (there is
-            # no bound on how many a client can try); the cluster's stats count them.
-            if cluster_name != ORIGINAL_DST:
-                host = stats.host(cluster_name, endpoint)
-                host["cx_total"] += 1
-                host["cx_connect_fail"] += 1
+    def connect_failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
+        """One attempt failed: the next endpoint, or the end of the connection."""
+        self.shared.own.discard(up.key)
+        self._count_failure(relay.cluster, up.endpoint, timed_out)
+        if relay.remaining:
+            self._attempt(relay)
+        else:
+            self._gave_up(relay, up.endpoint, reason, timed_out)
+
+    def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
+        """No endpoint is left: the client gets a RST (the end reason is the last attempt's)."""
+        log.info("conn=%d upstream connect failed: %s: %s", relay.id, endpoint, reason)
+        relay.close("connect_timeout" if timed_out else "connect_failed", reset=True)
+
+    def _count_failure(self, cluster_name: str, endpoint: Endpoint, timed_out: bool) -> None:
+        """As in Envoy: a failed attempt is an upstream_cx_connect_fail, and one
+        that timed out an upstream_cx_connect_timeout too."""
+        stats, stat = self.shared.stats, self.shared.routes[cluster_name].stat
+        stats.inc(stat + "upstream_cx_connect_fail")
+        if timed_out:
+            stats.inc(stat + "upstream_cx_connect_timeout")
+        # Original destinations are not remembered when they fail (there is
+        # no bound on how many a client can try); the cluster's stats count them.
+        if cluster_name != ORIGINAL_DST:
+            host = stats.host(cluster_name, endpoint)
+            host["cx_total"] += 1
+            host["cx_connect_fail"] += 1
 
     # end ------------------------------------------------------------------------------
-    def _ended(self, relay: Relay) -> None:
+    def ended(self, relay: Relay) -> None:
         shared, stats = self.shared, self.shared.stats
         shared.live.pop(relay.id, None)
-        shared.own.discard(relay.upstream_key)
-        if relay.task is not None and not relay.task.done():
-            relay.task.cancel()
+        if relay.upstream is not None:
+            shared.own.discard(relay.upstream.key)
         stats.dec(self.stat_prefix + "downstream_cx_active")
         stats.inc(self.stat_prefix + "downstream_cx_destroy")
         up, down = relay.bytes_from_downstream, relay.bytes_from_upstream

@@ -1,7 +1,8 @@
-"""Opening the upstream connection: endpoint choice, mark, timeout, loop guard.
+"""Opening the upstream socket: endpoint order, mark, the loop guard's registry.
 
-The socket is made by hand rather than by `loop.create_connection(host, port)`
-for two reasons:
+Each attempt makes its socket by hand and starts a non-blocking connect(),
+then gives the socket, still connecting, to the event loop
+(`create_connection(sock=...)`), without waiting for the handshake:
 
 * SO_MARK must be set before the SYN leaves, or the mark-based bypass rule
   never sees it;
@@ -9,34 +10,31 @@ for two reasons:
   complete: if the rules fail to exempt the proxy, the SYN comes straight
   back to our listener, and the accept callback must be able to recognise it
   as ours. A non-blocking connect() fixes the source address at once, so it
-  is registered before the event loop can run the accept.
+  is registered before the event loop can run the accept;
+* not waiting for writability in Python costs one epoll registration and one
+  coroutine round less per connection; the relay works out when the
+  connection is up (relay.py, "Connecting without waiting").
+
+A refusal usually arrives later, as the transport's error (relay.py tells a
+connect error from a reset by its errno); what fails at once (no route, no
+descriptors left) is an OSError here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine
 
 from .config import Cluster, Endpoint
 from .sockopts import set_mark, unmapped
-
 
 # errnos that mean "this process or the machine is out of something", not
 # "the upstream said no": the proxy backs off and recovers from these.
 EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-
-class ConnectFailed(Exception):
-    """No endpoint could be reached; `timeout` tells a timeout from a refusal,
-    `exhausted` a lack of descriptors or memory on our side."""
-
-    def __init__(self, reason: str, *, timeout: bool, exhausted: bool = False) -> None:
-        super().__init__(reason)
-        self.timeout = timeout
-        self.exhausted = exhausted
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 class MarkDenied(Exception):
@@ -83,65 +81,45 @@ class RoundRobin:
         return list(eps[start:] + eps[:start])
 
 
-async def _connect_one(loop: asyncio.AbstractEventLoop, endpoint: Endpoint, timeout: float,
-                       mark: int | None, own: OwnSockets) -> tuple[socket.socket, tuple]:
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    key = None
+def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[socket.socket, tuple]:
+    """A socket whose connect() to `endpoint` has begun, and its loop-guard key.
+
+    Raises MarkDenied, or OSError for what fails at once (EMFILE, ENETUNREACH, ...).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET, _NONBLOCKING_STREAM)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if mark is not None:
             try:
                 set_mark(sock, mark)
             except PermissionError as exc:
                 raise MarkDenied(f"setsockopt(SO_MARK {mark:#x}): {exc.strerror}") from None
-        try:
-            sock.connect((endpoint.host, endpoint.port))
-        except BlockingIOError:
-            pass
-        key = own.add(sock, endpoint)  # before any await: see the module docstring
-        writable = loop.create_future()
-        loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
-        try:
-            async with asyncio.timeout(timeout):
-                await writable
-        finally:
-            loop.remove_writer(sock.fileno())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
-        return sock, key
+        err = sock.connect_ex((endpoint.host, endpoint.port))
+        if err != errno.EINPROGRESS and err != 0:
+            raise OSError(err, errno.errorcode.get(err, "error"))
+        return sock, own.add(sock, endpoint)  # before any event runs: see the module docstring
     except BaseException:
-        own.discard(key)
         sock.close()
         raise
 
 
-async def connect(loop: asyncio.AbstractEventLoop, endpoints: Sequence[Endpoint], timeout: float,
-                  mark: int | None, own: OwnSockets,
-                  failed: list[tuple[Endpoint, bool]] | None = None) -> tuple[socket.socket, Endpoint, tuple]:
-    """Connect to the first endpoint that answers, each tried once in order.
+def start(coro: Coroutine, on_error: Callable[[BaseException], None]) -> None:
+    """Run `coro` (the loop's create_connection) to its end without a Task.
 
-    Each endpoint that refused or timed out is appended to `failed` as
-    (endpoint, timed_out), also when a later one answers (for the stats).
+    It suspends on one future, resolved once the protocol's connection_made
+    has run; a Task would add a weak-set entry, a context copy and a
+    scheduling round per connection for nothing. The coroutine must still be
+    finished, not dropped: after that await it hands the socket object to
+    the transport, and a coroutine collected while suspended would close the
+    transport. `on_error(exc)` gets whatever it raises.
     """
-    reasons = []
-    timeouts = 0
-    for endpoint in endpoints:
+    def step(_=None) -> None:
         try:
-            sock, key = await _connect_one(loop, endpoint, timeout, mark, own)
-            return sock, endpoint, key
-        except TimeoutError:
-            timeouts += 1
-            reasons.append(f"{endpoint}: timed out after {timeout:g}s")
-            if failed is not None:
-                failed.append((endpoint, True))
-        except OSError as exc:
-            if failed is not None and exc.errno not in EXHAUSTION:
-                failed.append((endpoint, False))
-            name = errno.errorcode.get(exc.errno or 0, "error")
-            reasons.append(f"{endpoint}: {name} ({exc.strerror})")
-            if exc.errno in EXHAUSTION:  # no other endpoint will fare better
-                raise ConnectFailed(reasons[-1], timeout=False, exhausted=True) from None
-    raise ConnectFailed("; ".join(reasons), timeout=timeouts == len(reasons))
+            future = coro.send(None)
+        except StopIteration:
+            return
+        except (Exception, asyncio.CancelledError) as exc:
+            on_error(exc)
+            return
+        future.add_done_callback(step)
+
+    step()
