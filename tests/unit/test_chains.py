@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.chains import NO_MATCH, ChainTable, Connection, select, specificity
+from proxy.chains import LOOKUP_MEMORY, NO_MATCH, ChainTable, Connection, select, specificity
 from proxy.config import Chain, ConfigError, Match, check_ambiguous
 
 ip = ipaddress.ip_address
@@ -150,8 +150,22 @@ def test_table_agrees_with_reference(specs, c):
         check_ambiguous(tuple(chains))
     except ConfigError:
         return  # such a config never loads
-    got = ChainTable(chains).select(c)
+    table = ChainTable(chains)
+    got = table.select(c)
     assert got == reference(chains, c)
     assert got == select(chains, c)
+    for _ in range(2):  # the string form agrees, also when answered from memory
+        assert table.lookup(str(c.dst), c.dst_port, str(c.src), c.direction) == got
     if got is not None:  # whatever wins really matches the connection
         assert NO_MATCH not in specificity(got, c)
+
+
+def test_lookup_memory_is_bounded_and_stays_right():
+    table = ChainTable([chain("web", ports=[80], dst=["198.51.100.0/24"]), chain("any-80", ports=[80])])
+    for i in range(LOOKUP_MEMORY + 10):  # more distinct destinations than it remembers
+        dst = str(ipaddress.ip_address("198.51.0.0") + i)
+        want = "web" if dst.startswith("198.51.100.") else "any-80"
+        assert table.lookup(dst, 80, "192.0.2.1", "outbound").name == want
+    assert len(table._memory) <= LOOKUP_MEMORY
+    assert table.lookup("198.51.100.10", 80, "192.0.2.1", "outbound").name == "web"
+    assert table.lookup("198.51.100.10", 443, "192.0.2.1", "outbound") is None
