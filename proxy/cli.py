@@ -61,6 +61,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-log", metavar="TARGET", help="stderr (default), stdout, off, or a file path")
     parser.add_argument("--idle-timeout", metavar="DURATION", help="close connections idle this long (default 1h)")
     parser.add_argument("--connect-timeout", metavar="DURATION", help="upstream connect timeout (default 5s)")
+    parser.add_argument("--splice", choices=cfg.SPLICE_MODES,
+                        help="auto (default): bulk transfers move by splice(2), in the kernel; off: always copy")
     parser.add_argument("--drain-timeout", metavar="DURATION", help="on SIGTERM, wait this long for connections (default 5s)")
     parser.add_argument("--admin-address", metavar="IP",
                         help="admin API address (default 127.0.0.1; anything but loopback needs --admin-allow-remote)")

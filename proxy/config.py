@@ -41,6 +41,7 @@ DIRECTIONS = ("any", "inbound", "outbound")
 LOOPS = ("uvloop", "asyncio")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SPLICE_MODES = ("auto", "off")
 
 
 class ConfigError(Exception):
@@ -116,6 +117,7 @@ class Config:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    splice: str = "auto"  # bulk directions move by splice(2) (proxy/splice.py), or never
     default_action: str = "original"
     clusters: tuple[Cluster, ...] = ()
     chains: tuple[Chain, ...] = ()
@@ -284,6 +286,7 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "connect_timeout": parse_duration,
     "idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
+    "splice": parse_choice(SPLICE_MODES),
     "default_action": parse_choice(("original", "reject")),
     "admin_address": parse_address,
     "admin_port": parse_admin_port,

@@ -21,6 +21,7 @@ Stat names are made here and only here (Envoy's where the meaning is the same):
 
     listener.<address>.downstream_cx_{total,active,destroy,rx_bytes_total,tx_bytes_total}
     listener.<address>.{loop_guard_refused,resource_exhaustion}      (ours)
+    splice.{pumps_total,pumps_active,unavailable}                     (ours)
     cluster.<name>.upstream_cx_{total,active,destroy,connect_fail,connect_timeout,
                                 rx_bytes_total,tx_bytes_total}
     chain.<name>.{cx_total,rejected}, direction.<inbound|outbound>.cx_total   (ours)
@@ -48,7 +49,7 @@ from .config import Chain, Config, Endpoint, PlainListener
 from .localaddrs import LocalAddresses
 from .relay import Relay, Upstream, hostport
 from .sockopts import original_dst, unmapped
-from .stats import Stats, stat_address
+from .stats import Names, Stats, stat_address
 
 log = logging.getLogger("proxy.listener")
 
@@ -62,6 +63,8 @@ ORIGINAL_DST = "original_dst"
 
 LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_destroy",
                   "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion")
+REDIRECT_STATS = (*LISTENER_STATS, "loop_guard_refused")
+SPLICE_STATS = ("pumps_total", "pumps_active", "unavailable")
 CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_connect_fail",
                  "upstream_cx_connect_timeout", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total")
 
@@ -74,7 +77,7 @@ LOOP_HINT = ("the proxy's own upstream connection was redirected back to it: "
 class Route:
     """How one cluster's upstream connections are made."""
 
-    stat: str  # "cluster.<name>."
+    names: Names  # its stats: "cluster.<name>.upstream_cx_total", ...
     timeout: float  # per attempt
     mark: int | None
 
@@ -92,36 +95,41 @@ class Shared:
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     balancers: dict[str, upstream.RoundRobin] = field(default_factory=dict)
     exhaustion_logged: float = float("-inf")
-    listener_stats: dict[str, str] = field(default_factory=dict)  # listener name -> its stat prefix
+    listener_stats: dict[str, Names] = field(default_factory=dict)  # listener name -> its stats
 
     def __post_init__(self) -> None:
         config = self.config
         self.balancers = {c.name: upstream.RoundRobin(c) for c in config.clusters}
-        # how each cluster's attempts are made: its stat prefix, connect timeout, mark
-        self.routes = {c.name: Route(f"cluster.{c.name}.", c.connect_timeout,
+        # how each cluster's attempts are made: its stats, connect timeout, mark
+        self.routes = {c.name: Route(Names(f"cluster.{c.name}.", CLUSTER_STATS), c.connect_timeout,
                                      c.mark if c.mark is not None else config.mark) for c in config.clusters}
-        self.routes[ORIGINAL_DST] = Route(f"cluster.{ORIGINAL_DST}.", config.connect_timeout, config.mark)
+        self.routes[ORIGINAL_DST] = Route(Names(f"cluster.{ORIGINAL_DST}.", CLUSTER_STATS),
+                                          config.connect_timeout, config.mark)
         self.table = ChainTable(self.config.chains)
         self.default_chain = PASSTHROUGH if self.config.default_action == "original" else BLACKHOLE
+        self.chain_stats = {c.name: Names(f"chain.{c.name}.", ("cx_total", "rejected") if c.action == "reject"
+                                          else ("cx_total",)) for c in (*config.chains, self.default_chain)}
+        self.direction_stats = {d: f"direction.{d}.cx_total" for d in ("inbound", "outbound")}
+        self.splice_stats = Names("splice.", SPLICE_STATS)
         self._declare_stats()
 
     def _declare_stats(self) -> None:
         """Every configured cluster, chain and direction is listed in /stats from the start."""
         stats, config = self.stats, self.config
-        for name in (*(c.name for c in config.clusters), ORIGINAL_DST):
-            stats.declare(*(f"cluster.{name}.{s}" for s in CLUSTER_STATS))
+        for route in self.routes.values():
+            stats.declare(*route.names.all)
         for cluster in config.clusters:
             for endpoint in cluster.endpoints:
                 stats.host(cluster.name, endpoint)
-        for chain in (*config.chains, self.default_chain):
-            stats.declare(f"chain.{chain.name}.cx_total")
-            if chain.action == "reject":
-                stats.declare(f"chain.{chain.name}.rejected")
-        stats.declare("direction.inbound.cx_total", "direction.outbound.cx_total")
+        for names in self.chain_stats.values():
+            stats.declare(*names.all)
+        stats.declare(*self.direction_stats.values())
+        if config.splice == "auto":
+            stats.declare(*self.splice_stats.all)
 
-    def note_exhaustion(self, stat_prefix: str, message: str) -> None:
+    def note_exhaustion(self, names: Names, message: str) -> None:
         """Out of descriptors or memory: count every time, log once a second."""
-        self.stats.inc(stat_prefix + "resource_exhaustion")
+        self.stats.inc(names.resource_exhaustion)
         now = time.monotonic()
         if now - self.exhaustion_logged >= 1.0:
             self.exhaustion_logged = now
@@ -135,14 +143,14 @@ class Shared:
         counts: Counter[str] = Counter()
         for relay in self.live.values():
             up, down = relay.bytes_from_downstream, relay.bytes_from_upstream
-            prefix = self.listener_stats.get(relay.listener)
-            if prefix is not None:
-                counts[prefix + "downstream_cx_rx_bytes_total"] += up
-                counts[prefix + "downstream_cx_tx_bytes_total"] += down
-            stat = relay.upstream_stat
-            if stat is not None:
-                counts[stat + "upstream_cx_tx_bytes_total"] += up
-                counts[stat + "upstream_cx_rx_bytes_total"] += down
+            names = self.listener_stats.get(relay.listener)
+            if names is not None:
+                counts[names.downstream_cx_rx_bytes_total] += up
+                counts[names.downstream_cx_tx_bytes_total] += down
+            cluster = relay.upstream_stat
+            if cluster is not None:
+                counts[cluster.upstream_cx_tx_bytes_total] += up
+                counts[cluster.upstream_cx_rx_bytes_total] += down
         return counts
 
 
@@ -156,14 +164,13 @@ class Listener:
         self.loop = loop
         self.plain = plain
         self.name = plain.name if plain else "redirect"
+        self.splice = shared.config.splice == "auto"  # relay.Relay asks, per bulk direction
         self.port = plain.port if plain else shared.config.port
         if address is None:
             address = (plain.address, plain.port) if plain else (shared.config.addresses[0], self.port)
-        self.stat_prefix = f"listener.{stat_address(*address)}."
-        shared.listener_stats[self.name] = self.stat_prefix
-        shared.stats.declare(*(self.stat_prefix + s for s in LISTENER_STATS))
-        if plain is None:
-            shared.stats.declare(self.stat_prefix + "loop_guard_refused")
+        self.names = Names(f"listener.{stat_address(*address)}.", LISTENER_STATS if plain else REDIRECT_STATS)
+        shared.listener_stats[self.name] = self.names
+        shared.stats.declare(*self.names.all)
 
     def protocol(self):
         """Protocol factory for loop.create_server: one Relay per connection."""
@@ -174,8 +181,8 @@ class Listener:
         """Decide about one accepted connection; nothing in here reaches the loop."""
         shared, stats = self.shared, self.shared.stats
         shared.live[relay.id] = relay
-        stats.inc(self.stat_prefix + "downstream_cx_total")
-        stats.inc(self.stat_prefix + "downstream_cx_active")
+        stats.inc(self.names.downstream_cx_total)
+        stats.inc(self.names.downstream_cx_active)
         relay.listener, relay.started_wall = self.name, time.time()
         try:
             self._decide(relay)
@@ -208,22 +215,23 @@ class Listener:
         dst, dst_port = orig
         relay.destination = orig
         if (src, src_port, dst, dst_port) in shared.own:  # one of our own upstream sockets
-            stats.inc(self.stat_prefix + "loop_guard_refused")
+            stats.inc(self.names.loop_guard_refused)
             self._refuse(relay, "loop_guard", LOOP_HINT)
             return
         if dst_port == self.port and (dst in shared.local or _is_loopback(dst)):
             # conntrack saw it, but nothing rewrote it: it came to our own port
-            stats.inc(self.stat_prefix + "loop_guard_refused")
+            stats.inc(self.names.loop_guard_refused)
             self._refuse_direct(relay)
             return
         direction = "inbound" if dst in shared.local else "outbound"
         relay.direction = direction
-        stats.inc(f"direction.{direction}.cx_total")
+        stats.inc(shared.direction_stats[direction])
         chain = shared.table.lookup(dst, dst_port, src, direction) or shared.default_chain
         relay.chain = chain.name
-        stats.inc(f"chain.{chain.name}.cx_total")
+        names = shared.chain_stats[chain.name]
+        stats.inc(names.cx_total)
         if chain.action == "reject":
-            stats.inc(f"chain.{chain.name}.rejected")
+            stats.inc(names.rejected)
             relay.close("rejected", reset=True)
         elif chain.action == "cluster":
             self._forward(relay, chain.cluster, shared.balancers[chain.cluster].order())
@@ -252,7 +260,7 @@ class Listener:
         remaining = relay.remaining
         while remaining:
             endpoint = remaining.pop(0)
-            stats.inc(route.stat + "upstream_cx_total")  # each attempt counts, as in Envoy
+            stats.inc(route.names.upstream_cx_total)  # each attempt counts, as in Envoy
             try:
                 sock, key = upstream.open_socket(endpoint, route.mark, shared.own)
             except upstream.MarkDenied as exc:  # the privilege went away after start-up?
@@ -262,7 +270,7 @@ class Listener:
             except OSError as exc:
                 self._count_failure(relay.cluster, endpoint, timed_out=False)
                 if exc.errno in upstream.EXHAUSTION:  # no other endpoint will fare better
-                    shared.note_exhaustion(self.stat_prefix, f"out of resources ({errno.errorcode[exc.errno]} "
+                    shared.note_exhaustion(self.names, f"out of resources ({errno.errorcode[exc.errno]} "
                                            f"opening a socket to {endpoint}): refusing connections until some close")
                     relay.close("connect_failed", reset=True)
                     return
@@ -282,14 +290,14 @@ class Listener:
     def connected(self, relay: Relay, up: Upstream) -> None:
         """The relay confirmed its upstream: count it as an open connection."""
         stats = self.shared.stats
-        stat = self.shared.routes[relay.cluster].stat
-        stats.inc(stat + "upstream_cx_active")
+        names = self.shared.routes[relay.cluster].names
+        stats.inc(names.upstream_cx_active)
         host = stats.host(relay.cluster, up.endpoint)
         host["cx_total"] += 1
         host["cx_active"] += 1
         host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
         host["rq_active"] += 1
-        relay.upstream_stat, relay.endpoint = stat, up.endpoint
+        relay.upstream_stat, relay.endpoint = names, up.endpoint
 
     def connect_failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
         """One attempt failed: the next endpoint, or the end of the connection."""
@@ -308,10 +316,10 @@ class Listener:
     def _count_failure(self, cluster_name: str, endpoint: Endpoint, timed_out: bool) -> None:
         """As in Envoy: a failed attempt is an upstream_cx_connect_fail, and one
         that timed out an upstream_cx_connect_timeout too."""
-        stats, stat = self.shared.stats, self.shared.routes[cluster_name].stat
-        stats.inc(stat + "upstream_cx_connect_fail")
+        stats, names = self.shared.stats, self.shared.routes[cluster_name].names
+        stats.inc(names.upstream_cx_connect_fail)
         if timed_out:
-            stats.inc(stat + "upstream_cx_connect_timeout")
+            stats.inc(names.upstream_cx_connect_timeout)
         # Original destinations are not remembered when they fail (there is
         # no bound on how many a client can try); the cluster's stats count them.
         if cluster_name != ORIGINAL_DST:
@@ -319,33 +327,51 @@ class Listener:
             host["cx_total"] += 1
             host["cx_connect_fail"] += 1
 
+    # bulk ---------------------------------------------------------------------------
+    def pumped(self, relay: Relay, change: int) -> None:
+        """A splice pump started (+1) or stopped (-1) for one direction of `relay`."""
+        names, stats = self.shared.splice_stats, self.shared.stats
+        if change > 0:
+            stats.inc(names.pumps_total)
+        stats.inc(names.pumps_active, change)
+
+    def pump_unavailable(self, relay: Relay, exc: OSError) -> None:
+        self.shared.stats.inc(self.shared.splice_stats.unavailable)
+        if exc.errno in upstream.EXHAUSTION:
+            self.shared.note_exhaustion(self.names, f"out of resources ({errno.errorcode[exc.errno]} "
+                                        "making a splice pump): bulk transfers are copied until some close")
+        else:
+            log.warning("conn=%d cannot splice (%s): copying instead", relay.id, exc)
+
     # end ------------------------------------------------------------------------------
     def ended(self, relay: Relay) -> None:
         shared, stats = self.shared, self.shared.stats
         shared.live.pop(relay.id, None)
         if relay.upstream is not None:
             shared.own.discard(relay.upstream.key)
-        stats.dec(self.stat_prefix + "downstream_cx_active")
-        stats.inc(self.stat_prefix + "downstream_cx_destroy")
+        names = self.names
+        stats.dec(names.downstream_cx_active)
+        stats.inc(names.downstream_cx_destroy)
         up, down = relay.bytes_from_downstream, relay.bytes_from_upstream
-        stats.inc(self.stat_prefix + "downstream_cx_rx_bytes_total", up)
-        stats.inc(self.stat_prefix + "downstream_cx_tx_bytes_total", down)
+        stats.inc(names.downstream_cx_rx_bytes_total, up)
+        stats.inc(names.downstream_cx_tx_bytes_total, down)
         if relay.upstream_stat is not None:
-            stat, relay.upstream_stat = relay.upstream_stat, None
-            stats.dec(stat + "upstream_cx_active")
-            stats.inc(stat + "upstream_cx_destroy")
-            stats.inc(stat + "upstream_cx_tx_bytes_total", up)
-            stats.inc(stat + "upstream_cx_rx_bytes_total", down)
+            cluster, relay.upstream_stat = relay.upstream_stat, None
+            stats.dec(cluster.upstream_cx_active)
+            stats.inc(cluster.upstream_cx_destroy)
+            stats.inc(cluster.upstream_cx_tx_bytes_total, up)
+            stats.inc(cluster.upstream_cx_rx_bytes_total, down)
             endpoint, cluster_name = relay.endpoint, relay.cluster
             host = stats.host(cluster_name, endpoint)
             host["cx_active"] -= 1
             host["rq_active"] -= 1
             if cluster_name == ORIGINAL_DST and not host["cx_active"]:
                 stats.drop_host(cluster_name, endpoint)  # Envoy too forgets idle original destinations
-        entry = relay.describe()
-        entry.update(bytes_up=up, bytes_down=down, end=relay.end or "done",
-                     duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
-        shared.access_log.write(entry)
+        if shared.access_log.enabled:
+            entry = relay.describe()
+            entry.update(bytes_up=up, bytes_down=down, end=relay.end or "done",
+                         duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
+            shared.access_log.write(entry)
 
 
 def _is_loopback(host: str) -> bool:

@@ -25,6 +25,10 @@ Reset: if one side fails (RST, or a write error), the other side is closed
 with SO_LINGER 0, so its peer gets a RST too rather than a polite FIN that
 would look like a complete response.
 
+Bulk: a direction whose reads come SPLICE_AFTER bytes at a time is handed
+to a splice.Pump, which moves it in the kernel (splice.py); the pump reports
+its end of stream and its errors here, as the transport would have.
+
 Connecting without waiting
 --------------------------
 The upstream socket starts its connect() and goes to the event loop at once,
@@ -52,8 +56,9 @@ first bytes wait in the same list, and the client stops being read once they
 pass EARLY_LIMIT.
 
 The owner (listener.Listener) is told about each step: `accepted`,
-`connected`, `connect_failed` (it then attaches the next attempt or closes)
-and `ended`, exactly once, when both sockets are closed.
+`connected`, `connect_failed` (it then attaches the next attempt or closes),
+`pumped` (a splice pump started or stopped) and `ended`, exactly once, when
+both sockets are closed.
 
 Idle timeout: one sweep for the whole process (`close_idle`, run by the
 server eight times per timeout, at most once a second) compares each
@@ -75,6 +80,7 @@ import time
 from collections.abc import Iterable
 
 from .sockopts import arm_reset
+from .splice import SPLICE_AFTER, Pump
 
 _monotonic = time.monotonic
 
@@ -93,10 +99,16 @@ CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUN
                             errno.EHOSTDOWN, errno.ENETDOWN})
 
 
+# Side.pump while a direction waits for its destination's buffer to empty
+# before its splice pump may start (byte order: see splice.py), and after its
+# pump has stopped (the connection is ending: nobody reads that socket again).
+WAITING, STOPPED = object(), object()
+
+
 class Side(asyncio.Protocol):
     """One socket of a relayed connection."""
 
-    __slots__ = ("relay", "transport", "peer", "eof", "received", "lost", "relaying", "paused")
+    __slots__ = ("relay", "transport", "peer", "eof", "received", "lost", "relaying", "paused", "pump")
     name = ""
 
     def __init__(self, relay: Relay) -> None:
@@ -108,6 +120,7 @@ class Side(asyncio.Protocol):
         self.received = 0  # bytes read from this socket
         self.relaying = False  # bytes read here go straight to the peer (the upstream is confirmed)
         self.paused = False  # our write buffer is over its high-water mark
+        self.pump: Pump | None = None  # reading this socket moved to a splice pump (or WAITING, STOPPED)
 
     # asyncio.Protocol ---------------------------------------------------------
     def pause_writing(self) -> None:
@@ -117,7 +130,11 @@ class Side(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.peer.transport.resume_reading()
+        pump = self.peer.pump  # who reads what is written to us
+        if pump is None:
+            self.peer.transport.resume_reading()
+        elif pump is WAITING:  # our buffer is empty now: that direction can go to its pump
+            self.relay.start_pump(self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -144,6 +161,8 @@ class Downstream(Side):
         self.received += len(data)
         if self.relaying:
             self.peer.transport.write(data)
+            if len(data) >= SPLICE_AFTER:
+                self.relay.splice(self)
         else:
             self.relay.early_data(data)
 
@@ -178,6 +197,8 @@ class Upstream(Side):
         if not self.relaying:
             self.relay.confirm(self)
         self.peer.transport.write(data)
+        if len(data) >= SPLICE_AFTER:
+            self.relay.splice(self)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -225,7 +246,7 @@ class Relay:
         self.chain = "-"
         self.cluster: str | None = None
         self.endpoint = None  # the upstream endpoint, once connected
-        self.upstream_stat: str | None = None  # its cluster's stat prefix, once connected
+        self.upstream_stat = None  # its cluster's stats.Names, once connected
 
     # connecting ---------------------------------------------------------------
     def attach(self, up: Upstream, keep: bool) -> None:
@@ -301,6 +322,51 @@ class Relay:
             up.transport.abort()  # still connecting: nothing was sent, nothing to reset
         self.owner.connect_failed(self, up, timed_out, reason)
 
+    # bulk: splice pumps (splice.py) --------------------------------------------
+    def splice(self, side: Side) -> None:
+        """`side` reads in big chunks: move its direction to a pump, once the
+        bytes already written to its peer are gone."""
+        if side.pump is not None or not self.owner.splice:
+            return
+        side.transport.pause_reading()
+        side.pump = WAITING
+        if _took_it(side.peer.transport):
+            self.start_pump(side)
+        else:  # 0: the peer's resume_writing says when its buffer is empty
+            side.peer.transport.set_write_buffer_limits(high=0, low=0)
+
+    def start_pump(self, side: Side) -> None:
+        if self.end is not None:
+            return
+        peer = side.peer
+        peer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        try:
+            pump = Pump(self.owner.loop, self, side, _fileno(side.transport), _fileno(peer.transport))
+        except OSError as exc:  # out of descriptors: this direction keeps copying
+            side.pump = None
+            side.transport.resume_reading()
+            self.owner.pump_unavailable(self, exc)
+            return
+        side.pump = pump
+        pump.start()
+        self.owner.pumped(self, +1)
+
+    def pump_eof(self, pump: Pump) -> None:
+        self.half_closed(pump.side)
+
+    def pump_failed(self, pump: Pump, side: Side, exc: OSError) -> None:
+        """A pump's read (side: its source) or write (its destination) failed."""
+        if self.end is None:
+            self.end = f"{side.name}_reset"
+        self.close(self.end, reset=True)
+
+    def _stop_pumps(self) -> None:
+        for side in (self.downstream, self.upstream):
+            if side is not None and isinstance(side.pump, Pump):
+                side.pump.close()
+                side.pump = STOPPED
+                self.owner.pumped(self, -1)
+
     # events from the sides ------------------------------------------------------
     def half_closed(self, side: Side) -> None:
         peer = side.peer
@@ -312,6 +378,7 @@ class Relay:
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         if side is not self.downstream and side is not self.upstream:
             return  # an attempt given up on
+        self._stop_pumps()
         if side is self.upstream and not side.relaying and self.end is None:
             if isinstance(exc, OSError) and exc.errno in CONNECT_ERRNOS:
                 self.failed(side, timed_out=False, reason=f"{errno.errorcode[exc.errno]} ({exc.strerror})")
@@ -347,6 +414,7 @@ class Relay:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        self._stop_pumps()  # first: a socket closes only with its last descriptor
         for side in (self.downstream, self.upstream):
             if side is not None and side.open:
                 if reset:
@@ -391,6 +459,10 @@ def _took_it(transport: asyncio.Transport) -> bool:
     """The kernel took all we wrote at once, so the socket is connected (a
     write that failed empties the buffer too, but leaves the transport closing)."""
     return transport.get_write_buffer_size() == 0 and not transport.is_closing()
+
+
+def _fileno(transport: asyncio.Transport) -> int:
+    return transport.get_extra_info("socket").fileno()
 
 
 def hostport(addr: tuple[str, int] | None) -> str:

@@ -244,7 +244,7 @@ class Proxy:
         traceback; it already backs off and retries, so say it once a second."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in EXHAUSTION and self.redirect is not None:
-            self.shared.note_exhaustion(self.redirect.stat_prefix, "out of resources on accept "
+            self.shared.note_exhaustion(self.redirect.names, "out of resources on accept "
                                         f"({errno.errorcode.get(exc.errno)}): backing off")
             return
         loop.default_exception_handler(context)

@@ -23,7 +23,7 @@ bytes when it renders (see listener.Shared.live_counts).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
 # Envoy's per-host stats, in the order /clusters prints them (sorted by name).
 HOST_STATS = ("cx_active", "cx_connect_fail", "cx_total", "rq_active", "rq_error",
@@ -44,6 +44,19 @@ def stat_address(host: str, port: int) -> str:
 def is_gauge(name: str) -> bool:
     """Envoy's gauges among our names: everything counting what is open now."""
     return name.endswith("_active")
+
+
+class Names:
+    """The full names of a group of stats under one prefix, made once rather
+    than per connection: `Names("cluster.web.", CLUSTER_STATS).upstream_cx_total`
+    is "cluster.web.upstream_cx_total"."""
+
+    def __init__(self, prefix: str, stats: Iterable[str]) -> None:
+        stats = tuple(stats)
+        self.prefix = prefix
+        self.all = tuple(prefix + stat for stat in stats)
+        for stat, name in zip(stats, self.all):
+            setattr(self, stat, name)
 
 
 class Stats:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
+import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from proxy.netns import ThreadedServer as Server  # noqa: F401  (the tests' name for it)
 from proxy.sandbox import PROXY_UID, PYTHON, ProxyProcess, setpriv_argv  # noqa: F401
@@ -51,3 +54,47 @@ def recv_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# --- the admin API, from inside a namespace ------------------------------------------
+
+ADMIN = ("127.0.0.1", 15000)
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: str
+
+    def json(self):
+        return json.loads(self.body)
+
+    def brief(self) -> tuple[int, str]:
+        return self.status, self.body
+
+
+def admin(ns, method: str, path: str, addr: tuple = ADMIN) -> Reply:
+    """One HTTP/1.0 request to the admin API, from inside `ns`."""
+    with ns.connect(addr, timeout=10) as s:
+        s.sendall(f"{method} {path} HTTP/1.0\r\nHost: {addr[0]}\r\n\r\n".encode())
+        raw = recv_all(s)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return Reply(int(status_line.split()[1]), headers, body.decode())
+
+
+def stats_of(ns) -> dict[str, int]:
+    text = admin(ns, "GET", "/stats").body
+    return {name: int(value) for name, _, value in (line.partition(": ") for line in text.splitlines())}
+
+
+def wait_until(check, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s")
+        time.sleep(0.05)

@@ -8,57 +8,26 @@ kubelet probe or curl would send and receive.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import PYTHON, ProxyProcess, Server, echo, recv_all, setpriv_argv
+from support import ADMIN, PYTHON, ProxyProcess, Server, admin, echo, recv_all, setpriv_argv, stats_of, wait_until
 
 from proxy.server import LISTENER_DELAY_ENV
 
 pytestmark = pytest.mark.netns
 
-ADMIN = ("127.0.0.1", 15000)
 LISTENER = "listener.[__]_5001."
 # What Istio's pilot-agent asks (pkg/istio-agent/.../util/stats.go), unencoded as it sends it.
 READY_QUERY = r"/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)"
 UPDATE_QUERY = r"/stats?usedonly&filter=^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$"
 MUTATING = ("/healthcheck/fail", "/healthcheck/ok", "/drain_listeners", "/quitquitquit", "/logging")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-
-
-class Reply(NamedTuple):
-    status: int
-    headers: dict[str, str]
-    body: str
-
-    def json(self):
-        return json.loads(self.body)
-
-    def brief(self) -> tuple[int, str]:
-        return self.status, self.body
-
-
-def admin(ns, method: str, path: str, addr: tuple = ADMIN) -> Reply:
-    """One HTTP/1.0 request to the admin API, from inside `ns`."""
-    with ns.connect(addr, timeout=10) as s:
-        s.sendall(f"{method} {path} HTTP/1.0\r\nHost: {addr[0]}\r\n\r\n".encode())
-        raw = recv_all(s)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return Reply(int(status_line.split()[1]), headers, body.decode())
-
-
-def stats_of(ns) -> dict[str, int]:
-    text = admin(ns, "GET", "/stats").body
-    return {name: int(value) for name, _, value in (line.partition(": ") for line in text.splitlines())}
 
 
 def pilot_agent_reads(body: str, name: str) -> int | None:
@@ -69,17 +38,6 @@ def pilot_agent_reads(body: str, name: str) -> int | None:
             assert len(parts) == 2, f"pilot-agent rejects {line!r}"
             return int(parts[1].strip())
     return None
-
-
-def wait_until(check, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout}s")
-        time.sleep(0.05)
 
 
 def refused(ns, addr) -> bool:

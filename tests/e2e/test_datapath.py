@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import struct
 import threading
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from support import ProxyProcess, Server, digest_sink, echo, identify, recv_all, recv_line
+from support import ProxyProcess, Server, digest_sink, echo, identify, recv_all, recv_line, stats_of, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -305,3 +306,119 @@ def test_slow_reader_keeps_proxy_memory_bounded(uid_world, tmp_path, loop_name):
         done.set()
         proxy.stop()
         srv.close()
+
+
+# --- bulk: splice pumps ---------------------------------------------------------------
+
+def pseudo_random(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def send_stream(n: int, seed: int):
+    """A server that sends `n` bytes nobody could guess, then closes."""
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(pseudo_random(n, seed))
+    return handler
+
+
+@pytest.mark.parametrize("splice", ["auto", "off"])
+def test_bulk_transfers_go_through_splice_pumps(uid_world, tmp_path, loop_name, splice):
+    """Uploads and downloads of 16 MiB arrive intact; with splice auto each
+    bulk direction was moved by a pump, with splice off by copying."""
+    w = uid_world
+    sink = Server(w.remote, ("198.51.100.10", 80), digest_sink)
+    source = Server(w.remote, ("198.51.100.10", 81), send_stream(16 * MB, seed=5))
+    proxy = ProxyProcess(w.pod, loop=loop_name, args=("--splice", splice))
+    try:
+        with w.pod.connect(("198.51.100.10", 80), timeout=30) as c:
+            send_and_digest(c, 16 * MB)
+        with w.pod.connect(("198.51.100.10", 81), timeout=30) as c:
+            got = recv_all(c)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(pseudo_random(16 * MB, seed=5)).digest()
+        assert proxy.access(destination="198.51.100.10:80")["bytes_up"] == 16 * MB
+        assert proxy.access(destination="198.51.100.10:81")["bytes_down"] == 16 * MB
+        stats = stats_of(w.pod)
+        if splice == "auto":
+            assert stats["splice.pumps_total"] >= 2  # the upload's and the download's bulk direction
+            assert stats["splice.pumps_active"] == 0 and stats["splice.unavailable"] == 0
+        else:
+            assert "splice.pumps_total" not in stats
+        assert stats["listener.[__]_5001.downstream_cx_rx_bytes_total"] == 16 * MB
+    finally:
+        proxy.stop()
+        sink.close()
+        source.close()
+
+
+def test_a_reset_in_the_middle_of_a_spliced_transfer_is_a_reset(uid_world, tmp_path, loop_name):
+    w = uid_world
+    got_reset = threading.Event()
+
+    def reset_after_4_mib(conn):
+        n = 0
+        while n < 4 * MB:
+            n += len(conn.recv(1 << 20))
+        _reset(conn)
+
+    def read_until_reset(conn):
+        try:
+            while conn.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            got_reset.set()
+
+    s1 = Server(w.remote, ("198.51.100.10", 80), reset_after_4_mib)
+    s2 = Server(w.remote, ("198.51.100.10", 81), read_until_reset)
+    proxy = ProxyProcess(w.pod, loop=loop_name)
+    try:
+        block = bytes(1 << 20)
+        with w.pod.connect(("198.51.100.10", 80), timeout=10) as c:  # the server resets mid-upload
+            with pytest.raises(ConnectionResetError):
+                for _ in range(64):
+                    c.sendall(block)
+                c.recv(1)
+        assert proxy.access(destination="198.51.100.10:80")["end"] == "upstream_reset"
+        c = w.pod.connect(("198.51.100.10", 81), timeout=10)  # the client resets mid-upload
+        for _ in range(8):
+            c.sendall(block)
+        time.sleep(0.2)
+        _reset(c)
+        assert got_reset.wait(5), "the server saw a FIN, not a RST"
+        assert proxy.access(destination="198.51.100.10:81")["end"] == "downstream_reset"
+        assert stats_of(w.pod)["splice.pumps_total"] >= 2
+    finally:
+        proxy.stop()
+        s1.close()
+        s2.close()
+
+
+def test_bulk_is_copied_when_no_descriptors_are_left_for_a_pump(uid_world, tmp_path, loop_name):
+    """A pump needs four more descriptors; without them the direction keeps copying."""
+    w = uid_world
+    limit = 64
+    sink = Server(w.remote, ("198.51.100.10", 80), digest_sink)
+    idle = Server(w.remote, ("198.51.100.10", 81), echo)
+    proxy = ProxyProcess(w.pod, loop=loop_name, prefix=("prlimit", f"--nofile={limit}:{limit}", "--"))
+    held = []
+    try:
+        def left() -> int:
+            return limit - len(os.listdir(f"/proc/{proxy.pid}/fd"))
+        while left() >= 4:  # leave two or three: the bulk connection takes two, a pipe needs two more
+            c = w.pod.connect(("198.51.100.10", 81), timeout=5)
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"  # relayed: both of its descriptors are open
+            held.append(c)
+        with w.pod.connect(("198.51.100.10", 80), timeout=30) as c:
+            send_and_digest(c, 8 * MB)
+        for c in held:
+            c.close()
+        assert proxy.access(destination="198.51.100.10:80")["bytes_up"] == 8 * MB
+        stats = wait_until(lambda: (s := stats_of(w.pod))["listener.[__]_5001.downstream_cx_active"] == 0 and s)
+        assert stats["splice.unavailable"] >= 1 and stats["splice.pumps_total"] == 0
+        assert any("EMFILE making a splice pump" in e.get("msg", "") for e in proxy.lines)
+    finally:
+        for c in held:
+            c.close()
+        proxy.stop()
+        sink.close()
+        idle.close()
