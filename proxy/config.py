@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -57,8 +57,10 @@ class ConfigError(Exception):
 
 # --- the configuration, as data ---------------------------------------------------
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """An address and port. A tuple: made for every connection (its original
+    destination), so it should be cheap to make and small to keep."""
+
     host: str
     port: int
 

@@ -39,6 +39,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from sys import intern
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -183,7 +184,7 @@ class Listener:
         shared.live[relay.id] = relay
         stats.inc(self.names.downstream_cx_total)
         stats.inc(self.names.downstream_cx_active)
-        relay.listener, relay.started_wall = self.name, time.time()
+        relay.listener = self.name
         try:
             self._decide(relay)
         except Exception:  # a bug: this connection ends, the proxy goes on
@@ -197,7 +198,9 @@ class Listener:
         if peer is None:  # reset before we could even ask who it was
             relay.close("downstream_reset", reset=True)
             return
-        src, src_port = unmapped(peer[0]), peer[1]
+        # interned: a pod sees the same few addresses over and over, and an
+        # idle connection should not keep its own copy of each
+        src, src_port = intern(unmapped(peer[0])), peer[1]
         relay.source = (src, src_port)
         if self.plain is not None:
             relay.direction, relay.chain = "outbound", f"plain:{self.name}"
@@ -213,7 +216,7 @@ class Listener:
             self._refuse_direct(relay)
             return
         dst, dst_port = orig
-        relay.destination = orig
+        relay.destination = orig = Endpoint(intern(dst), dst_port)
         if (src, src_port, dst, dst_port) in shared.own:  # one of our own upstream sockets
             stats.inc(self.names.loop_guard_refused)
             self._refuse(relay, "loop_guard", LOOP_HINT)
@@ -236,7 +239,7 @@ class Listener:
         elif chain.action == "cluster":
             self._forward(relay, chain.cluster, shared.balancers[chain.cluster].order())
         else:
-            self._forward(relay, ORIGINAL_DST, [Endpoint(dst, dst_port)])
+            self._forward(relay, ORIGINAL_DST, [orig])
 
     def _refuse(self, relay: Relay, reason: str, why: str) -> None:
         log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, hostport(relay.source),

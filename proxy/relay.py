@@ -222,7 +222,7 @@ class Relay:
                  "last_active", "bytes_seen", "end", "started", "_ended", "remaining",
                  # what the connection is, for the access log and the admin API;
                  # plain fields rather than a dict: an idle connection stays small
-                 "listener", "started_wall", "source", "destination", "direction",
+                 "listener", "source", "destination", "direction",
                  "chain", "cluster", "endpoint", "upstream_stat")
 
     def __init__(self, conn_id: int, owner) -> None:
@@ -239,9 +239,8 @@ class Relay:
         self.end: str | None = None  # why it ended: done, idle_timeout, *_reset, ...
         self._ended = False
         self.listener = "-"
-        self.started_wall = 0.0
         self.source: tuple[str, int] | None = None  # (host, port)
-        self.destination: tuple[str, int] | None = None  # the original destination
+        self.destination = None  # the original destination, a config.Endpoint
         self.direction = "-"
         self.chain = "-"
         self.cluster: str | None = None
@@ -439,7 +438,7 @@ class Relay:
     def describe(self) -> dict:
         """The connection as plain data (the access log, /connections)."""
         return {
-            "id": self.id, "start": self.started_wall, "listener": self.listener,
+            "id": self.id, "start": time.time() - (_monotonic() - self.started), "listener": self.listener,
             "source": hostport(self.source), "destination": hostport(self.destination),
             "direction": self.direction, "chain": self.chain, "cluster": self.cluster,
             "upstream": str(self.endpoint) if self.endpoint is not None else None,

@@ -26,6 +26,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable, Coroutine
+from sys import intern
 
 from .config import Cluster, Endpoint
 from .sockopts import set_mark, unmapped
@@ -56,7 +57,7 @@ class OwnSockets:
 
     def add(self, sock: socket.socket, endpoint: Endpoint) -> tuple:
         host, port = sock.getsockname()[:2]
-        key = (unmapped(host), port, endpoint.host, endpoint.port)
+        key = (intern(unmapped(host)), port, endpoint.host, endpoint.port)
         self._keys.add(key)
         return key
 
