@@ -90,6 +90,8 @@ class ProxyProcess:
                 except ValueError:
                     pass
                 self._cond.notify_all()
+        with self._cond:  # end of output: a waiter learns at once that the process is gone
+            self._cond.notify_all()
 
     def wait_for(self, pred: Callable[[dict], bool], timeout: float = 15.0, what: str = "log line") -> dict:
         deadline = time.monotonic() + timeout
@@ -103,7 +105,7 @@ class ProxyProcess:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no {what} within {timeout}s; last lines: {self.raw[-5:]}")
-                self._cond.wait(left)
+                self._cond.wait(left if self._reader.is_alive() else min(left, 0.05))
 
     def access(self, timeout: float = 10.0, **match) -> dict:
         """The access-log entry whose fields equal `match` (waits for it)."""
