@@ -163,6 +163,18 @@ def parse_port(value: Any, where: str, *, allow_zero: bool = False) -> int:
     return value
 
 
+def parse_access_log(value: Any, where: str) -> str:
+    """stderr, stdout, off or a file path; YAML reads a bare off as false."""
+    return "off" if value is False else parse_text(value, where)
+
+
+def parse_splice(value: Any, where: str) -> str:
+    """auto or off; YAML reads a bare off as false (and on as true), so those count too."""
+    if value is False or value is True:
+        return "auto" if value else "off"
+    return parse_choice(SPLICE_MODES)(value, where)
+
+
 def parse_mark(value: Any, where: str) -> int:
     """An SO_MARK value: an integer or a string in any base Python reads (0x1)."""
     if isinstance(value, str):
@@ -284,11 +296,11 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "loop": parse_choice(LOOPS),
     "log_format": parse_choice(LOG_FORMATS),
     "log_level": parse_choice(LOG_LEVELS),
-    "access_log": parse_text,
+    "access_log": parse_access_log,
     "connect_timeout": parse_duration,
     "idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
-    "splice": parse_choice(SPLICE_MODES),
+    "splice": parse_splice,
     "default_action": parse_choice(("original", "reject")),
     "admin_address": parse_address,
     "admin_port": parse_admin_port,

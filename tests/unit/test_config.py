@@ -174,3 +174,9 @@ def test_cli_errors_are_one_line_without_traceback(argv, message):
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(cfg.ConfigError, match=r": cannot read config: Is a directory$"):
         cfg.load(str(tmp_path), env={})
+
+
+def test_yaml_off_means_off(tmp_path):
+    """YAML 1.1 reads a bare `off` as false: for the settings that take "off" it still means off."""
+    c = cfg.load(write(tmp_path, "access_log: off\nsplice: off\n"), env={})
+    assert c.access_log == "off" and c.splice == "off"
