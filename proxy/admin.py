@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import itertools
 import json
 import logging
 import time
@@ -30,9 +29,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, logs
 from . import statsfmt as fmt
 from .listener import ORIGINAL_DST
+from .plane import Snapshot
 from .server import Proxy, StartupError, State, bind
 from .stats import is_gauge
 
@@ -40,30 +40,27 @@ log = logging.getLogger("proxy.admin")
 
 Handler = Callable[[web.Request, Proxy], Awaitable[web.Response]]
 
-# Envoy's log level names -> Python's (`off` is above every level we log at)
-LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL, "off": logging.CRITICAL + 10}
 CONNECTIONS_LIMIT = 1000  # /connections lists at most this many unless ?limit= says otherwise
 
 
 # --- what the endpoints read ----------------------------------------------------
 
-def collect_stats(proxy: Proxy) -> list[fmt.Stat]:
+def collect_stats(proxy: Proxy, snap: Snapshot) -> list[fmt.Stat]:
     """Every stat: the counters, plus the bytes of live connections, plus the server's state."""
-    stats, shared = proxy.stats, proxy.shared
-    live = shared.live_counts()
+    live = dict(snap.live_bytes)
     out = []
-    for name, value in stats.snapshot().items():
+    for name in sorted(snap.declared | snap.counters.keys()):
         extra = live.pop(name, 0)
-        out.append(fmt.Stat(name, value + extra, is_gauge(name), stats.used(name) or extra != 0))
+        used = name in snap.counters
+        out.append(fmt.Stat(name, snap.counters.get(name, 0) + extra, is_gauge(name), used or extra != 0))
     out.extend(fmt.Stat(name, value, is_gauge(name), value != 0) for name, value in live.items())
     state, up = proxy.state, proxy.workers_started
     out += [
         fmt.Stat("server.state", int(state), gauge=True),
         fmt.Stat("server.live", int(state == State.LIVE), gauge=True),
         fmt.Stat("server.uptime", int(time.monotonic() - proxy.started_mono), gauge=True),
-        fmt.Stat("server.concurrency", 1, gauge=True),
-        fmt.Stat("server.total_connections", len(shared.live), gauge=True),
+        fmt.Stat("server.concurrency", proxy.config.concurrency, gauge=True),
+        fmt.Stat("server.total_connections", snap.total_connections, gauge=True),
         fmt.Stat("listener_manager.workers_started", int(up), gauge=True),
         fmt.Stat("listener_manager.total_listeners_active", 0 if proxy.draining else len(proxy.listeners),
                  gauge=True, used=up),
@@ -75,28 +72,14 @@ def collect_stats(proxy: Proxy) -> list[fmt.Stat]:
     return out
 
 
-def cluster_views(proxy: Proxy) -> list[fmt.ClusterView]:
+def cluster_views(proxy: Proxy, snap: Snapshot) -> list[fmt.ClusterView]:
     """Configured clusters with their endpoints; original_dst with the destinations it has open."""
-    hosts = proxy.stats.hosts
-    views = [fmt.ClusterView(c.name, tuple(fmt.HostView(e.host, e.port, dict(hosts.get(c.name, {}).get(e, {})))
+    hosts = snap.hosts
+    views = [fmt.ClusterView(c.name, tuple(fmt.HostView(e.host, e.port, hosts.get(c.name, {}).get(tuple(e), {}))
                                            for e in c.endpoints)) for c in proxy.config.clusters]
-    passthrough = sorted(hosts.get(ORIGINAL_DST, {}).items(), key=lambda item: (item[0].host, item[0].port))
-    views.append(fmt.ClusterView(ORIGINAL_DST, tuple(fmt.HostView(e.host, e.port, dict(c)) for e, c in passthrough)))
+    passthrough = sorted(hosts.get(ORIGINAL_DST, {}).items())
+    views.append(fmt.ClusterView(ORIGINAL_DST, tuple(fmt.HostView(h, p, stats) for (h, p), stats in passthrough)))
     return sorted(views, key=lambda v: v.name)
-
-
-def connection_views(proxy: Proxy, limit: int) -> dict:
-    """The first `limit` live connections, oldest first (`live` is in accept order)."""
-    now, live = time.monotonic(), proxy.shared.live
-    views = []
-    for relay in itertools.islice(live.values(), limit):
-        view = relay.describe()
-        del view["start"]
-        view.update(state="open" if relay.upstream_stat is not None else "connecting",
-                    bytes_up=relay.bytes_from_downstream, bytes_down=relay.bytes_from_upstream,
-                    age_s=round(now - relay.started, 3))
-        views.append(view)
-    return {"total": len(live), "connections": views}
 
 
 # --- endpoints -------------------------------------------------------------------
@@ -136,8 +119,8 @@ async def server_info(request: web.Request, proxy: Proxy) -> web.Response:
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
         "command_line_options": {
-            "argv": list(proxy.argv), "concurrency": 1, "mode": "Serve", "restart_epoch": 0,
-            "log_level": _level_name(logging.getLogger().level),
+            "argv": list(proxy.argv), "concurrency": config.concurrency, "mode": "Serve", "restart_epoch": 0,
+            "log_level": logs.level_name(logging.getLogger().level),
             "log_format": config.log_format, "loop": config.loop,
             "drain_time": f"{config.drain_timeout:g}s",
         },
@@ -157,7 +140,7 @@ async def listeners(request: web.Request, proxy: Proxy) -> web.Response:
 
 
 async def clusters(request: web.Request, proxy: Proxy) -> web.Response:
-    views = cluster_views(proxy)
+    views = cluster_views(proxy, await proxy.snapshot(0))
     if fmt.format_param(request.query, fmt.LISTING_FORMATS) == "json":
         return _json(fmt.render_clusters_json(views))
     return _text(fmt.render_clusters_text(views))
@@ -166,7 +149,10 @@ async def clusters(request: web.Request, proxy: Proxy) -> web.Response:
 async def stats(request: web.Request, proxy: Proxy, default_format: str = "text") -> web.Response:
     query = request.query
     chosen = fmt.format_param({"format": query.get("format", default_format)}, fmt.STATS_FORMATS)
-    selected = fmt.select(collect_stats(proxy), pattern=query.get("filter"), used_only="usedonly" in query)
+    pattern = query.get("filter")
+    fmt.compile_filter(pattern)  # a bad pattern is a 400 before any work
+    selected = fmt.select(collect_stats(proxy, await proxy.snapshot(0)), pattern=pattern,
+                          used_only="usedonly" in query)
     if chosen == "json":
         return _json(fmt.render_json(selected))
     if chosen == "prometheus":
@@ -183,7 +169,8 @@ async def connections(request: web.Request, proxy: Proxy) -> web.Response:
     raw = request.query.get("limit", str(CONNECTIONS_LIMIT))
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
         raise fmt.BadRequest(f"limit {raw[:20]!r} is not a number up to 999999999")
-    return _json(connection_views(proxy, int(raw)))
+    snap = await proxy.snapshot(int(raw))
+    return _json({"total": snap.total_connections, "connections": snap.connections})
 
 
 async def healthcheck_fail(request: web.Request, proxy: Proxy) -> web.Response:
@@ -212,33 +199,18 @@ async def quitquitquit(request: web.Request, proxy: Proxy) -> web.Response:
 
 
 async def logging_(request: web.Request, proxy: Proxy) -> web.Response:
-    loggers = _our_loggers()
+    loggers = logs.our_loggers()
     changes = []
     for name, value in request.query.items():
         if name != "level" and name not in loggers:
             raise fmt.BadRequest(f"error: unknown logger {name!r} (loggers: {', '.join(sorted(loggers))})")
-        if value not in LEVELS:
-            raise fmt.BadRequest(f"error: unknown logger level {value!r} (levels: {', '.join(LEVELS)})")
-        changes.append((name, LEVELS[value]))
-    for name, level in changes:
-        if name == "level":  # every logger, as in Envoy
-            logging.getLogger().setLevel(level)
-            for logger in loggers.values():
-                logger.setLevel(logging.NOTSET)
-        else:
-            loggers[name].setLevel(level)
-    lines = [f"  {name}: {_level_name(logger.getEffectiveLevel())}\n" for name, logger in sorted(loggers.items())]
+        if value not in logs.LEVELS:
+            raise fmt.BadRequest(f"error: unknown logger level {value!r} (levels: {', '.join(logs.LEVELS)})")
+        changes.append((name, logs.LEVELS[value]))
+    logs.apply_levels(changes)
+    await proxy.log_levels_changed(changes)
+    lines = [f"  {name}: {logs.level_name(logger.getEffectiveLevel())}\n" for name, logger in sorted(loggers.items())]
     return _text("active loggers:\n" + "".join(lines))
-
-
-def _our_loggers() -> dict[str, logging.Logger]:
-    found = {name: logger for name, logger in logging.root.manager.loggerDict.items()
-             if isinstance(logger, logging.Logger) and name.split(".")[0] == "proxy"}
-    return {"proxy": logging.getLogger("proxy"), **found}
-
-
-def _level_name(level: int) -> str:
-    return next((name for name, value in LEVELS.items() if value == level and name != "trace"), "off")
 
 
 # path -> (handler, mutates, help): Envoy's paths and help texts where Envoy has them

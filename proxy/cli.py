@@ -9,44 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import yaml
 
 from . import config as cfg
+from . import logs
 from .server import LISTENER_DELAY_ENV, Proxy, StartupError, check_mark_privilege, join_cgroup
+from .workers import WorkerFailed
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 log = logging.getLogger("proxy")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; a traceback, if any, stays inside its line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                 "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
-
-
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.Formatter.converter = time.gmtime
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +33,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                         help="SO_MARK on every upstream socket, e.g. 0x1 (env ISTIO_SO_MARK; needs CAP_NET_ADMIN)")
     parser.add_argument("--cgroup", metavar="DIR", help="join this cgroup at start (the cgroup bypass method)")
     parser.add_argument("--loop", choices=cfg.LOOPS, help="event loop (default uvloop)")
+    parser.add_argument("--concurrency", metavar="N",
+                        help="worker processes on the same ports, as Envoy's --concurrency (default 1)")
     parser.add_argument("--log-format", choices=cfg.LOG_FORMATS, help="log and access-log format (default text)")
     parser.add_argument("--log-level", choices=cfg.LOG_LEVELS, help="default info")
     parser.add_argument("--access-log", metavar="TARGET", help="stderr (default), stdout, off, or a file path")
@@ -78,24 +57,37 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    setup_logging(config.log_format, config.log_level)
+    logs.setup(config.log_format, config.log_level)
     try:
         if config.cgroup:
             join_cgroup(config.cgroup)  # first: sockets inherit the cgroup's classid
         check_mark_privilege(config)
-        proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay())
-        if config.loop == "uvloop":
-            import uvloop
-            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        if config.concurrency > 1:
+            from .workers import Supervisor
+            proxy = Supervisor(config, argv=sys.argv, listener_delay=_listener_delay())
         else:
-            runner = asyncio.Runner()
-        with runner:
-            runner.run(proxy.run(on_ready=lambda: log.info("ready (loop=%s)", config.loop)))
-    except StartupError as exc:
+            proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay())
+        with runner_for(config.loop) as runner:
+            runner.run(proxy.run(on_ready=lambda: log.info("ready (loop=%s, workers=%d)", config.loop,
+                                                           config.concurrency)))
+    except (StartupError, WorkerFailed) as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+def runner_for(loop: str) -> asyncio.Runner:
+    if loop == "uvloop":
+        import uvloop
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker of a proxy run with --concurrency N (started by the supervisor)."""
+    from .workers import run_worker
+    return run_worker(args.control, runner_for)
 
 
 def _listener_delay() -> float:
@@ -119,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print the effective one")
     _config_flags(check)
     check.set_defaults(func=cmd_check)
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # the supervisor starts these (workers.py)
+    worker.add_argument("--control", type=int, required=True, metavar="FD")
+    worker.set_defaults(func=cmd_worker)
     for module in _extensions():
         module.add_parser(sub)
     return parser

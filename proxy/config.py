@@ -35,6 +35,7 @@ DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy idle_timeout default
 DEFAULT_DRAIN_TIMEOUT = 5.0  # Istio's terminationDrainDuration default
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 15000  # Istio's Envoy admin port
+MAX_CONCURRENCY = 64
 
 ACTIONS = ("original", "cluster", "reject")
 DIRECTIONS = ("any", "inbound", "outbound")
@@ -113,6 +114,7 @@ class Config:
     mark: int | None = None
     cgroup: str | None = None
     loop: str = "uvloop"
+    concurrency: int = 1  # worker processes (Envoy's --concurrency); 1: this process serves itself
     log_format: str = "text"
     log_level: str = "info"
     access_log: str = "stderr"
@@ -160,6 +162,15 @@ def parse_port(value: Any, where: str, *, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
     if not low <= value <= 65535:
         raise ConfigError(where, f"{value} is not a port ({low}-65535)")
+    return value
+
+
+def parse_concurrency(value: Any, where: str) -> int:
+    """1 to MAX_CONCURRENCY worker processes (an int, or its digits in a string from a flag)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise ConfigError(where, f"{_short(value)} is not a number of workers (1-{MAX_CONCURRENCY})")
     return value
 
 
@@ -294,6 +305,7 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "mark": parse_mark,
     "cgroup": parse_text,
     "loop": parse_choice(LOOPS),
+    "concurrency": parse_concurrency,
     "log_format": parse_choice(LOG_FORMATS),
     "log_level": parse_choice(LOG_LEVELS),
     "access_log": parse_access_log,
@@ -514,6 +526,14 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None, flags
         if value is not None:
             overrides[key] = SETTINGS[key](value, "--" + key.replace("_", "-"))
     config = dataclasses.replace(config, **overrides)
+    _check_listeners(config)
+    return config
+
+
+def from_data(data: Any) -> Config:
+    """A Config from plain data as `Config.to_dict()` writes it (how a worker
+    gets its supervisor's effective configuration, see workers.py)."""
+    config = _build(data)
     _check_listeners(config)
     return config
 

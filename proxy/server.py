@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -39,10 +40,12 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
+from . import plane
 from .accesslog import AccessLog
 from .config import Config
 from .listener import Listener, Shared
 from .localaddrs import LocalAddresses
+from .plane import Snapshot
 from .sockopts import can_mark
 from .relay import close_idle, idle_sweep_interval
 from .stats import Stats
@@ -97,11 +100,13 @@ def check_mark_privilege(config: Config) -> None:
                                f"lacks ({reason}); grant it or use another bypass method")
 
 
-def bind(address: str, port: int, dual_stack: bool) -> socket.socket:
+def bind(address: str, port: int, dual_stack: bool, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # one of several workers' sockets on this port (workers.py)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "::" alone takes IPv4 clients too (as v4-mapped addresses)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
@@ -114,24 +119,25 @@ def bind(address: str, port: int, dual_stack: bool) -> socket.socket:
         raise
 
 
-def open_listen_sockets(config: Config) -> list[tuple[str, socket.socket]]:
-    """Bind the redirected port on every configured address (IPv4 and IPv6)."""
+def open_listen_sockets(config: Config, reuse_port: bool = False) -> list[tuple[str, socket.socket]]:
+    """Bind the redirected port on every configured address (IPv4 and IPv6),
+    and every plain listener: (address or plain listener name, socket) pairs."""
     sockets = []
     try:
         addresses = config.addresses
         dual = "::" in addresses and "0.0.0.0" not in addresses
         for address in addresses:
             try:
-                sockets.append((address, bind(address, config.port, dual and address == "::")))
+                sockets.append((address, bind(address, config.port, dual and address == "::", reuse_port)))
             except OSError as exc:
                 if address == "::" and addresses == ("::",) and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     log.warning("no IPv6 here (%s); listening on IPv4 only", exc.strerror)
-                    sockets.append(("0.0.0.0", bind("0.0.0.0", config.port, False)))
+                    sockets.append(("0.0.0.0", bind("0.0.0.0", config.port, False, reuse_port)))
                 else:
                     raise StartupError(f"listener: cannot bind {address} port {config.port}: {exc.strerror}") from None
         for plain in config.plain_listeners:
             try:
-                sockets.append((plain.name, bind(plain.address, plain.port, False)))
+                sockets.append((plain.name, bind(plain.address, plain.port, False, reuse_port)))
             except OSError as exc:
                 raise StartupError(f"plain listener {plain.name}: cannot bind {plain.address} "
                                    f"port {plain.port}: {exc.strerror}") from None
@@ -142,17 +148,16 @@ def open_listen_sockets(config: Config) -> list[tuple[str, socket.socket]]:
     return sockets
 
 
-class Proxy:
-    """The running proxy: admin API, listeners, shared state, lifecycle."""
+class Lifecycle:
+    """What a running proxy shows the admin API about itself: its configuration
+    and command line, its listeners, its state; one process (Proxy) and a
+    supervisor of workers (workers.Supervisor) alike."""
 
     def __init__(self, config: Config, *, argv: Sequence[str] = (), listener_delay: float = 0.0) -> None:
         self.config = config
         self.argv = tuple(argv)  # the command line, for /server_info
         self.listener_delay = listener_delay
-        self.stats = Stats()
-        self.servers: list[asyncio.base_events.Server] = []
         self.listeners: dict[str, list[tuple[str, int]]] = {}  # name -> bound (host, port)s
-        self.redirect: Listener | None = None
         self.workers_started = False  # every listener serves (Envoy's listener_manager.workers_started)
         self.stopping = asyncio.Event()
         self.phase = State.PRE_INITIALIZING  # LIVE once every listener serves
@@ -169,6 +174,31 @@ class Proxy:
             return self.phase
         return State.DRAINING if self.health_check_failed else State.LIVE
 
+
+class Proxy(Lifecycle):
+    """The running proxy: admin API, listeners, shared state, lifecycle."""
+
+    def __init__(self, config: Config, *, argv: Sequence[str] = (), listener_delay: float = 0.0,
+                 sockets: list[tuple[str, socket.socket]] | None = None,
+                 conn_ids: itertools.count | None = None) -> None:
+        """`sockets`: listening sockets already bound (a worker's share, see
+        workers.py) instead of binding them here; `conn_ids`: where connection
+        ids come from (a worker's are unique across the workers)."""
+        super().__init__(config, argv=argv, listener_delay=listener_delay)
+        self.sockets = sockets
+        self.conn_ids = conn_ids
+        self.stats = Stats()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.redirect: Listener | None = None
+        self.shared: Shared | None = None  # made when run() starts
+
+    async def log_levels_changed(self, changes: list[tuple[str, int]]) -> None:
+        """The admin API changed log levels here; one process has nobody else to tell."""
+
+    async def snapshot(self, limit: int) -> Snapshot:
+        """The data plane as the admin API reads it (see plane.py)."""
+        return plane.take(self.shared, limit)
+
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
@@ -178,6 +208,8 @@ class Proxy:
         except OSError as exc:
             raise StartupError(f"access_log {config.access_log}: cannot open it: {exc.strerror}") from None
         self.shared = shared = Shared(config, self.stats, access_log, local)
+        if self.conn_ids is not None:
+            shared.ids = self.conn_ids
         admin = None
         try:
             local.watch(loop)
@@ -219,7 +251,7 @@ class Proxy:
 
     async def _start_listeners(self, loop: asyncio.AbstractEventLoop) -> None:
         config, shared = self.config, self.shared
-        sockets = open_listen_sockets(config)
+        sockets = self.sockets if self.sockets is not None else open_listen_sockets(config)
         plain_by_name = {p.name: p for p in config.plain_listeners}
         try:
             first = next(sock.getsockname()[:2] for name, sock in sockets if name not in plain_by_name)
@@ -258,14 +290,17 @@ class Proxy:
         """Stop accepting; live connections go on, and so does the process."""
         if not self.draining:
             self._close_listeners()
-            log.info("draining: listeners closed, no new connections; %d live ones go on", len(self.shared.live))
+            log.info("draining: listeners closed, no new connections; %d live ones go on", self._live())
 
     def stop(self) -> None:
         """Stop accepting now; run() then drains and returns."""
         if not self.stopping.is_set():
             self._close_listeners()
-            log.info("stopping: no new connections; draining %d live ones", len(self.shared.live))
+            log.info("stopping: no new connections; draining %d live ones", self._live())
             self.stopping.set()
+
+    def _live(self) -> int:
+        return len(self.shared.live) if self.shared is not None else 0
 
     async def drain(self) -> None:
         deadline = asyncio.get_running_loop().time() + self.config.drain_timeout

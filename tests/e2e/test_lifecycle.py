@@ -222,20 +222,30 @@ def test_garbage_and_resets_do_not_disturb_other_connections(uid_world, tmp_path
         srv.close()
 
 
-def test_mark_needs_cap_net_admin_and_bypasses_with_it(world, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mark_needs_cap_net_admin_and_bypasses_with_it(world, tmp_path, workers):
     w = world
+    concurrency = ("--concurrency", str(workers))
     for tool, lo in (("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")):
         w.pod.exec(tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-d", lo,
                    "-m", "mark", "!", "--mark", "0x1", "-j", "REDIRECT", "--to-ports", "5001")
     # without the capability: refuses to start, one line, exit 1
     with pytest.raises(AssertionError, match="exited 1"):
-        ProxyProcess(w.pod, args=("--mark", "0x1"))
+        ProxyProcess(w.pod, args=("--mark", "0x1", *concurrency))
     srv = Server(w.remote, ("2001:db8:2::10", 80), identify("web"))
-    proxy = ProxyProcess(w.pod, args=("--mark", "0x1"), caps=("net_admin",))
+    proxy = ProxyProcess(w.pod, args=("--mark", "0x1", *concurrency), caps=("net_admin",))
     try:
         assert int(proxy.status_field("CapEff"), 16) == 1 << 12  # CAP_NET_ADMIN alone
-        with w.pod.connect(("2001:db8:2::10", 80)) as c:
-            assert recv_line(c).startswith("web ")
+        with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert len(children) == (workers if workers > 1 else 0)
+        for pid in children:  # the workers that set the mark have the capability too, and only it
+            with open(f"/proc/{pid}/status") as f:
+                cap_eff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+            assert int(cap_eff, 16) == 1 << 12
+        for _ in range(4):
+            with w.pod.connect(("2001:db8:2::10", 80)) as c:
+                assert recv_line(c).startswith("web ")
         assert proxy.access()["end"] == "done"
         assert not any(e.get("end") == "loop_guard" for e in proxy.access_entries())
     finally:

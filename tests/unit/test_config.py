@@ -139,6 +139,10 @@ BAD = [
     ("chains:\n  - name: a\n    cluster: [web]\n", r"chains\[0\].cluster: \['web'\] is not a cluster name"),
     ("plain_listeners:\n  - name: p\n    port: 1500\n    cluster: {a: 1}\n", r"plain_listeners\[0\].cluster: unknown cluster"),
     ("? [a, b]\n: 1\n", r"proxy.yaml:1: not valid YAML: while constructing a mapping, found unhashable key"),
+    ("concurrency: 0\n", r"proxy.yaml:1: concurrency: 0 is not a number of workers \(1-64\)"),
+    ("concurrency: true\n", r"concurrency: True is not a number of workers"),
+    ("concurrency: 2.5\n", r"concurrency: 2.5 is not a number of workers"),
+    ("splice: always\n", r"splice: 'always' is not one of auto, off"),
 ]
 
 
@@ -174,6 +178,13 @@ def test_cli_errors_are_one_line_without_traceback(argv, message):
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(cfg.ConfigError, match=r": cannot read config: Is a directory$"):
         cfg.load(str(tmp_path), env={})
+
+
+def test_the_effective_config_is_data_that_loads_back(tmp_path):
+    """What `check` prints (and a worker is handed, see workers.py) is the same config again."""
+    c = cfg.load(write(tmp_path, GOOD + "concurrency: 3\nsplice: off\naddresses: ['0.0.0.0', '::']\n"), env={})
+    assert cfg.from_data(c.to_dict()) == c
+    assert c.concurrency == 3 and c.splice == "off"
 
 
 def test_yaml_off_means_off(tmp_path):

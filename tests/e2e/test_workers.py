@@ -1,0 +1,180 @@
+"""--concurrency N: a supervisor, N worker processes on SO_REUSEPORT, one admin API.
+
+Real namespaces and rules as everywhere in tests/e2e; the proxy runs as UID
+1337 with no capabilities, and so do its workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from support import ProxyProcess, Server, admin, echo, identify, recv_line, stats_of, wait_until
+
+pytestmark = pytest.mark.netns
+
+SERVICE = ("198.51.100.10", 80)
+
+
+def workers_of(proxy: ProxyProcess) -> list[int]:
+    """PIDs of the supervisor's children (its workers)."""
+    with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
+
+
+def gone(pid: int) -> bool:
+    try:
+        return status_field(pid, "State").startswith("Z")  # exited, not yet reaped by its parent
+    except (OSError, StopIteration):
+        return True
+
+
+def reset_by_the_proxy(w, addr) -> None:
+    with pytest.raises(ConnectionResetError):  # the RST may even beat connect()'s return
+        with w.pod.connect(addr) as c:
+            c.recv(1)
+
+
+def test_workers_share_the_port_and_answer_as_one_proxy(uid_world, loop_name):
+    w = uid_world
+    srv = Server(w.remote, SERVICE, identify("web"))
+    proxy = ProxyProcess(w.pod, loop=loop_name, args=("--concurrency", "2"))
+    held = []
+    try:
+        pids = workers_of(proxy)
+        assert len(pids) == 2
+        for pid in pids:  # the workers run as the proxy does: UID 1337, no capabilities
+            assert status_field(pid, "Uid").split()[:2] == ["1337", "1337"]
+            assert int(status_field(pid, "CapEff"), 16) == 0
+        for _ in range(20):
+            with w.pod.connect(SERVICE) as c:
+                assert recv_line(c) == "web 192.0.2.1\n"
+        entries = wait_until(lambda: len(proxy.access_entries()) == 20 and proxy.access_entries(), what="20 entries")
+        ids = [e["id"] for e in entries]
+        assert len(set(ids)) == 20, "connection ids repeat across workers"
+        assert {i % 2 for i in ids} == {0, 1}, "one worker took every connection"
+        for _ in range(16):  # open ones, listed by /connections whichever worker has them
+            c = w.pod.connect(SERVICE)
+            assert recv_line(c) == "web 192.0.2.1\n"
+            held.append(c)
+        s = stats_of(w.pod)
+        assert s["listener.[__]_5001.downstream_cx_total"] == 36
+        assert s["listener.[__]_5001.downstream_cx_active"] == 16
+        assert s["chain.passthrough.cx_total"] == 36 and s["direction.outbound.cx_total"] == 36
+        assert s["cluster.original_dst.upstream_cx_total"] == 36
+        assert s["server.concurrency"] == 2 and s["server.total_connections"] == 16
+        assert s["listener_manager.workers_started"] == 1 and s["server.state"] == 0
+        listed = admin(w.pod, "GET", "/connections").json()
+        assert listed["total"] == 16 and len(listed["connections"]) == 16
+        assert {c["id"] % 2 for c in listed["connections"]} == {0, 1}
+        hosts = admin(w.pod, "GET", "/clusters").body
+        assert "original_dst::198.51.100.10:80::cx_active::16\n" in hosts
+        assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n")
+        for c in held:
+            c.close()
+        held.clear()
+        assert proxy.stop() == 0
+        assert all(gone(pid) for pid in pids)
+    finally:
+        for c in held:
+            c.close()
+        proxy.stop()
+        srv.close()
+
+
+def test_drain_logging_and_quitquitquit_reach_every_worker(uid_world):
+    w = uid_world
+    srv = Server(w.remote, SERVICE, echo)
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
+    try:
+        # A refused upstream is logged at info by whichever worker has the connection.
+        admin(w.pod, "POST", "/logging?level=warning")
+        for _ in range(6):
+            reset_by_the_proxy(w, ("198.51.100.11", 80))  # nobody listens there
+        time.sleep(0.3)
+        assert not any("upstream connect failed" in e.get("msg", "") for e in proxy.lines)
+        admin(w.pod, "POST", "/logging?level=info")
+        for _ in range(6):
+            reset_by_the_proxy(w, ("198.51.100.11", 80))
+        failed = wait_until(lambda: [e for e in proxy.lines if "upstream connect failed" in e.get("msg", "")],
+                            what="connect failures logged again")
+        assert all(e.get("worker") in (0, 1) for e in failed)
+
+        c = w.pod.connect(SERVICE)
+        c.sendall(b"before")
+        assert c.recv(6) == b"before"
+        assert admin(w.pod, "POST", "/drain_listeners").status == 200
+        wait_until(lambda: admin(w.pod, "GET", "/ready").status == 503, what="DRAINING")
+        time.sleep(0.2)
+        for _ in range(6):  # no worker takes new connections any more
+            with pytest.raises(ConnectionRefusedError):
+                w.pod.connect(SERVICE, timeout=2).close()
+        c.sendall(b"after")  # the open one goes on
+        assert c.recv(5) == b"after"
+        c.close()
+        assert admin(w.pod, "POST", "/quitquitquit").status == 200
+        proxy.proc.wait(20)
+        assert proxy.proc.returncode == 0
+    finally:
+        proxy.stop()
+        srv.close()
+
+
+def test_a_worker_that_dies_ends_the_proxy(uid_world):
+    w = uid_world
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
+    try:
+        first, second = workers_of(proxy)
+        os.kill(first, signal.SIGKILL)
+        proxy.proc.wait(20)
+        assert proxy.proc.returncode == 1
+        errors = [e["msg"] for e in proxy.lines if e.get("level") == "error"]
+        assert any(f"(pid {first}) ended on its own (exit status -9)" in m for m in errors), errors
+        wait_until(lambda: gone(second), timeout=10, what="the other worker to exit")
+    finally:
+        proxy.stop()
+
+
+def test_workers_do_not_outlive_their_supervisor(uid_world):
+    w = uid_world
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2", "--drain-timeout", "1s"))
+    try:
+        pids = workers_of(proxy)
+        proxy.proc.kill()
+        proxy.proc.wait(10)
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=10, what="the workers to exit")
+    finally:
+        proxy.stop()
+
+
+def test_a_port_held_by_another_proxy_is_a_start_up_error(uid_world):
+    """SO_REUSEPORT would let a second proxy of the same UID share the port; it must not."""
+    w = uid_world
+    first = ProxyProcess(w.pod, args=("--concurrency", "2"))
+    try:
+        second = ProxyProcess(w.pod, args=("--concurrency", "2", "--admin-port", "15001"), wait=False)
+        second.proc.wait(20)
+        assert second.proc.returncode == 1
+        errors = [e["msg"] for e in second.lines if e.get("level") == "error"]
+        assert errors == ["listener: cannot bind :: port 5001: Address already in use"], errors
+        second.stop(verbose=False)
+        assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n")  # the first one still serves
+    finally:
+        first.stop()
+
+
+def test_bad_concurrency_is_one_line(world):
+    for value, message in (("0", "--concurrency: 0 is not a number of workers (1-64)"),
+                           ("lots", "--concurrency: 'lots' is not a number of workers (1-64)")):
+        proxy = ProxyProcess(world.pod, args=("--concurrency", value), wait=False)
+        proxy.proc.wait(20)
+        assert proxy.proc.returncode == 2
+        assert proxy.raw == [f"sidecar-proxy: {message}"]
+        proxy.stop(verbose=False)
