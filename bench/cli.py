@@ -282,7 +282,9 @@ def write_outputs(doc: dict, subjects: list[Subject], loads: list[Workload], out
     """Medians, ratios and targets into `doc`; then latest.json, results.md and the charts."""
     summary = report.aggregate(doc["runs"], subjects, loads)
     rat = report.ratios(summary, subjects, loads)
-    goals = report.targets(summary, rat, loads) if any(s.name == "proxy-uvloop" for s in subjects) else []
+    present = {s.name for s in subjects}
+    goals = [t for name in report.TARGET_SUBJECTS if name in present
+             for t in report.targets(summary, rat, loads, subject=name)]
     doc.update(summary=summary, ratios=rat, targets=goals)
     meta = doc["meta"]
     with open(os.path.join(out, "latest.json"), "w") as f:
@@ -324,7 +326,8 @@ def markdown(doc, summary, rat, subjects, loads, goals, rule_steps, profile) -> 
         parts += ["## Subjects against the physical limit and the peers\n",
                   report.markdown_results(summary, rat, subjects, loads)]
     if goals:
-        parts += ["## Targets (proxy-uvloop, the default loop)\n", report.markdown_targets(goals)]
+        parts += ["## Targets (the proxy as it runs by default, and with two workers)\n",
+                  report.markdown_targets(goals)]
     if rule_steps:
         parts += ["## Rule scaling: the explicit method, iptables rules vs an nftables set\n",
                   ("connect() p50 to the service of the first rule and of the last one; first echo: connect "

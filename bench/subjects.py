@@ -2,6 +2,8 @@
 
     direct          no proxy and no rule: the app talks to the server (the physical limit)
     proxy-uvloop    this proxy, `--loop uvloop`, chains + stats + access log to a file
+    proxy-uvloop-c2 the same with `--concurrency 2`: two worker processes on SO_REUSEPORT
+    proxy-uvloop-copy  the same as proxy-uvloop with `--splice off`: every byte copied
     proxy-asyncio   the same on the stock asyncio loop
     socat           a fixed relay (it cannot read SO_ORIGINAL_DST), fork per connection
     haproxy         HAProxy in tcp mode, one thread, `server 0.0.0.0:0` (the original
@@ -96,6 +98,7 @@ class Subject:
     kind: str  # direct | proxy | socat | haproxy | pproxy
     description: str
     loop: str = ""
+    args: tuple[str, ...] = ()  # the proxy's extra flags
     splice: bool = False
     tools: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
@@ -124,7 +127,7 @@ class Subject:
         workdir = world.private_dir(self.name)
         if self.kind == "proxy":
             log = os.path.join(workdir, "access.log")
-            proxy = ProxyProcess(world.pod, config=proxy_config(log), loop=self.loop, prefix=PRLIMIT)
+            proxy = ProxyProcess(world.pod, config=proxy_config(log), loop=self.loop, args=self.args, prefix=PRLIMIT)
             world.procs.adopt(proxy.proc)
             return Running(self, proxy.proc, workdir, proxy=proxy)
         if self.kind == "socat":
@@ -207,6 +210,10 @@ SUBJECTS = (
     Subject("direct", "direct", "no proxy, no rule: the app talks to the server (the physical limit)"),
     Subject("proxy-uvloop", "proxy", "this proxy, --loop uvloop, 5 chains, stats, access log to a file",
             loop="uvloop"),
+    Subject("proxy-uvloop-c2", "proxy", "proxy-uvloop with --concurrency 2: two workers on SO_REUSEPORT",
+            loop="uvloop", args=("--concurrency", "2")),
+    Subject("proxy-uvloop-copy", "proxy", "proxy-uvloop with --splice off: every byte copied in user space",
+            loop="uvloop", args=("--splice", "off")),
     Subject("proxy-asyncio", "proxy", "this proxy, --loop asyncio, 5 chains, stats, access log to a file",
             loop="asyncio"),
     Subject("socat", "socat", "socat fixed relay, a fork per connection, -b 256 KiB", tools=("socat",)),

@@ -1,7 +1,8 @@
 """The benchmark keeps working: `python -m bench --quick` end to end.
 
 It builds its own throwaway pod, runs every subject (this proxy on both loops,
-socat, HAProxy with and without splicing, pproxy) against every workload once
+with two workers and with splicing off; socat, HAProxy with and without
+splicing, pproxy) against every workload once
 with tiny sizes, the rule-scaling experiment and the py-spy profile, and
 writes JSON, markdown and PNG charts. Checked here: that it completes and that
 its output is well formed. Never its timings: this machine is shared and noisy.
@@ -21,7 +22,8 @@ import pytest
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBJECTS = ["direct", "proxy-uvloop", "proxy-asyncio", "socat", "haproxy", "haproxy-splice", "pproxy"]
+SUBJECTS = ["direct", "proxy-uvloop", "proxy-uvloop-c2", "proxy-uvloop-copy", "proxy-asyncio", "socat", "haproxy",
+            "haproxy-splice", "pproxy"]
 WORKLOADS = ["bulk-up-1", "bulk-up-8", "bulk-down-1", "bulk-down-8", "rr-1", "rr-1-onecpu", "rr-64", "conn-32",
              "idle-200"]
 CHARTS = ["throughput.png", "latency.png", "rates.png", "resources.png", "rules.png", "profile.png"]
@@ -117,8 +119,9 @@ def test_markdown_tables_parse(quick_run):
     doc = json.loads((out / "latest.json").read_text())
     n_metrics = sum(len(w["metrics"]) for w in doc["workloads"])
     assert len(medians) - 2 == n_metrics and len(ratios) - 2 == n_metrics
-    targets = next(t for t in tables if t[0] == ["target", "met", "detail"])
-    assert all(row[1] in ("yes", "NO") for row in targets[2:])
+    targets = next(t for t in tables if t[0] == ["subject", "target", "met", "detail"])
+    assert {row[0] for row in targets[2:]} == {"proxy-uvloop", "proxy-uvloop-c2"}
+    assert all(row[2] in ("yes", "NO") for row in targets[2:])
     assert any(t[0][0] == "services" for t in tables)
 
 
