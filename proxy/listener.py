@@ -279,16 +279,22 @@ class Listener:
                     return
                 if not remaining:
                     self._gave_up(relay, endpoint, exc.strerror, timed_out=False)
+                continue
             up = Upstream(relay, endpoint, key, sock)
-            relay.attach(up, keep=bool(remaining))
-            relay.deadline = self.loop.call_later(route.timeout, relay.connect_deadline)
+            relay.attach(up, keep=bool(remaining), timeout=route.timeout)
             upstream.start(self.loop.create_connection(lambda: up, sock=sock),
                            partial(self._start_failed, relay, up))
             return
 
     def _start_failed(self, relay: Relay, up: Upstream, exc: BaseException) -> None:
+        """The loop would not take the socket (its transport never comes)."""
         log.info("conn=%d upstream socket failed: %r", relay.id, exc)
-        relay.failed(up, timed_out=False, reason=repr(exc))
+        up.lost = True
+        if up is relay.upstream and relay.end is None:
+            relay.failed(up, timed_out=False, reason=repr(exc))
+        else:
+            self.shared.own.discard(up.key)
+            relay.side_lost(up, None)
 
     def connected(self, relay: Relay, up: Upstream) -> None:
         """The relay confirmed its upstream: count it as an open connection."""

@@ -93,6 +93,10 @@ WRITE_HIGH_WATER = 256 * 1024
 # reading from it.
 EARLY_LIMIT = 64 * 1024
 
+# Seconds between looks at a connecting upstream that nothing else will confirm
+# (see Relay.watch_connect).
+CONNECT_POLL = 0.005
+
 # What a socket that never got connected fails with: the upstream, not the
 # client, is at fault, and another endpoint may do better.
 CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
@@ -145,6 +149,19 @@ class Side(asyncio.Protocol):
         """The socket is still there (connected, or closing with bytes to flush)."""
         return self.transport is not None and not self.lost
 
+    def shut(self, reset: bool) -> None:
+        """Close it (after its buffer drains), or reset it; once is enough.
+        (An upstream whose transport is yet to come is aborted when it comes.)"""
+        if self.transport is None or self.lost:
+            return
+        if reset:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                arm_reset(sock)  # a RST, not a FIN that would look like a complete answer
+            self.transport.abort()
+        elif not self.transport.is_closing():
+            self.transport.close()
+
 
 class Downstream(Side):
     """The accepted socket."""
@@ -168,8 +185,10 @@ class Downstream(Side):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.relaying:  # otherwise confirm() forwards it
+        if self.relaying:
             self.relay.half_closed(self)
+        else:  # confirm() forwards it; make sure something confirms
+            self.relay.watch_connect()
         return True  # keep our write direction open: this is a half-close
 
 
@@ -184,6 +203,12 @@ class Upstream(Side):
         self.endpoint = endpoint
         self.key = key  # our socket's 4-tuple, for the loop guard
         self.sock = sock  # the socket itself, to ask whether it is connected
+
+    @property
+    def open(self) -> bool:
+        """Also while the loop has the socket but has not handed us its transport
+        yet: the relay has not ended until that transport has closed too."""
+        return not self.lost
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -248,11 +273,16 @@ class Relay:
         self.upstream_stat = None  # its cluster's stats.Names, once connected
 
     # connecting ---------------------------------------------------------------
-    def attach(self, up: Upstream, keep: bool) -> None:
-        """A new connect attempt; `keep`: another one may follow if it fails."""
+    def attach(self, up: Upstream, keep: bool, timeout: float) -> None:
+        """A new connect attempt, given `timeout` seconds; `keep`: another
+        attempt may follow if this one fails."""
         self.upstream = up
         up.peer, self.downstream.peer = self.downstream, up
         self.keep = keep
+        self._cancel_deadline()
+        self.deadline = self.owner.loop.call_later(timeout, self.connect_deadline)
+        if self.downstream.eof:
+            self.watch_connect()
 
     def upstream_made(self, up: Upstream) -> None:
         """The attempt's transport exists (its socket may still be connecting)."""
@@ -287,9 +317,7 @@ class Relay:
             return
         up.relaying = self.downstream.relaying = True
         self.held, self.remaining = None, None
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        self._cancel_deadline()
         up.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.last_active = _monotonic()
         self.owner.connected(self, up)
@@ -299,24 +327,41 @@ class Relay:
         elif not up.paused:
             down.transport.resume_reading()
 
-    def connect_deadline(self) -> None:
-        """The attempt's connect timeout has passed: connected after all, or failed."""
+    def connect_deadline(self, until: float | None = None) -> None:
+        """The attempt's connect timeout has passed: connected after all, or
+        failed. With `until` (watch_connect), a look before that deadline."""
         self.deadline = None
         up = self.upstream
         if up is None or up.relaying or self.end is not None:
             return
-        try:
-            up.sock.getpeername()  # ENOTCONN while the handshake is still going on
-        except OSError:
-            self.failed(up, timed_out=True, reason="timed out")
+        if up.transport is not None and _connected(up.sock):
+            self.confirm(up)
             return
-        self.confirm(up)
+        loop = self.owner.loop
+        if up.transport is None or (until is not None and loop.time() < until):
+            # look again soon: its transport is on its way, or the client waits (watch_connect)
+            again = loop.time() + CONNECT_POLL
+            self.deadline = loop.call_at(again if until is None else min(again, until), self.connect_deadline, until)
+        else:
+            self.failed(up, timed_out=True, reason="timed out")
 
-    def failed(self, up: Upstream, timed_out: bool, reason: str) -> None:
-        """This attempt did not connect; the owner tries the next or gives up."""
+    def watch_connect(self) -> None:
+        """The client has said all it will say and the upstream is not confirmed:
+        a client that only sent its FIN makes no write that could confirm it, and
+        the server may wait for that FIN. So look every CONNECT_POLL seconds."""
+        if self.deadline is not None and self.upstream is not None and not self.upstream.relaying:
+            until = self.deadline.when()
+            self._cancel_deadline()
+            self.connect_deadline(until)
+
+    def _cancel_deadline(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+
+    def failed(self, up: Upstream, timed_out: bool, reason: str) -> None:
+        """This attempt did not connect; the owner tries the next or gives up."""
+        self._cancel_deadline()
         if up.transport is not None:
             up.transport.abort()  # still connecting: nothing was sent, nothing to reset
         self.owner.connect_failed(self, up, timed_out, reason)
@@ -351,6 +396,8 @@ class Relay:
         self.owner.pumped(self, +1)
 
     def pump_eof(self, pump: Pump) -> None:
+        """The pump moved its source's last byte, and its FIN came."""
+        pump.side.eof = True
         self.half_closed(pump.side)
 
     def pump_failed(self, pump: Pump, side: Side, exc: OSError) -> None:
@@ -359,12 +406,16 @@ class Relay:
             self.end = f"{side.name}_reset"
         self.close(self.end, reset=True)
 
-    def _stop_pumps(self) -> None:
+    def _stop_pumps(self) -> bool:
+        """Stop every pump; whether one of them still held bytes (now lost)."""
+        dropped = False
         for side in (self.downstream, self.upstream):
             if side is not None and isinstance(side.pump, Pump):
+                dropped = dropped or side.pump.in_pipe > 0
                 side.pump.close()
                 side.pump = STOPPED
                 self.owner.pumped(self, -1)
+        return dropped
 
     # events from the sides ------------------------------------------------------
     def half_closed(self, side: Side) -> None:
@@ -383,43 +434,28 @@ class Relay:
                 self.failed(side, timed_out=False, reason=f"{errno.errorcode[exc.errno]} ({exc.strerror})")
                 return
             self.confirm(side)  # it was connected, then reset or closed
-        peer = side.peer
         if exc is not None and self.end is None:
             self.end = f"{side.name}_reset"
-        if peer is not None and peer.open:
-            if exc is not None:
-                self.reset(peer)  # a RST becomes a RST, even mid-flush
-            elif not peer.transport.is_closing():
-                peer.transport.close()
+        if side.peer is not None:
+            side.peer.shut(reset=exc is not None)  # a RST becomes a RST, even mid-flush
         self._maybe_ended()
 
     # ending -------------------------------------------------------------------
-    def reset(self, side: Side) -> None:
-        """Abort one side so its peer sees a RST (also one already closing)."""
-        sock = side.transport.get_extra_info("socket")
-        if sock is not None:
-            arm_reset(sock)
-        side.transport.abort()
-
     def close(self, reason: str, *, reset: bool = False) -> None:
         """End the connection: flush and close (or reset) both sockets.
 
         A graceful close waits for the write buffers to drain; a peer that
         never reads keeps the connection open (and in `live`, visible) until
-        the idle sweep resets it.
+        the idle sweep resets it. Bytes still in a splice pipe cannot wait
+        like that: a close that would drop them is a reset.
         """
         if self.end is None:
             self.end = reason
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
-        self._stop_pumps()  # first: a socket closes only with its last descriptor
+        self._cancel_deadline()
+        reset = self._stop_pumps() or reset  # first: a socket closes only with its last descriptor
         for side in (self.downstream, self.upstream):
-            if side is not None and side.open:
-                if reset:
-                    self.reset(side)
-                elif not side.transport.is_closing():
-                    side.transport.close()
+            if side is not None:
+                side.shut(reset)
         self._maybe_ended()
 
     @property
@@ -433,6 +469,7 @@ class Relay:
             if side is not None and side.open:
                 return  # ended only when both sockets are really closed
         self._ended = True
+        self._cancel_deadline()
         self.owner.ended(self)
 
     def describe(self) -> dict:
@@ -458,6 +495,14 @@ def _took_it(transport: asyncio.Transport) -> bool:
     """The kernel took all we wrote at once, so the socket is connected (a
     write that failed empties the buffer too, but leaves the transport closing)."""
     return transport.get_write_buffer_size() == 0 and not transport.is_closing()
+
+
+def _connected(sock) -> bool:
+    try:
+        sock.getpeername()  # ENOTCONN while the handshake is still going on
+    except OSError:
+        return False
+    return True
 
 
 def _fileno(transport: asyncio.Transport) -> int:

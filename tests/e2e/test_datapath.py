@@ -136,16 +136,48 @@ def test_chain_selection_decides_where_bytes_go(uid_world, tmp_path, loop_name):
             s.close()
 
 
-def test_cluster_tries_next_endpoint_when_one_refuses(uid_world, tmp_path):
+def test_cluster_tries_next_endpoint_when_one_fails(uid_world, tmp_path, loop_name):
+    """.50 fails at once (no route: connect() says so), .40 refuses (a RST later),
+    .41 answers: every connection ends up there, with what the client sent first."""
     w = uid_world
-    cfg = {"clusters": [{"name": "c", "endpoints": ["198.51.100.40:80", "198.51.100.41:80"]}],
+    w.pod.exec("ip", "route", "add", "unreachable", "198.51.100.50/32")
+    cfg = {"clusters": [{"name": "c", "endpoints": ["198.51.100.50:80", "198.51.100.40:80", "198.51.100.41:80"]}],
            "chains": [{"name": "all", "cluster": "c"}]}
-    srv = Server(w.remote, ("198.51.100.41", 80), identify("second"))  # .40 has no listener
-    proxy = ProxyProcess(w.pod, config=cfg)
+    srv = Server(w.remote, ("198.51.100.41", 80), echo)  # .40 has no listener
+    proxy = ProxyProcess(w.pod, config=cfg, loop=loop_name)
+    try:
+        for i in range(3):  # round robin starts each one further along; all end at .41
+            with w.pod.connect(("203.0.113.5", 9)) as c:
+                c.sendall(b"hello %d" % i)
+                assert c.recv(16) == b"hello %d" % i
+        entries = wait_until(lambda: len(proxy.access_entries()) == 3 and proxy.access_entries(), what="3 entries")
+        assert {e["upstream"] for e in entries} == {"198.51.100.41:80"}
+        stats = stats_of(w.pod)
+        assert stats["cluster.c.upstream_cx_total"] == 3 + 2 + 1  # every attempt counts
+        assert stats["cluster.c.upstream_cx_connect_fail"] == 2 + 1
+    finally:
+        proxy.stop()
+        srv.close()
+
+
+def test_a_client_that_only_half_closes_still_gets_its_answer_at_once(uid_world, tmp_path, loop_name):
+    """A FIN and nothing else, to a server that answers the FIN: nothing written
+    can tell the proxy its upstream is up, so it has to look."""
+    w = uid_world
+
+    def answer_at_eof(conn):
+        assert conn.recv(1) == b""
+        conn.sendall(b"bye\n")
+
+    srv = Server(w.remote, ("198.51.100.10", 80), answer_at_eof)
+    proxy = ProxyProcess(w.pod, loop=loop_name)  # connect timeout 5s
     try:
         for _ in range(3):
-            with w.pod.connect(("203.0.113.5", 9)) as c:
-                assert recv_line(c).startswith("second ")
+            start = time.monotonic()
+            with w.pod.connect(("198.51.100.10", 80)) as c:
+                c.shutdown(socket.SHUT_WR)
+                assert recv_line(c) == "bye\n"
+            assert time.monotonic() - start < 1.0
     finally:
         proxy.stop()
         srv.close()
@@ -422,3 +454,47 @@ def test_bulk_is_copied_when_no_descriptors_are_left_for_a_pump(uid_world, tmp_p
         proxy.stop()
         sink.close()
         idle.close()
+
+
+def test_an_idle_timeout_with_bytes_stuck_in_a_pipe_resets(uid_world, tmp_path, loop_name):
+    """A server that stops reading mid-upload: the idle timeout cannot deliver
+    what sits in the splice pipe, so the server must see a RST, not a FIN that
+    would make a cut-short upload look complete."""
+    w = uid_world
+    seen = {}
+
+    def stops_reading(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        n = 0
+        while n < 2 * MB:
+            n += len(conn.recv(1 << 20))
+        time.sleep(2.5)  # past the idle timeout
+        try:
+            while data := conn.recv(1 << 20):
+                n += len(data)
+            seen["end"] = "fin"
+        except ConnectionResetError:
+            seen["end"] = "reset"
+
+    srv = Server(w.remote, ("198.51.100.10", 80), stops_reading)
+    proxy = ProxyProcess(w.pod, loop=loop_name, args=("--idle-timeout", "700ms"))
+    try:
+        c = w.pod.connect(("198.51.100.10", 80), timeout=10)
+        c.setblocking(False)
+        block, sent, deadline = bytes(1 << 20), 0, time.monotonic() + 2
+        while time.monotonic() < deadline:  # as much as the buffers take, until the proxy gives up
+            try:
+                sent += c.send(block)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except ConnectionResetError:  # the idle timeout reset us too
+                break
+        assert sent > 4 * MB
+        wait_until(lambda: "end" in seen, timeout=10, what="the server to see the end")
+        assert seen["end"] == "reset"
+        assert proxy.access()["end"] == "idle_timeout"
+        assert stats_of(w.pod)["splice.pumps_total"] >= 1
+        c.close()
+    finally:
+        proxy.stop()
+        srv.close()
