@@ -30,6 +30,7 @@ transport's EOF; an error on either socket resets the connection.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -38,14 +39,29 @@ SPLICE_AFTER = 64 * 1024
 # The pipe between the sockets: the most an unprivileged process may ask for
 # by default (/proc/sys/fs/pipe-max-size); larger pipes mean fewer calls per byte.
 PIPE_SIZE = 1 << 20
+# Below this a pump moves less per call than copying does (the loop reads
+# 256 KiB at a time), so the direction keeps copying. A UID whose pipes hold
+# more than fs.pipe-user-pages-soft (64 MiB by default) gets only small ones.
+MIN_PIPE_SIZE = 256 << 10
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _grow(pipe_w: int) -> int:
+    """Make the pipe PIPE_SIZE, or at least MIN_PIPE_SIZE; its size. ENOBUFS if neither."""
+    for size in (PIPE_SIZE, MIN_PIPE_SIZE):
+        try:
+            return fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, size)
+        except OSError:
+            continue
+    raise OSError(errno.ENOBUFS, "no pipe of at least 256 KiB for this UID (fs.pipe-user-pages-soft used up)")
 
 
 class Pump:
     """One direction, source socket -> pipe -> destination socket."""
 
-    __slots__ = ("loop", "relay", "side", "src", "dst", "pipe_r", "pipe_w", "in_pipe", "reading", "writing")
+    __slots__ = ("loop", "relay", "side", "src", "dst", "pipe_r", "pipe_w", "capacity", "in_pipe", "reading",
+                 "writing", "src_eof")
 
     def __init__(self, loop, relay, side, src_fd: int, dst_fd: int) -> None:
         """`side`: the relay's Side whose socket is the source. Raises OSError
@@ -54,10 +70,7 @@ class Pump:
         fds: list[int] = []
         try:
             fds += os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                fcntl.fcntl(fds[1], _F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # a smaller pipe works too, with more calls per byte
+            self.capacity = _grow(fds[1])
             fds.append(fcntl.fcntl(src_fd, fcntl.F_DUPFD_CLOEXEC, 0))
             fds.append(fcntl.fcntl(dst_fd, fcntl.F_DUPFD_CLOEXEC, 0))
         except OSError:
@@ -67,6 +80,7 @@ class Pump:
         self.pipe_r, self.pipe_w, self.src, self.dst = fds
         self.in_pipe = 0  # bytes read from the source, not yet written to the destination
         self.reading = self.writing = False
+        self.src_eof = False  # the source's FIN came (the relay hears of it once the pipe is empty)
 
     def start(self) -> None:
         self._read_again()
@@ -74,14 +88,14 @@ class Pump:
     # the event loop's callbacks -------------------------------------------------------
     def _readable(self) -> None:
         try:
-            n = os.splice(self.src, self.pipe_w, PIPE_SIZE - self.in_pipe, flags=_FLAGS)
+            n = os.splice(self.src, self.pipe_w, self.capacity - self.in_pipe, flags=_FLAGS)
         except BlockingIOError:
             return
         except OSError as exc:
             self.relay.pump_failed(self, self.side, exc)
             return
         if n == 0:  # FIN from the source
-            self.side.eof = True
+            self.src_eof = True
             self._stop_reading()
             if not self.in_pipe:
                 self.relay.pump_eof(self)
@@ -111,7 +125,7 @@ class Pump:
         if self.writing:
             self.writing = False
             self.loop.remove_writer(self.dst)
-        if self.side.eof:  # the source ended while the pipe still held bytes
+        if self.src_eof:  # the source ended while the pipe still held bytes
             self.relay.pump_eof(self)
         elif not self.reading:
             self._read_again()
