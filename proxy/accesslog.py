@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import select
 import sys
 import threading
 import time
@@ -49,6 +50,26 @@ def format_json(entry: dict) -> str:
 
 def _json_str(value: str | None) -> str:
     return "null" if value is None else f'"{value}"'
+
+
+def _chunks(lines: list[str], size: int) -> list[str]:
+    """The lines joined into writes of at most `size` bytes that end in a newline.
+
+    Workers of one proxy (workers.py) share its stderr: a pipe keeps a write
+    of up to PIPE_BUF bytes whole, so no line is ever cut by another
+    worker's. (A longer line, which our fields never make, goes alone.)
+    """
+    chunks, current, length = [], [], 0
+    for line in lines:
+        n = len(line.encode()) + 1
+        if current and length + n > size:
+            chunks.append("".join(current))
+            current, length = [], 0
+        current.append(line + "\n")
+        length += n
+    if current:
+        chunks.append("".join(current))
+    return chunks
 
 
 class AccessLog:
@@ -106,8 +127,9 @@ class AccessLog:
 
     def _emit(self, lines: list[str]) -> None:
         try:
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+            for chunk in _chunks(lines, select.PIPE_BUF):
+                self._stream.write(chunk)
+                self._stream.flush()
         except (OSError, ValueError):
             pass  # the log's reader went away; the proxy keeps relaying
 

@@ -231,6 +231,9 @@ class Proxy(Lifecycle):
                 self.workers_started, self.phase = True, State.LIVE
                 if on_ready is not None:
                     on_ready()
+            else:  # stopped or drained before serving: sockets handed to us must not take connections
+                for _, sock in self.sockets or ():
+                    sock.close()
             await self.stopping.wait()
             await self.drain()
             sweeper.cancel()

@@ -61,7 +61,8 @@ log = logging.getLogger("proxy.workers")
 
 READY_TIMEOUT = 30.0  # seconds a worker may take to serve its listeners
 REQUEST_TIMEOUT = 5.0  # seconds a worker may take to answer the admin API
-CONTROL_LINE_LIMIT = 64 << 20  # a snapshot with many live connections is a long line
+CONTROL_LINE_LIMIT = 1 << 30  # a snapshot with many live connections is a long line
+EXIT_WAIT = 5.0  # seconds to wait for a worker whose control channel closed to exit
 
 
 class WorkerFailed(Exception):
@@ -145,7 +146,12 @@ class Supervisor(Lifecycle):
             self.draining = True
             log.info("draining: the workers close their listeners; live connections go on")
             for worker in self.workers:
-                worker.send({"op": "drain"})
+                if worker.ready.done():  # the others are told when they are ready (_spawn)
+                    worker.send({"op": "drain"})
+
+    def _worker_ready(self, worker: WorkerProcess) -> None:
+        if self.draining:  # a drain came while it started: its listeners close at once
+            worker.send({"op": "drain"})
 
     def stop(self) -> None:
         if not self.stopping.is_set():
@@ -169,9 +175,6 @@ class Supervisor(Lifecycle):
             if not self.stopping.is_set():
                 self.phase = State.INITIALIZING
                 await self._start_workers()
-                if self.draining:  # /drain_listeners came while they started
-                    for worker in self.workers:
-                        worker.send({"op": "drain"})
                 await self._until_all_ready()
             if self.failure is None and not self.stopping.is_set():
                 self.workers_started, self.phase = True, State.LIVE
@@ -200,7 +203,9 @@ class Supervisor(Lifecycle):
             for name, sock in shares[0]:
                 self.listeners.setdefault(_listener_name(config, name), []).append(sock.getsockname()[:2])
             for index, share in enumerate(shares):
-                self.workers.append(await _spawn(config, index, n, share))
+                worker = await _spawn(config, index, n, share)
+                worker.ready.add_done_callback(lambda _, w=worker: self._worker_ready(w))
+                self.workers.append(worker)
         finally:
             for share in shares:  # the workers have their own descriptors now
                 for _, sock in share:
@@ -234,7 +239,12 @@ class Supervisor(Lifecycle):
 
     async def _worker_ended(self) -> None:
         worker = next(w for w in self.workers if w.gone.done())
-        status = await worker.exit_status()
+        try:
+            async with asyncio.timeout(EXIT_WAIT):
+                status = await worker.exit_status()
+        except TimeoutError:  # it closed the channel but goes on: it is not ours any more
+            worker.proc.kill()
+            status = await worker.exit_status()
         self.failure = f"{worker} ended on its own (exit status {status}); stopping the proxy"
         log.error("%s", self.failure)
         self.draining = True
@@ -247,7 +257,8 @@ class Supervisor(Lifecycle):
             async with asyncio.timeout(deadline):
                 statuses = [await w.exit_status() for w in self.workers]
         except TimeoutError:
-            log.error("workers still running %gs after stop: killing them", deadline)
+            if self.failure is None:
+                self.failure = f"workers still running {deadline:g}s after stop: killed them"
             return
         failed = [f"{w}: exit status {s}" for w, s in zip(self.workers, statuses) if s != 0]
         if failed and self.failure is None:

@@ -13,6 +13,8 @@ import time
 import pytest
 from support import ProxyProcess, Server, admin, echo, identify, recv_line, stats_of, wait_until
 
+from proxy.server import LISTENER_DELAY_ENV
+
 pytestmark = pytest.mark.netns
 
 SERVICE = ("198.51.100.10", 80)
@@ -178,3 +180,53 @@ def test_bad_concurrency_is_one_line(world):
         assert proxy.proc.returncode == 2
         assert proxy.raw == [f"sidecar-proxy: {message}"]
         proxy.stop(verbose=False)
+
+
+def test_a_redirect_loop_across_workers_is_still_refused(world):
+    """Rules that do not exempt the proxy: a looped connection may land on the
+    other worker, which forwards it once more; the worker that made a socket
+    refuses it when it comes back to it, so the chain ends and the proxy lives."""
+    w = world
+    for tool, lo in (("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")):
+        w.pod.exec(tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "!", "-d", lo,
+                   "-j", "REDIRECT", "--to-ports", "5001")
+    srv = Server(w.remote, SERVICE, echo)
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
+    try:
+        for _ in range(5):
+            reset_by_the_proxy(w, SERVICE)
+        entries = wait_until(lambda: (e := proxy.access_entries()) and
+                             sum(x["end"] == "loop_guard" for x in e) >= 5 and e, what="5 loops refused")
+        time.sleep(0.5)
+        assert len(proxy.access_entries()) == len(entries), "a loop went on after it was refused"
+        assert len(entries) < 5 * 40  # each loop ended after a few hops (about two per loop with two workers)
+        assert not srv.accepted
+        assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n")
+    finally:
+        assert proxy.stop() == 0
+        srv.close()
+
+
+def test_a_drain_while_the_workers_start_leaves_nothing_listening(uid_world):
+    w = uid_world
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"), env={LISTENER_DELAY_ENV: "1s"}, wait=False)
+    try:
+        wait_until(lambda: admin_up(w), timeout=10, what="the admin API")
+        assert admin(w.pod, "POST", "/drain_listeners").status == 200
+        time.sleep(2.5)  # the workers have started meanwhile
+        assert proxy.alive()
+        assert admin(w.pod, "GET", "/ready").brief() == (503, "DRAINING\n")
+        with pytest.raises(ConnectionRefusedError):  # no socket of a worker takes connections
+            w.pod.connect(SERVICE, timeout=2).close()
+        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.proc.wait(20)
+        assert proxy.proc.returncode == 0
+    finally:
+        proxy.stop()
+
+
+def admin_up(w) -> bool:
+    try:
+        return admin(w.pod, "GET", "/ready").status in (200, 503)
+    except OSError:
+        return False

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.accesslog import format_json, format_text
+from proxy.accesslog import _chunks, format_json, format_text
 
 ENTRIES = [
     {"id": 7, "start": 1796111401.8978624, "listener": "redirect", "source": "192.0.2.1:48828",
@@ -29,3 +29,11 @@ def test_text_line():
     assert format_text(ENTRIES[0]) == ("2026-12-01T07:50:01.897Z conn=7 outbound 192.0.2.1:48828 -> 198.51.100.10:80"
                                        " chain=passthrough upstream=198.51.100.10:80 up=1048576B down=512B 12.3ms done")
     assert " upstream=- " in format_text(ENTRIES[1])
+
+
+def test_writes_never_cut_a_line_and_stay_within_pipe_buf():
+    lines = [format_json({**ENTRIES[0], "id": i}) for i in range(200)]
+    chunks = _chunks(lines, 4096)
+    assert "".join(chunks) == "".join(line + "\n" for line in lines)
+    assert all(len(c.encode()) <= 4096 and c.endswith("\n") for c in chunks)
+    assert len(chunks) > 1
