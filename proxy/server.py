@@ -165,6 +165,14 @@ class Lifecycle:
         self.health_check_failed = False
         self.started_mono, self.started_wall = time.monotonic(), time.time()
 
+    async def hold_listeners(self) -> None:
+        """The test hook: wait LISTENER_DELAY_ENV's seconds (or until stopped)
+        before binding the listeners."""
+        if self.listener_delay > 0:
+            log.info("test hook %s: binding the listeners in %gs", LISTENER_DELAY_ENV, self.listener_delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.listener_delay)
+
     @property
     def state(self) -> State:
         """As Envoy computes it: a failed health check reads DRAINING once LIVE."""
@@ -220,10 +228,7 @@ class Proxy(Lifecycle):
                 # imported here: aiohttp is loaded only when the admin API runs
                 from .admin import start_admin
                 admin = await start_admin(self)
-            if self.listener_delay > 0:
-                log.info("test hook %s: binding the listeners in %gs", LISTENER_DELAY_ENV, self.listener_delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), self.listener_delay)
+            await self.hold_listeners()
             sweeper = loop.create_task(self._sweep_idle(), name="idle-sweep")
             if not self.stopping.is_set() and not self.draining:
                 self.phase = State.INITIALIZING

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from . import logs, plane
 from .config import Config, from_data
 from .plane import Snapshot
-from .server import LISTENER_DELAY_ENV, Lifecycle, Proxy, StartupError, State, open_listen_sockets
+from .server import Lifecycle, Proxy, StartupError, State, open_listen_sockets
 
 log = logging.getLogger("proxy.workers")
 
@@ -169,9 +169,7 @@ class Supervisor(Lifecycle):
             if self.config.admin_port:
                 from .admin import start_admin  # aiohttp only where the admin API runs
                 admin = await start_admin(self)
-            if self.listener_delay > 0:
-                log.info("test hook %s: binding the listeners in %gs", LISTENER_DELAY_ENV, self.listener_delay)
-                await _until(self.stopping.wait(), self.listener_delay)
+            await self.hold_listeners()
             if not self.stopping.is_set():
                 self.phase = State.INITIALIZING
                 await self._start_workers()
@@ -263,13 +261,6 @@ class Supervisor(Lifecycle):
         failed = [f"{w}: exit status {s}" for w, s in zip(self.workers, statuses) if s != 0]
         if failed and self.failure is None:
             self.failure = "; ".join(failed)
-
-
-async def _until(awaitable, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(awaitable, seconds)
-    except TimeoutError:
-        pass
 
 
 def _refuse_if_taken(config: Config) -> list[socket.socket]:

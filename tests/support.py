@@ -98,3 +98,17 @@ def wait_until(check, timeout: float = 5.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout}s")
         time.sleep(0.05)
+
+
+# --- processes ---------------------------------------------------------------------------
+
+def children_of(pid: int) -> list[int]:
+    """PIDs of a process's children (the workers of a proxy with --concurrency)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def status_field(pid: int, name: str) -> str:
+    """A field of /proc/PID/status, e.g. "Uid" or "CapEff"."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 from conftest import install_uid_redirect
-from support import ProxyProcess, Server, echo, identify, recv_line
+from support import ProxyProcess, Server, children_of, echo, identify, recv_line, status_field
 
 pytestmark = pytest.mark.netns
 
@@ -236,13 +236,10 @@ def test_mark_needs_cap_net_admin_and_bypasses_with_it(world, tmp_path, workers)
     proxy = ProxyProcess(w.pod, args=("--mark", "0x1", *concurrency), caps=("net_admin",))
     try:
         assert int(proxy.status_field("CapEff"), 16) == 1 << 12  # CAP_NET_ADMIN alone
-        with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as f:
-            children = [int(pid) for pid in f.read().split()]
+        children = children_of(proxy.pid)
         assert len(children) == (workers if workers > 1 else 0)
         for pid in children:  # the workers that set the mark have the capability too, and only it
-            with open(f"/proc/{pid}/status") as f:
-                cap_eff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
-            assert int(cap_eff, 16) == 1 << 12
+            assert int(status_field(pid, "CapEff"), 16) == 1 << 12
         for _ in range(4):
             with w.pod.connect(("2001:db8:2::10", 80)) as c:
                 assert recv_line(c).startswith("web ")

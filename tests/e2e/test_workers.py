@@ -11,24 +11,14 @@ import signal
 import time
 
 import pytest
-from support import ProxyProcess, Server, admin, echo, identify, recv_line, stats_of, wait_until
+from support import (ProxyProcess, Server, admin, children_of, echo, identify, recv_line, stats_of, status_field,
+                     wait_until)
 
 from proxy.server import LISTENER_DELAY_ENV
 
 pytestmark = pytest.mark.netns
 
 SERVICE = ("198.51.100.10", 80)
-
-
-def workers_of(proxy: ProxyProcess) -> list[int]:
-    """PIDs of the supervisor's children (its workers)."""
-    with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as f:
-        return [int(pid) for pid in f.read().split()]
-
-
-def status_field(pid: int, name: str) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
 
 
 def gone(pid: int) -> bool:
@@ -50,7 +40,7 @@ def test_workers_share_the_port_and_answer_as_one_proxy(uid_world, loop_name):
     proxy = ProxyProcess(w.pod, loop=loop_name, args=("--concurrency", "2"))
     held = []
     try:
-        pids = workers_of(proxy)
+        pids = children_of(proxy.pid)
         assert len(pids) == 2
         for pid in pids:  # the workers run as the proxy does: UID 1337, no capabilities
             assert status_field(pid, "Uid").split()[:2] == ["1337", "1337"]
@@ -133,7 +123,7 @@ def test_a_worker_that_dies_ends_the_proxy(uid_world):
     w = uid_world
     proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
     try:
-        first, second = workers_of(proxy)
+        first, second = children_of(proxy.pid)
         os.kill(first, signal.SIGKILL)
         proxy.proc.wait(20)
         assert proxy.proc.returncode == 1
@@ -148,7 +138,7 @@ def test_workers_do_not_outlive_their_supervisor(uid_world):
     w = uid_world
     proxy = ProxyProcess(w.pod, args=("--concurrency", "2", "--drain-timeout", "1s"))
     try:
-        pids = workers_of(proxy)
+        pids = children_of(proxy.pid)
         proxy.proc.kill()
         proxy.proc.wait(10)
         wait_until(lambda: all(gone(pid) for pid in pids), timeout=10, what="the workers to exit")
