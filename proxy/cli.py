@@ -86,8 +86,15 @@ def runner_for(loop: str) -> asyncio.Runner:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker of a proxy run with --concurrency N (started by the supervisor)."""
-    from .workers import run_worker
-    return run_worker(args.control, runner_for)
+    from .workers import BadStart, run_worker
+    try:
+        return run_worker(args.control, runner_for)
+    except BadStart as exc:
+        print(f"sidecar-proxy worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
 
 
 def _listener_delay() -> float:
@@ -111,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print the effective one")
     _config_flags(check)
     check.set_defaults(func=cmd_check)
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # the supervisor starts these (workers.py)
+    worker = sub.add_parser("worker", help="internal: one worker of a proxy run with --concurrency N "
+                                           "(the proxy starts them itself)")
     worker.add_argument("--control", type=int, required=True, metavar="FD")
     worker.set_defaults(func=cmd_worker)
     for module in _extensions():

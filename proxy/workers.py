@@ -53,7 +53,7 @@ import sys
 from collections.abc import Callable
 
 from . import logs, plane
-from .config import Config, from_data
+from .config import Config, ConfigError, from_data
 from .plane import Snapshot
 from .server import Lifecycle, Proxy, StartupError, State, open_listen_sockets
 
@@ -67,6 +67,10 @@ EXIT_WAIT = 5.0  # seconds to wait for a worker whose control channel closed to 
 
 class WorkerFailed(Exception):
     """A worker ended on its own; str() is the one-line reason."""
+
+
+class BadStart(Exception):
+    """`proxy worker` was not started by a supervisor as it should be; str() says how."""
 
 
 # --- the supervisor -----------------------------------------------------------------
@@ -340,12 +344,18 @@ class WorkerControl(asyncio.Protocol):
 
 def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> int:
     """`python -m proxy worker --control FD`: serve the sockets the supervisor hands over."""
-    control = socket.socket(fileno=control_fd)
-    start, pending = _first_line(control)
-    config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
-    index, count = start["index"], start["count"]
+    try:
+        control = socket.socket(fileno=control_fd)
+        start, pending = _first_line(control)
+        config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
+        index, count = int(start["index"]), int(start["count"])
+        sockets = [(name, socket.socket(fileno=fd)) for name, fd in start["listeners"]]
+    except OSError as exc:
+        raise BadStart(f"--control {control_fd}: {exc.strerror} (workers are started by the proxy itself, "
+                       "see --concurrency)") from None
+    except (ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise BadStart(f"--control {control_fd}: not a start message from a proxy ({exc})") from None
     logs.setup(config.log_format, config.log_level, worker=index)
-    sockets = [(name, socket.socket(fileno=fd)) for name, fd in start["listeners"]]
     for _, sock in sockets:
         sock.setblocking(False)
     proxy = Proxy(config, argv=sys.argv, sockets=sockets, conn_ids=itertools.count(index + 1, count))
@@ -369,7 +379,7 @@ def _first_line(sock: socket.socket) -> tuple[dict, bytes]:
     while b"\n" not in data:
         chunk = sock.recv(1 << 16)
         if not chunk:
-            raise SystemExit("worker: the supervisor closed the control channel before saying start")
+            raise ValueError("the control channel closed before the start message")
         data += chunk
     line, _, rest = data.partition(b"\n")
     return json.loads(line), rest

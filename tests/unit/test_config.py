@@ -167,6 +167,8 @@ def test_bad_environment_names_the_variable(env, message):
     (["run", "--idle-timeout", "forever"], "sidecar-proxy: --idle-timeout: 'forever' is not a duration"),
     (["check", "--config", "/nonexistent/proxy.yaml"],
      "sidecar-proxy: /nonexistent/proxy.yaml: cannot read config: No such file or directory"),
+    (["run", "--concurrency", "100"], "sidecar-proxy: --concurrency: 100 is not a number of workers (1-64)"),
+    (["worker", "--control", "99"], "sidecar-proxy worker: --control 99: Bad file descriptor (workers are started"),
 ])
 def test_cli_errors_are_one_line_without_traceback(argv, message):
     proc = subprocess.run([sys.executable, "-m", "proxy", *argv], capture_output=True, text=True, timeout=30)
@@ -191,3 +193,23 @@ def test_yaml_off_means_off(tmp_path):
     """YAML 1.1 reads a bare `off` as false: for the settings that take "off" it still means off."""
     c = cfg.load(write(tmp_path, "access_log: off\nsplice: off\n"), env={})
     assert c.access_log == "off" and c.splice == "off"
+
+
+@pytest.mark.parametrize("message, reason", [
+    (b"not json\n", "Expecting value"),
+    (b'{"op": "start"}\n', "'config'"),
+    (b"", "the control channel closed before the start message"),
+])
+def test_a_worker_without_a_proper_start_message_says_so_in_one_line(message, reason):
+    """`proxy worker` is started by the proxy itself; anything else gets one line and exit 2."""
+    import socket
+    ours, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    with ours, theirs:
+        ours.sendall(message)
+        ours.shutdown(socket.SHUT_WR)
+        proc = subprocess.run([sys.executable, "-m", "proxy", "worker", "--control", str(fd)],
+                              pass_fds=[fd], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"sidecar-proxy worker: --control {fd}: not a start message")
+    assert reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
