@@ -34,9 +34,9 @@ Connecting without waiting
 The upstream socket starts its connect() and goes to the event loop at once,
 still connecting (see upstream.py): its transport queues what is written
 until the handshake completes. That saves a round of waiting for
-writability in Python per connection (bench/ measured about a fifth more
-connections/s), but the loop never says when the connection is up, so the
-relay infers it. The upstream is *confirmed* by the first of:
+writability in Python per connection (a 60-line relay made a quarter more
+connections/s that way here), but the loop never says when the connection
+is up, so the relay infers it. The upstream is *confirmed* by the first of:
 
 * a byte or a FIN from it (only a connected socket delivers those);
 * a write the kernel took at once (nothing left in the transport's buffer);
@@ -44,7 +44,8 @@ relay infers it. The upstream is *confirmed* by the first of:
   0, so the first queued byte pauses the client, and the handshake, which
   lets the buffer drain, resumes it;
 * the connect deadline, where the socket is asked (getpeername) whether it
-  is connected after all.
+  is connected after all; and when the client has sent its FIN with nothing
+  that could confirm the upstream, it is asked every CONNECT_POLL seconds.
 
 It has *failed* if its socket ends before that with an error only a connect
 gives (refused, unreachable, timed out), or is still not connected at the
