@@ -6,9 +6,11 @@ The data path, in the order it runs for every accepted connection:
     -> original destination     (sockopts.original_dst)
     -> loop guard               (our own listener, or one of our own upstream sockets?)
     -> direction                (original destination is a pod address: inbound)
-    -> chain selection          (chains.ChainTable.select, Envoy's precedence)
-    -> upstream connect         (upstream.connect: endpoint order, mark, timeout)
-    -> relay                    (relay.Relay: bytes both ways until both sides end)
+    -> chain selection          (chains.ChainTable.lookup, Envoy's precedence)
+    -> upstream connect         (Listener._attempt: endpoint order, upstream.open_socket
+                                 with the mark; the relay confirms it or fails it)
+    -> relay                    (relay.Relay: bytes both ways until both sides end;
+                                 splice.Pump for bulk directions)
 
 A plain listener (loopback, for proxy-aware apps) skips the first four steps:
 it has no original destination and always goes to its one cluster.
