@@ -41,9 +41,9 @@ import itertools
 import logging
 import time
 from collections import Counter
-from sys import intern
 from dataclasses import dataclass, field
 from functools import partial
+from sys import intern
 
 from . import upstream
 from .accesslog import AccessLog
@@ -308,7 +308,7 @@ class Listener:
         host["cx_active"] += 1
         host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
         host["rq_active"] += 1
-        relay.upstream_stat, relay.endpoint = names, up.endpoint
+        relay.upstream_stat = names
 
     def connect_failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
         """One attempt failed: the next endpoint, or the end of the connection."""
@@ -372,7 +372,7 @@ class Listener:
             stats.inc(cluster.upstream_cx_destroy)
             stats.inc(cluster.upstream_cx_tx_bytes_total, up)
             stats.inc(cluster.upstream_cx_rx_bytes_total, down)
-            endpoint, cluster_name = relay.endpoint, relay.cluster
+            endpoint, cluster_name = relay.upstream.endpoint, relay.cluster
             host = stats.host(cluster_name, endpoint)
             host["cx_active"] -= 1
             host["rq_active"] -= 1

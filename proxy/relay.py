@@ -249,7 +249,7 @@ class Relay:
                  # what the connection is, for the access log and the admin API;
                  # plain fields rather than a dict: an idle connection stays small
                  "listener", "source", "destination", "direction",
-                 "chain", "cluster", "endpoint", "upstream_stat")
+                 "chain", "cluster", "upstream_stat")
 
     def __init__(self, conn_id: int, owner) -> None:
         self.id = conn_id
@@ -270,7 +270,6 @@ class Relay:
         self.direction = "-"
         self.chain = "-"
         self.cluster: str | None = None
-        self.endpoint = None  # the upstream endpoint, once connected
         self.upstream_stat = None  # its cluster's stats.Names, once connected
 
     # connecting ---------------------------------------------------------------
@@ -479,7 +478,7 @@ class Relay:
             "id": self.id, "start": time.time() - (_monotonic() - self.started), "listener": self.listener,
             "source": hostport(self.source), "destination": hostport(self.destination),
             "direction": self.direction, "chain": self.chain, "cluster": self.cluster,
-            "upstream": str(self.endpoint) if self.endpoint is not None else None,
+            "upstream": str(self.upstream.endpoint) if self.upstream is not None and self.upstream.relaying else None,
         }
 
     # counters -------------------------------------------------------------------
