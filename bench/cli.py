@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from proxy.sandbox import setpriv_argv
+from proxy.demo.sandbox import setpriv_argv
 
 from . import charts, report
 from .profile import profile_connections, py_spy, resummarise

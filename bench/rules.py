@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 
-from proxy.sandbox import ProxyProcess
+from proxy.demo.sandbox import ProxyProcess
 
 from .runner import run_loadgen
 from .subjects import PORT, PRLIMIT

@@ -24,7 +24,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from proxy.sandbox import ProxyProcess, setpriv_argv
+from proxy.demo.sandbox import ProxyProcess, setpriv_argv
 
 from .world import PYTHON, SERVICE, BenchWorld, descendants, stop_process
 

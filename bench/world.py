@@ -1,6 +1,6 @@
 """The benchmark's world: a throwaway pod, its rules, the app server, clean-up.
 
-Built on the project's own sandbox (`proxy.netns.PodWorld`): a pod namespace
+Built on the project's own sandbox (`proxy.demo.netns.PodWorld`): a pod namespace
 (192.0.2.1) and a remote namespace owning 198.51.100.0/24, joined by one veth
 pair and linked to nothing else. Every process the benchmark starts is
 registered here and stopped by its PID when the run ends, also on Ctrl-C,
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.netns import PodWorld
+from proxy.demo.netns import PodWorld
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

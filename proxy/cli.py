@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import yaml
 
 from . import config as cfg
-from . import logs
-from .server import LISTENER_DELAY_ENV, Proxy, StartupError, check_mark_privilege, join_cgroup
-from .workers import WorkerFailed
+from .control import logs
+from .control.server import LISTENER_DELAY_ENV, Proxy, StartupError, check_mark_privilege, join_cgroup
+from .control.supervisor import WorkerFailed
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             join_cgroup(config.cgroup)  # first: sockets inherit the cgroup's classid
         check_mark_privilege(config)
         if config.concurrency > 1:
-            from .workers import Supervisor
+            from .control.supervisor import Supervisor
             proxy = Supervisor(config, argv=sys.argv, listener_delay=_listener_delay())
         else:
             proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay())
@@ -86,7 +86,7 @@ def runner_for(loop: str) -> asyncio.Runner:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker of a proxy run with --concurrency N (started by the supervisor)."""
-    from .workers import BadStart, run_worker
+    from .control.supervisor import BadStart, run_worker
     try:
         return run_worker(args.control, runner_for)
     except BadStart as exc:
@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands that live in their own modules (each has add_parser(sub))."""
-    from . import demo, inject, services
+    from .demo import demo
+    from .kube import inject
+    from .kube import services
     return [demo, services, inject]
 
 

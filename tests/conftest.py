@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from proxy.netns import PodWorld
+from proxy.demo.netns import PodWorld
 from support import PYTHON, setpriv_argv
 
 REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-save", "setpriv", "nsenter", "prlimit")

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from proxy.netns import ThreadedServer as Server  # noqa: F401  (the tests' name for it)
-from proxy.sandbox import PROXY_UID, PYTHON, ProxyProcess, setpriv_argv  # noqa: F401
+from proxy.demo.netns import ThreadedServer as Server  # noqa: F401  (the tests' name for it)
+from proxy.demo.sandbox import PROXY_UID, PYTHON, ProxyProcess, setpriv_argv  # noqa: F401
 
 
 # --- handlers ---------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.netns import PodWorld, run
+from proxy.demo.netns import PodWorld, run
 from support import PROXY_UID, ProxyProcess, Server, digest_sink, identify, recv_line
 
 pytestmark = pytest.mark.netns

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.accesslog import _chunks, format_json, format_text
+from proxy.datapath.accesslog import _chunks, format_json, format_text
 
 ENTRIES = [
     {"id": 7, "start": 1796111401.8978624, "listener": "redirect", "source": "192.0.2.1:48828",

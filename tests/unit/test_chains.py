@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.chains import LOOKUP_MEMORY, NO_MATCH, ChainTable, Connection, select, specificity
+from proxy.datapath.chains import LOOKUP_MEMORY, NO_MATCH, ChainTable, Connection, select, specificity
 from proxy.config import Chain, ConfigError, Match, check_ambiguous
 
 ip = ipaddress.ip_address

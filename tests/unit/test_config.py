@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from proxy import config as cfg
-from proxy.services import render
+from proxy.kube.services import render
 
 
 def write(tmp_path, text: str, name: str = "proxy.yaml") -> str:

@@ -244,8 +244,11 @@ def test_dockerignore_keeps_the_context_small_and_the_sources_in():
 
 
 def test_every_module_is_in_a_package_the_wheel_ships():
-    """The image installs a wheel, not the work tree: a subpackage missing from
-    pyproject's package list would import fine here and be absent there."""
-    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    """The image installs a wheel, not the work tree: a folder that setuptools'
+    package discovery misses (no __init__.py, or outside the include list)
+    would import fine here and be absent there."""
+    from setuptools import find_packages
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = set(find_packages(str(REPO), include=include))
     folders = {p.parent.relative_to(REPO).as_posix().replace("/", ".") for p in (REPO / "proxy").rglob("*.py")}
     assert folders <= packages, f"not shipped: {sorted(folders - packages)}"

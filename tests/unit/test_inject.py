@@ -20,7 +20,8 @@ import pytest
 import yaml
 from k8s_objects import KINDS, POD_TEMPLATE, dump, template_copy, workload
 
-from proxy import cli, manifests, sidecar
+from proxy import cli
+from proxy.kube import manifests, sidecar
 
 PROXY, INIT = sidecar.PROXY_NAME, sidecar.INIT_NAME
 

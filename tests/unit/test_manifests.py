@@ -28,7 +28,8 @@ import pytest
 import yaml
 from k8s_objects import KINDS, dump, workload
 
-from proxy import cli, manifests, sidecar
+from proxy import cli
+from proxy.kube import manifests, sidecar
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from proxy import splice
+from proxy.datapath import splice
 
 
 def open_fds() -> set[str]:

@@ -7,9 +7,9 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import statsfmt as fmt
-from proxy.stats import Stats, is_gauge, stat_address
-from proxy.statsfmt import ClusterView, HostView, ListenerView, Stat
+from proxy.admin import statsfmt as fmt
+from proxy.datapath.stats import Stats, is_gauge, stat_address
+from proxy.admin.statsfmt import ClusterView, HostView, ListenerView, Stat
 
 STATS = [
     Stat("server.state", 0, gauge=True),

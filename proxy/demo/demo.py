@@ -54,7 +54,7 @@ _COUNTED = re.compile(r'^\[(\d+):\d+\] -A (\S+) (.*?)(?:-m comment --comment "?s
 
 def scripts_dir() -> Path:
     """The iptables/ scripts: beside the package in a checkout, else installed."""
-    for candidate in (Path(__file__).resolve().parent.parent / "iptables",
+    for candidate in (Path(__file__).resolve().parents[2] / "iptables",
                       Path(sys.prefix) / "share" / "sidecar-proxy" / "iptables"):
         if (candidate / "redirect.sh").is_file():
             return candidate

@@ -41,15 +41,15 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import plane
-from .accesslog import AccessLog
-from .config import Config
-from .listener import Listener, Shared
-from .localaddrs import LocalAddresses
+from ..datapath.accesslog import AccessLog
+from ..config import Config
+from ..datapath.listener import Listener, Shared
+from ..datapath.localaddrs import LocalAddresses
 from .plane import Snapshot
-from .sockopts import can_mark
-from .relay import close_idle, idle_sweep_interval
-from .stats import Stats
-from .upstream import EXHAUSTION
+from ..datapath.sockopts import can_mark
+from ..datapath.relay import close_idle, idle_sweep_interval
+from ..datapath.stats import Stats
+from ..datapath.upstream import EXHAUSTION
 
 log = logging.getLogger("proxy.server")
 
@@ -226,7 +226,7 @@ class Proxy(Lifecycle):
                 loop.add_signal_handler(sig, self.stop)
             if config.admin_port:
                 # imported here: aiohttp is loaded only when the admin API runs
-                from .admin import start_admin
+                from ..admin.api import start_admin
                 admin = await start_admin(self)
             await self.hold_listeners()
             sweeper = loop.create_task(self._sweep_idle(), name="idle-sweep")

@@ -35,7 +35,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .config import Chain
+from ..config import Chain
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -29,12 +29,13 @@ from importlib import resources
 
 from aiohttp import web
 
-from . import __version__, logs
+from .. import __version__
+from ..control import logs
 from . import statsfmt as fmt
-from .listener import ORIGINAL_DST
-from .plane import Snapshot
-from .server import Proxy, StartupError, State, bind
-from .stats import is_gauge
+from ..datapath.listener import ORIGINAL_DST
+from ..control.plane import Snapshot
+from ..control.server import Proxy, StartupError, State, bind
+from ..datapath.stats import is_gauge
 
 log = logging.getLogger("proxy.admin")
 

@@ -48,7 +48,7 @@ from sys import intern
 from . import upstream
 from .accesslog import AccessLog
 from .chains import ChainTable
-from .config import Chain, Config, Endpoint, PlainListener
+from ..config import Chain, Config, Endpoint, PlainListener
 from .localaddrs import LocalAddresses
 from .relay import Relay, Upstream, hostport
 from .sockopts import original_dst, unmapped

@@ -52,8 +52,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from . import logs, plane
-from .config import Config, ConfigError, from_data
+from . import logs
+from . import plane
+from ..config import Config, ConfigError, from_data
 from .plane import Snapshot
 from .server import Lifecycle, Proxy, StartupError, State, open_listen_sockets
 
@@ -171,7 +172,7 @@ class Supervisor(Lifecycle):
         admin = None
         try:
             if self.config.admin_port:
-                from .admin import start_admin  # aiohttp only where the admin API runs
+                from ..admin.api import start_admin  # aiohttp only where the admin API runs
                 admin = await start_admin(self)
             await self.hold_listeners()
             if not self.stopping.is_set():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import config as cfg
+from .. import config as cfg
 
 
 def render(config: cfg.Config) -> str:

@@ -28,7 +28,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from sys import intern
 
-from .config import Cluster, Endpoint
+from ..config import Cluster, Endpoint
 from .sockopts import set_mark, unmapped
 
 # errnos that mean "this process or the machine is out of something", not

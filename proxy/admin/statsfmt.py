@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import re2
 
-from .stats import HOST_GAUGES, HOST_STATS, envoy_address
+from ..datapath.stats import HOST_GAUGES, HOST_STATS, envoy_address
 
 # family -> (tag extracted into a label, label name in Prometheus)
 TAGGED = {

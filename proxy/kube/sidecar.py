@@ -36,7 +36,7 @@ import copy
 import json
 from dataclasses import dataclass
 
-from . import __version__
+from .. import __version__
 
 METHODS = ("uid", "mark", "cgroup", "explicit")
 

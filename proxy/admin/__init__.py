@@ -1,0 +1,1 @@
+"""The Envoy-shaped admin HTTP API."""

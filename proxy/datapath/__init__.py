@@ -1,0 +1,1 @@
+"""The data path: one connection from accept to close (see listener.py)."""
