@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -122,22 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(the proxy starts them itself)")
     worker.add_argument("--control", type=int, required=True, metavar="FD")
     worker.set_defaults(func=cmd_worker)
-    for module in _extensions():
-        module.add_parser(sub)
+    for name, module in TOOLS.items():
+        try:
+            tool = importlib.import_module(module, __package__)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith(__package__ + "."):
+                raise
+            _absent_tool(sub, name)  # the runtime image ships the proxy alone
+        else:
+            tool.add_parser(sub)
     return parser
 
 
-def _extensions():
-    """Subcommands that live in their own modules (each has add_parser(sub))."""
-    from .demo import demo
-    from .kube import inject
-    from .kube import services
-    return [demo, services, inject]
+# Subcommands that live with the tools (proxy/kube, proxy/demo): each module
+# has add_parser(sub). The proxy's runtime image leaves those folders out.
+TOOLS = {"demo": ".demo.demo", "services": ".kube.services", "inject": ".kube.inject"}
+
+
+def _absent_tool(sub, name: str) -> None:
+    def absent(args: argparse.Namespace) -> int:
+        print(f"sidecar-proxy {name}: not part of this installation (the proxy's image carries the proxy "
+              "alone); run it where the whole package is installed (pip install sidecar-proxy)", file=sys.stderr)
+        return EXIT_USAGE
+    parser = sub.add_parser(name, help="(not in this installation)", add_help=False)
+    parser.set_defaults(func=absent, takes_any_arguments=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_any_arguments", False):
+        parser.parse_args(argv)  # the usual one-line error and exit 2
     try:
         return args.func(args)
     except cfg.ConfigError as exc:
