@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import given, settings
@@ -169,3 +173,49 @@ def test_lookup_memory_is_bounded_and_stays_right():
     assert len(table._memory) <= LOOKUP_MEMORY
     assert table.lookup("198.51.100.10", 80, "192.0.2.1", "outbound").name == "web"
     assert table.lookup("198.51.100.10", 443, "192.0.2.1", "outbound") is None
+
+
+# --- ambiguity: the indexed check agrees with the element-by-element definition -------
+
+def ambiguous_pair(chains):
+    """By definition: some (port, destination, source, direction) element tuple
+    is named by two chains (an empty list names the element None)."""
+    owners = {}
+    for i, ch in enumerate(chains):
+        m = ch.match
+        for key in itertools.product(m.ports or (None,), m.destinations or (None,), m.sources or (None,)):
+            owners.setdefault((*key, m.direction), set()).add(i)
+    return any(len(who) > 1 for who in owners.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs=st.lists(chain_spec, max_size=6))
+def test_ambiguity_check_agrees_with_its_definition(specs):
+    chains = tuple(chain(f"c{i}", **s) for i, s in enumerate(specs))
+    try:
+        check_ambiguous(chains)
+    except ConfigError:
+        assert ambiguous_pair(chains)
+    else:
+        assert not ambiguous_pair(chains)
+
+
+def test_ambiguity_check_costs_the_lists_lengths_not_their_product():
+    """Two chains of 2,000 ports x 2,000 destinations: 4 million element tuples
+    each if multiplied out (gigabytes); checked in a process capped at 256 MB."""
+    code = textwrap.dedent("""
+        import ipaddress, resource
+        resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))
+        from proxy.config import Chain, ConfigError, Match, check_ambiguous
+        dsts = tuple(ipaddress.ip_network(f"10.{i // 256}.{i % 256}.0/24") for i in range(2000))
+        a = Chain("a", Match(ports=tuple(range(1, 2001)), destinations=dsts))
+        b = Chain("b", Match(ports=tuple(range(3000, 5000)), destinations=dsts))
+        check_ambiguous((a, b))
+        try:
+            check_ambiguous((a, b, Chain("c", Match(ports=(4999,), destinations=dsts[-1:]))))
+        except ConfigError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert "chains[2].match: matches the same connections as chains[1] ('b')" in out.stdout

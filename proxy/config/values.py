@@ -1,0 +1,205 @@
+"""Value parsers: each takes (value, where) and returns the value or raises
+ConfigError(where, ...), whichever source the value came from (a file, an
+environment variable, a flag): `where` names it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .model import LOG_FORMATS, LOG_LEVELS, LOOPS, MAX_CONCURRENCY, SPLICE_MODES, Endpoint, IPNetwork
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; str() is the one-line message."""
+
+    def __init__(self, where: str, message: str, *, source: str | None = None, line: int | None = None):
+        self.where, self.message, self.source, self.line = where, message, source, line
+        prefix = ""
+        if source:
+            prefix = f"{source}:{line}: " if line else f"{source}: "
+        super().__init__(f"{prefix}{where}: {message}" if where else f"{prefix}{message}")
+
+
+def as_list(value: Any, where: str) -> list:
+    """`value` if it is a list, else a ConfigError at `where`."""
+    if not isinstance(value, list):
+        raise ConfigError(where, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def parse_port(value: Any, where: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 5:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(where, f"{value!r} is not a port")
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ConfigError(where, f"{value} is not a port ({low}-65535)")
+    return value
+
+
+def parse_concurrency(value: Any, where: str) -> int:
+    """1 to MAX_CONCURRENCY worker processes (an int, or its digits in a string from a flag)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise ConfigError(where, f"{short(value)} is not a number of workers (1-{MAX_CONCURRENCY})")
+    return value
+
+
+def parse_access_log(value: Any, where: str) -> str:
+    """stderr, stdout, off or a file path; YAML reads a bare off as false."""
+    return "off" if value is False else parse_text(value, where)
+
+
+def parse_splice(value: Any, where: str) -> str:
+    """auto or off; YAML reads a bare off as false (and on as true), so those count too."""
+    if value is False or value is True:
+        return "auto" if value else "off"
+    return parse_choice(SPLICE_MODES)(value, where)
+
+
+def parse_mark(value: Any, where: str) -> int:
+    """An SO_MARK value: an integer or a string in any base Python reads (0x1)."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise ConfigError(where, f"{value!r} is not a mark (an integer such as 0x1)") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 0xFFFFFFFF:
+        raise ConfigError(where, f"{value!r} is not a mark (1-0xffffffff)")
+    return value
+
+
+MAX_DURATION = 365 * 86400.0  # a year: anything longer is a typo, or NaN/inf
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """Seconds as a number, or a string such as 250ms, 5s, 2m, 1h."""
+    if isinstance(value, bool):
+        raise ConfigError(where, f"{value!r} is not a duration")
+    try:
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNIT[m.group(2)]
+        else:
+            raise ConfigError(where, f"{value!r} is not a duration (e.g. 5s, 250ms, 1h)")
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ConfigError(where, f"{short(value)} is not a duration of at most {MAX_DURATION // 86400:g} days")
+    if seconds <= 0:
+        raise ConfigError(where, f"{value!r} must be positive")
+    return seconds
+
+
+def short(value: Any) -> str:
+    """A value for an error message, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_network(value: Any, where: str) -> IPNetwork:
+    if not isinstance(value, str):
+        raise ConfigError(where, f"{value!r} is not a CIDR")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ConfigError(where, f"{value!r} is not a CIDR ({exc})") from None
+
+
+def parse_address(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(where, f"{value!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(where, f"{value!r} is not an IP address") from None
+
+
+def parse_endpoint(value: Any, where: str) -> Endpoint:
+    """`198.51.100.10:80` or `[2001:db8::10]:80`."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(where, f"{value!r} is not an endpoint (HOST:PORT, [V6]:PORT)")
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(where, f"{value!r}: write an IPv6 endpoint as [ADDRESS]:PORT")
+    return Endpoint(parse_address(host, where), parse_port(port, where))
+
+
+def parse_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(where, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def parse_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ConfigError(where, f"{value!r} is not a name (letters, digits, _ . -)")
+    return value
+
+
+def parse_text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(where, f"{value!r} is not a non-empty string")
+    return value
+
+
+def parse_bool(value: Any, where: str) -> bool:
+    """true/false in YAML; also the strings true, false, 1, 0, yes, no (flags, env)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ConfigError(where, f"{value!r} is not a boolean (true or false)")
+
+
+def parse_admin_port(value: Any, where: str) -> int:
+    return parse_port(value, where, allow_zero=True)
+
+
+def parse_addresses(value: Any, where: str) -> tuple[str, ...]:
+    items = as_list(value, where)
+    if not items:
+        raise ConfigError(where, "needs at least one address")
+    return tuple(parse_address(v, f"{where}[{i}]") for i, v in enumerate(items))
+
+
+# Top-level settings that flags and env vars may also set: name -> parser.
+SETTINGS: dict[str, Callable[[Any, str], Any]] = {
+    "port": parse_port,
+    "addresses": parse_addresses,
+    "mark": parse_mark,
+    "cgroup": parse_text,
+    "loop": parse_choice(LOOPS),
+    "concurrency": parse_concurrency,
+    "log_format": parse_choice(LOG_FORMATS),
+    "log_level": parse_choice(LOG_LEVELS),
+    "access_log": parse_access_log,
+    "connect_timeout": parse_duration,
+    "idle_timeout": parse_duration,
+    "drain_timeout": parse_duration,
+    "splice": parse_splice,
+    "default_action": parse_choice(("original", "reject")),
+    "admin_address": parse_address,
+    "admin_port": parse_admin_port,
+    "admin_allow_remote": parse_bool,
+}
+
+# Settings whose absence means "off": `mark: null` in a file is the same as no mark.
+OPTIONAL = ("mark", "cgroup")
+
+# The design note's environment variables the proxy honours.
+ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark"}
