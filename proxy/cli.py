@@ -19,10 +19,10 @@ import yaml
 
 from . import config as cfg
 from .control import logs
-from .control.server import LISTENER_DELAY_ENV, Proxy, StartupError, check_mark_privilege, join_cgroup
+from .control.lifecycle import LISTENER_DELAY_ENV, AdminServer, Lifecycle, StartupError, check_mark_privilege, join_cgroup
+from .control.server import Proxy
 from .control.supervisor import WorkerFailed
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+from .exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("proxy")
 
@@ -65,9 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_mark_privilege(config)
         if config.concurrency > 1:
             from .control.supervisor import Supervisor
-            proxy = Supervisor(config, argv=sys.argv, listener_delay=_listener_delay())
+            proxy = Supervisor(config, argv=sys.argv, listener_delay=_listener_delay(), admin=start_admin)
         else:
-            proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay())
+            proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay(), admin=start_admin)
         with runner_for(config.loop) as runner:
             runner.run(proxy.run(on_ready=lambda: log.info("ready (loop=%s, workers=%d)", config.loop,
                                                            config.concurrency)))
@@ -76,6 +76,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+async def start_admin(proxy: Lifecycle) -> AdminServer:
+    from .admin.api import start_admin  # aiohttp is loaded only where the admin API runs
+    return await start_admin(proxy)
 
 
 def runner_for(loop: str) -> asyncio.Runner:
@@ -87,7 +92,7 @@ def runner_for(loop: str) -> asyncio.Runner:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker of a proxy run with --concurrency N (started by the supervisor)."""
-    from .control.supervisor import BadStart, run_worker
+    from .control.worker import BadStart, run_worker
     try:
         return run_worker(args.control, runner_for)
     except BadStart as exc:
@@ -99,7 +104,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _listener_delay() -> float:
-    """The test hook that holds the listeners back (see server.LISTENER_DELAY_ENV)."""
+    """The test hook that holds the listeners back (see lifecycle.LISTENER_DELAY_ENV)."""
     value = os.environ.get(LISTENER_DELAY_ENV, "")
     return cfg.parse_duration(value, LISTENER_DELAY_ENV) if value else 0.0
 

@@ -30,23 +30,25 @@ from importlib import resources
 from aiohttp import web
 
 from .. import __version__
+from ..config import hostport
 from ..control import logs
-from . import statsfmt as fmt
-from ..datapath.listener import ORIGINAL_DST
-from ..control.plane import Snapshot
-from ..control.server import Proxy, StartupError, State, bind
+from ..control.lifecycle import Lifecycle, StartupError, State
+from ..control.sockets import bind
+from ..datapath.snapshot import Snapshot
 from ..datapath.stats import is_gauge
+from ..datapath.upstream import ORIGINAL_DST
+from . import statsfmt as fmt
 
 log = logging.getLogger("proxy.admin")
 
-Handler = Callable[[web.Request, Proxy], Awaitable[web.Response]]
+Handler = Callable[[web.Request, Lifecycle], Awaitable[web.Response]]
 
 CONNECTIONS_LIMIT = 1000  # /connections lists at most this many unless ?limit= says otherwise
 
 
 # --- what the endpoints read ----------------------------------------------------
 
-def collect_stats(proxy: Proxy, snap: Snapshot) -> list[fmt.Stat]:
+def collect_stats(proxy: Lifecycle, snap: Snapshot) -> list[fmt.Stat]:
     """Every stat: the counters, plus the bytes of live connections, plus the server's state."""
     live = dict(snap.live_bytes)
     out = []
@@ -73,7 +75,7 @@ def collect_stats(proxy: Proxy, snap: Snapshot) -> list[fmt.Stat]:
     return out
 
 
-def cluster_views(proxy: Proxy, snap: Snapshot) -> list[fmt.ClusterView]:
+def cluster_views(proxy: Lifecycle, snap: Snapshot) -> list[fmt.ClusterView]:
     """Configured clusters with their endpoints; original_dst with the destinations it has open."""
     hosts = snap.hosts
     views = [fmt.ClusterView(c.name, tuple(fmt.HostView(e.host, e.port, hosts.get(c.name, {}).get(tuple(e), {}))
@@ -99,20 +101,20 @@ def _page() -> str:
     return resources.files(__package__).joinpath("admin.html").read_text(encoding="utf-8")
 
 
-async def home(request: web.Request, proxy: Proxy) -> web.Response:
+async def home(request: web.Request, proxy: Lifecycle) -> web.Response:
     return web.Response(text=_page(), content_type="text/html")
 
 
-async def help_(request: web.Request, proxy: Proxy) -> web.Response:
+async def help_(request: web.Request, proxy: Lifecycle) -> web.Response:
     return _text(usage())
 
 
-async def ready(request: web.Request, proxy: Proxy) -> web.Response:
+async def ready(request: web.Request, proxy: Lifecycle) -> web.Response:
     state = proxy.state
     return _text(f"{state.name}\n", 200 if state == State.LIVE else 503)
 
 
-async def server_info(request: web.Request, proxy: Proxy) -> web.Response:
+async def server_info(request: web.Request, proxy: Lifecycle) -> web.Response:
     config, uptime = proxy.config, f"{int(time.monotonic() - proxy.started_mono)}s"
     return _json({
         "version": f"sidecar-proxy/{__version__}",
@@ -129,25 +131,25 @@ async def server_info(request: web.Request, proxy: Proxy) -> web.Response:
     })
 
 
-async def config_dump(request: web.Request, proxy: Proxy) -> web.Response:
+async def config_dump(request: web.Request, proxy: Lifecycle) -> web.Response:
     return _json(proxy.config.to_dict())
 
 
-async def listeners(request: web.Request, proxy: Proxy) -> web.Response:
+async def listeners(request: web.Request, proxy: Lifecycle) -> web.Response:
     views = [fmt.ListenerView(name, tuple(addresses)) for name, addresses in proxy.listeners.items()]
     if fmt.format_param(request.query, fmt.LISTING_FORMATS) == "json":
         return _json(fmt.render_listeners_json(views))
     return _text(fmt.render_listeners_text(views))
 
 
-async def clusters(request: web.Request, proxy: Proxy) -> web.Response:
+async def clusters(request: web.Request, proxy: Lifecycle) -> web.Response:
     views = cluster_views(proxy, await proxy.snapshot(0))
     if fmt.format_param(request.query, fmt.LISTING_FORMATS) == "json":
         return _json(fmt.render_clusters_json(views))
     return _text(fmt.render_clusters_text(views))
 
 
-async def stats(request: web.Request, proxy: Proxy, default_format: str = "text") -> web.Response:
+async def stats(request: web.Request, proxy: Lifecycle, default_format: str = "text") -> web.Response:
     query = request.query
     chosen = fmt.format_param({"format": query.get("format", default_format)}, fmt.STATS_FORMATS)
     pattern = query.get("filter")
@@ -162,11 +164,11 @@ async def stats(request: web.Request, proxy: Proxy, default_format: str = "text"
     return _text(fmt.render_text(selected))
 
 
-async def stats_prometheus(request: web.Request, proxy: Proxy) -> web.Response:
+async def stats_prometheus(request: web.Request, proxy: Lifecycle) -> web.Response:
     return await stats(request, proxy, "prometheus")
 
 
-async def connections(request: web.Request, proxy: Proxy) -> web.Response:
+async def connections(request: web.Request, proxy: Lifecycle) -> web.Response:
     raw = request.query.get("limit", str(CONNECTIONS_LIMIT))
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
         raise fmt.BadRequest(f"limit {raw[:20]!r} is not a number up to 999999999")
@@ -174,32 +176,32 @@ async def connections(request: web.Request, proxy: Proxy) -> web.Response:
     return _json({"total": snap.total_connections, "connections": snap.connections})
 
 
-async def healthcheck_fail(request: web.Request, proxy: Proxy) -> web.Response:
+async def healthcheck_fail(request: web.Request, proxy: Lifecycle) -> web.Response:
     proxy.health_check_failed = True
     log.info("admin: health check failed by request: /ready answers 503")
     return _text("OK\n")
 
 
-async def healthcheck_ok(request: web.Request, proxy: Proxy) -> web.Response:
+async def healthcheck_ok(request: web.Request, proxy: Lifecycle) -> web.Response:
     proxy.health_check_failed = False
     log.info("admin: health check ok again")
     return _text("OK\n")
 
 
-async def drain_listeners(request: web.Request, proxy: Proxy) -> web.Response:
+async def drain_listeners(request: web.Request, proxy: Lifecycle) -> web.Response:
     if "inboundonly" in request.query:
         raise fmt.BadRequest("inboundonly: the redirected port takes both directions; drain all or none")
     proxy.drain_listeners()  # `graceful` is accepted: closing the listeners never cuts a live connection
     return _text("OK\n")
 
 
-async def quitquitquit(request: web.Request, proxy: Proxy) -> web.Response:
+async def quitquitquit(request: web.Request, proxy: Lifecycle) -> web.Response:
     log.info("admin: /quitquitquit")
     proxy.stop()
     return _text("OK\n")
 
 
-async def logging_(request: web.Request, proxy: Proxy) -> web.Response:
+async def logging_(request: web.Request, proxy: Lifecycle) -> web.Response:
     loggers = logs.our_loggers()
     changes = []
     for name, value in request.query.items():
@@ -238,7 +240,7 @@ def usage() -> str:
     return "admin commands are:\n" + "".join(f"  {path}: {h}\n" for path, (_, _, h) in ENDPOINTS.items())
 
 
-def build_app(proxy: Proxy) -> web.Application:
+def build_app(proxy: Lifecycle) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler):
         try:
@@ -271,11 +273,11 @@ class AdminServer:
         await self.runner.cleanup()
 
 
-async def start_admin(proxy: Proxy) -> AdminServer:
+async def start_admin(proxy: Lifecycle) -> AdminServer:
     """Bind the admin API (first thing at start-up) or raise StartupError."""
     config = proxy.config
     address, port = config.admin_address, config.admin_port
-    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    where = hostport(address, port)
     if not ipaddress.ip_address(address).is_loopback:
         if not config.admin_allow_remote:
             raise StartupError(f"admin: {address} is not a loopback address; the admin API is unauthenticated "

@@ -36,7 +36,8 @@ from typing import NamedTuple
 
 import re2
 
-from ..datapath.stats import HOST_GAUGES, HOST_STATS, envoy_address
+from ..config import hostport
+from ..datapath.stats import HOST_GAUGES, HOST_STATS
 
 # family -> (tag extracted into a label, label name in Prometheus)
 TAGGED = {
@@ -145,7 +146,7 @@ def _socket_address(host: str, port: int) -> dict:
 
 
 def render_listeners_text(listeners: Sequence[ListenerView]) -> str:
-    return "".join(f"{l.name}::{envoy_address(h, p)}\n" for l in listeners for h, p in l.addresses)
+    return "".join(f"{l.name}::{hostport(h, p)}\n" for l in listeners for h, p in l.addresses)
 
 
 def render_listeners_json(listeners: Sequence[ListenerView]) -> str:
@@ -184,7 +185,7 @@ def render_clusters_text(clusters: Sequence[ClusterView]) -> str:
     for c in clusters:
         out.append(f"{c.name}::added_via_api::false\n")
         for h in c.hosts:
-            prefix = f"{c.name}::{envoy_address(h.host, h.port)}::"
+            prefix = f"{c.name}::{hostport(h.host, h.port)}::"
             out.extend(f"{prefix}{name}::{h.stats.get(name, 0)}\n" for name in HOST_STATS)
             out.extend(f"{prefix}{key}::{value}\n" for key, value in (
                 ("hostname", ""), ("health_flags", "healthy"), ("weight", 1), ("region", ""),

@@ -242,7 +242,7 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None, flags
 
 def from_data(data: Any) -> Config:
     """A Config from plain data as `Config.to_dict()` writes it (how a worker
-    gets its supervisor's effective configuration, see workers.py)."""
+    gets its supervisor's effective configuration, see control/worker.py)."""
     config = _build(data)
     _check_listeners(config)
     return config

@@ -1,7 +1,7 @@
 """The process's logs: their two formats, and changing levels while running.
 
 Every line goes to stderr, one line per record, as text or JSON. A worker of
-a multi-process proxy (workers.py) tags its lines with its index, since the
+a multi-process proxy (supervisor.py) tags its lines with its index, since the
 workers share the supervisor's stderr. Levels use Envoy's names on the admin
 API (`/logging?level=debug`); `apply_levels` is what that endpoint, and a
 worker told about it by its supervisor, does.

@@ -14,16 +14,16 @@ that was started becomes a *supervisor*, which moves no bytes:
 3. it starts N workers, `python -m proxy worker`, handing each its own
    socket of every address, and a socketpair as its control channel. The
    kernel spreads new connections over the N sockets by their addresses,
-   as Envoy's worker threads share a port. A worker is a whole proxy
-   (server.Proxy: event loop, stats, access-log writer, loop guard) that
-   serves the sockets it was given and has no admin API.
+   as Envoy's worker threads share a port. A worker (worker.py) is a whole
+   proxy (server.Proxy: event loop, stats, access-log writer, loop guard)
+   that serves the sockets it was given and has no admin API.
 
-The control channel carries one JSON object per line. The supervisor sends
-`start` (the effective configuration, the worker's index, its sockets),
-then `snapshot`, `drain`, `stop` and `log`; a worker answers requests by
-their `id` and says `ready` once its listeners serve. The admin API runs in
-the supervisor and reads the workers through it: /stats, /clusters and
-/connections are their snapshots added up (plane.merge); /ready is LIVE
+The control channel (channel.py) carries `start` (the effective
+configuration, the worker's index, its sockets), then `snapshot`, `drain`,
+`stop` and `log`; a worker says `ready` once its listeners serve. The admin
+API runs in the supervisor and reads the workers through it: /stats,
+/clusters and /connections are their snapshots added up
+(datapath/snapshot.merge); /ready is LIVE
 once every worker is; /drain_listeners, /quitquitquit, SIGTERM and /logging
 are passed on to every worker.
 
@@ -42,27 +42,23 @@ hops on average).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
-import json
 import logging
-import signal
+import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 
-from . import logs
-from . import plane
-from ..config import Config, ConfigError, from_data
-from .plane import Snapshot
-from .server import Lifecycle, Proxy, StartupError, State, open_listen_sockets
+from ..config import Config
+from ..datapath.snapshot import Snapshot, merge
+from .channel import Channel
+from .lifecycle import AdminStarter, Runner, StartupError
+from .sockets import Bound, open_listen_sockets
 
 log = logging.getLogger("proxy.workers")
 
 READY_TIMEOUT = 30.0  # seconds a worker may take to serve its listeners
 REQUEST_TIMEOUT = 5.0  # seconds a worker may take to answer the admin API
-CONTROL_LINE_LIMIT = 1 << 30  # a snapshot with many live connections is a long line
 EXIT_WAIT = 5.0  # seconds to wait for a worker whose control channel closed to exit
 
 
@@ -70,69 +66,50 @@ class WorkerFailed(Exception):
     """A worker ended on its own; str() is the one-line reason."""
 
 
-class BadStart(Exception):
-    """`proxy worker` was not started by a supervisor as it should be; str() says how."""
-
-
-# --- the supervisor -----------------------------------------------------------------
-
 class WorkerProcess:
     """One worker as the supervisor sees it: the process and its control channel."""
 
-    def __init__(self, index: int, proc: subprocess.Popen, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, index: int, proc: subprocess.Popen) -> None:
         loop = asyncio.get_running_loop()
-        self.index, self.proc, self.reader, self.writer = index, proc, reader, writer
+        self.index, self.proc = index, proc
         self.ready = loop.create_future()
         self.gone = loop.create_future()  # the control channel closed: the worker is ending or ended
-        self._pending: dict[int, asyncio.Future] = {}
-        self._ids = itertools.count()
-        self._reading = loop.create_task(self._read(), name=f"worker-{index}-control")
+        self.channel: Channel | None = None
 
     def __str__(self) -> str:
         return f"worker {self.index} (pid {self.proc.pid})"
 
+    async def connect(self, sock: socket.socket) -> None:
+        """Speak the control channel over our end of the worker's socketpair."""
+        loop = asyncio.get_running_loop()
+        _, self.channel = await loop.create_unix_connection(lambda: Channel(self._heard, self._closed), sock=sock)
+
     def send(self, message: dict) -> None:
-        if not self.gone.done():
-            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        if self.channel is not None:
+            self.channel.send(message)
 
     async def request(self, op: str, **args) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        request_id = next(self._ids)
-        self._pending[request_id] = future
-        self.send({"op": op, "id": request_id, **args})
-        try:
-            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
-        finally:
-            self._pending.pop(request_id, None)
+        assert self.channel is not None
+        return await self.channel.request(op, REQUEST_TIMEOUT, **args)
 
-    async def _read(self) -> None:
-        try:
-            while line := await self.reader.readline():
-                message = json.loads(line)
-                if message.get("event") == "ready":
-                    if not self.ready.done():
-                        self.ready.set_result(None)
-                elif (future := self._pending.get(message.get("id"))) is not None and not future.done():
-                    future.set_result(message["result"])
-        except (OSError, ValueError) as exc:
-            log.error("%s: control channel failed: %s", self, exc)
-        finally:
+    def _heard(self, message: dict) -> None:
+        if message.get("event") == "ready" and not self.ready.done():
+            self.ready.set_result(None)
+
+    def _closed(self) -> None:
+        if not self.gone.done():
             self.gone.set_result(None)
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(WorkerFailed(f"{self} is gone"))
-            self.writer.close()
 
     async def exit_status(self) -> int:
         return await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
 
 
-class Supervisor(Lifecycle):
+class Supervisor(Runner):
     """The proxy with N worker processes: admin API, workers, lifecycle."""
 
-    def __init__(self, config: Config, *, argv=(), listener_delay: float = 0.0) -> None:
-        super().__init__(config, argv=argv, listener_delay=listener_delay)
+    def __init__(self, config: Config, *, argv: Sequence[str] = (), listener_delay: float = 0.0,
+                 admin: AdminStarter | None = None) -> None:
+        super().__init__(config, argv=argv, listener_delay=listener_delay, admin=admin)
         self.workers: list[WorkerProcess] = []
         self.failure: str | None = None
 
@@ -140,7 +117,7 @@ class Supervisor(Lifecycle):
     async def snapshot(self, limit: int) -> Snapshot:
         live = [w for w in self.workers if w.ready.done() and not w.gone.done()]
         answers = await asyncio.gather(*(w.request("snapshot", limit=limit) for w in live))
-        return plane.merge((Snapshot.from_json(a) for a in answers), limit)
+        return merge((Snapshot.from_json(a) for a in answers), limit)
 
     async def log_levels_changed(self, changes: list[tuple[str, int]]) -> None:
         for worker in self.workers:
@@ -164,55 +141,50 @@ class Supervisor(Lifecycle):
             log.info("stopping: the workers drain and exit")
             self.stopping.set()
 
-    # running ------------------------------------------------------------------------
-    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        admin = None
-        try:
-            if self.config.admin_port:
-                from ..admin.api import start_admin  # aiohttp only where the admin API runs
-                admin = await start_admin(self)
-            await self.hold_listeners()
-            if not self.stopping.is_set():
-                self.phase = State.INITIALIZING
-                await self._start_workers()
-                await self._until_all_ready()
-            if self.failure is None and not self.stopping.is_set():
-                self.workers_started, self.phase = True, State.LIVE
-                if on_ready is not None:
-                    on_ready()
-                await self._until_stopped_or_failed()
-            await self._stop_workers()
-        finally:
-            for worker in self.workers:
-                if worker.proc.poll() is None:
-                    worker.proc.kill()
-                    await worker.exit_status()
-            if admin is not None:
-                await admin.close()
+    async def run(self, on_ready=None) -> None:
+        await super().run(on_ready)
         if self.failure is not None:
             raise WorkerFailed(self.failure)
 
+    # the run skeleton's steps (lifecycle.Runner.run) ---------------------------------
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> bool:
+        await self._start_workers()
+        await self._until_all_ready()
+        return self.failure is None and not self.stopping.is_set()
+
+    async def _until_stopped(self) -> None:
+        if self.workers_started:
+            await self._until_stopped_or_failed()
+        elif self.failure is None:  # drained before the workers started: nothing serves, wait for the stop
+            await self.stopping.wait()
+        await self._stop_workers()
+
+    async def _close(self, loop: asyncio.AbstractEventLoop) -> None:
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+                await worker.exit_status()
+
+    # the workers --------------------------------------------------------------------
     async def _start_workers(self) -> None:
         config, n = self.config, self.config.concurrency
-        for share in _refuse_if_taken(config):  # nothing else holds the ports
-            share.close()
-        shares = []
+        for bound in open_listen_sockets(config):  # nothing else holds the ports
+            bound.sock.close()
+        shares: list[list[Bound]] = []
         try:
             for _ in range(n):
                 shares.append(open_listen_sockets(config, reuse_port=True))
-            for name, sock in shares[0]:
-                self.listeners.setdefault(_listener_name(config, name), []).append(sock.getsockname()[:2])
+            for bound in shares[0]:
+                name = bound.plain if bound.plain is not None else "redirect"
+                self.listeners.setdefault(name, []).append(bound.sock.getsockname()[:2])
             for index, share in enumerate(shares):
                 worker = await _spawn(config, index, n, share)
                 worker.ready.add_done_callback(lambda _, w=worker: self._worker_ready(w))
                 self.workers.append(worker)
         finally:
             for share in shares:  # the workers have their own descriptors now
-                for _, sock in share:
-                    sock.close()
+                for bound in share:
+                    bound.sock.close()
         log.info("%d workers started: %s", n, ", ".join(f"pid {w.proc.pid}" for w in self.workers))
 
     async def _until_all_ready(self) -> None:
@@ -268,119 +240,32 @@ class Supervisor(Lifecycle):
             self.failure = "; ".join(failed)
 
 
-def _refuse_if_taken(config: Config) -> list[socket.socket]:
-    """Bind every address once without SO_REUSEPORT: a port someone holds is a StartupError."""
-    return [sock for _, sock in open_listen_sockets(config)]
+def worker_argv(control_fd: int) -> tuple[list[str], dict[str, str]]:
+    """How a worker is started: this interpreter, this very package, nothing from the current directory.
+
+    `-P` keeps the current directory off sys.path (a source checkout there
+    would otherwise be imported instead, and run as the proxy's UID), and
+    PYTHONPATH names the directory this package was loaded from, so the
+    workers run the supervisor's own code wherever it was installed.
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": package_root}
+    return [sys.executable, "-P", "-m", "proxy", "worker", "--control", str(control_fd)], env
 
 
-def _listener_name(config: Config, name: str) -> str:
-    """open_listen_sockets names redirect sockets by address, plain ones by name."""
-    return name if any(p.name == name for p in config.plain_listeners) else "redirect"
-
-
-async def _spawn(config: Config, index: int, count: int, share: list[tuple[str, socket.socket]]) -> WorkerProcess:
+async def _spawn(config: Config, index: int, count: int, share: list[Bound]) -> WorkerProcess:
     ours, theirs = socket.socketpair()
     try:
-        fds = [theirs.fileno(), *(sock.fileno() for _, sock in share)]
+        fds = [theirs.fileno(), *(bound.sock.fileno() for bound in share)]
+        argv, env = worker_argv(theirs.fileno())
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "proxy", "worker", "--control", str(theirs.fileno())],
-                                    pass_fds=fds, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL)
         except OSError as exc:
             raise StartupError(f"workers: cannot start worker {index}: {exc.strerror}") from None
     finally:
         theirs.close()
-    reader, writer = await asyncio.open_unix_connection(sock=ours, limit=CONTROL_LINE_LIMIT)
-    worker = WorkerProcess(index, proc, reader, writer)
+    worker = WorkerProcess(index, proc)
+    await worker.connect(ours)
     worker.send({"op": "start", "index": index, "count": count, "config": config.to_dict(),
-                 "listeners": [[name, sock.fileno()] for name, sock in share]})
+                 "listeners": [[bound.plain, bound.sock.fileno()] for bound in share]})
     return worker
-
-
-# --- a worker --------------------------------------------------------------------------
-
-class WorkerControl(asyncio.Protocol):
-    """The worker's end of its control channel."""
-
-    def __init__(self, proxy: Proxy, pending: bytes = b"") -> None:
-        self.proxy = proxy
-        self.buffer = pending  # what came after the start message
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.data_received(b"")
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\n" in self.buffer:
-            line, _, self.buffer = self.buffer.partition(b"\n")
-            self._handle(json.loads(line))
-
-    def _handle(self, message: dict) -> None:
-        op, proxy = message.get("op"), self.proxy
-        if op == "snapshot":
-            snap = plane.take(proxy.shared, message["limit"]) if proxy.workers_started else Snapshot()
-            self._send({"id": message["id"], "result": snap.to_json()})
-        elif op == "drain":
-            proxy.drain_listeners()
-        elif op == "stop":
-            proxy.stop()
-        elif op == "log":
-            logs.apply_levels([tuple(change) for change in message["changes"]])
-
-    def ready(self) -> None:
-        self._send({"event": "ready"})
-
-    def _send(self, message: dict) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-
-    def eof_received(self) -> bool:
-        return False  # the supervisor is gone: connection_lost stops us
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.proxy.stop()
-
-
-def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> int:
-    """`python -m proxy worker --control FD`: serve the sockets the supervisor hands over."""
-    try:
-        control = socket.socket(fileno=control_fd)
-        start, pending = _first_line(control)
-        config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
-        index, count = int(start["index"]), int(start["count"])
-        sockets = [(name, socket.socket(fileno=fd)) for name, fd in start["listeners"]]
-    except OSError as exc:
-        raise BadStart(f"--control {control_fd}: {exc.strerror} (workers are started by the proxy itself, "
-                       "see --concurrency)") from None
-    except (ValueError, KeyError, TypeError, ConfigError) as exc:
-        raise BadStart(f"--control {control_fd}: not a start message from a proxy ({exc})") from None
-    logs.setup(config.log_format, config.log_level, worker=index)
-    for _, sock in sockets:
-        sock.setblocking(False)
-    proxy = Proxy(config, argv=sys.argv, sockets=sockets, conn_ids=itertools.count(index + 1, count))
-
-    async def serve() -> None:
-        protocol = WorkerControl(proxy, pending)
-        transport, _ = await asyncio.get_running_loop().create_unix_connection(lambda: protocol, sock=control)
-        try:
-            await proxy.run(on_ready=protocol.ready)
-        finally:
-            transport.close()
-
-    with runner_for(config.loop) as runner:
-        runner.run(serve())
-    return 0
-
-
-def _first_line(sock: socket.socket) -> tuple[dict, bytes]:
-    """The start message, and whatever came after it (read before the loop runs)."""
-    data = b""
-    while b"\n" not in data:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            raise ValueError("the control channel closed before the start message")
-        data += chunk
-    line, _, rest = data.partition(b"\n")
-    return json.loads(line), rest

@@ -55,7 +55,7 @@ def _json_str(value: str | None) -> str:
 def _chunks(lines: list[str], size: int) -> list[str]:
     """The lines joined into writes of at most `size` bytes that end in a newline.
 
-    Workers of one proxy (workers.py) share its stderr: a pipe keeps a write
+    Workers of one proxy (control/supervisor.py) share its stderr: a pipe keeps a write
     of up to PIPE_BUF bytes whole, so no line is ever cut by another
     worker's. (A longer line, which our fields never make, goes alone.)
     """

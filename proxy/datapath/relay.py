@@ -56,13 +56,14 @@ sent again there. Before the upstream transport exists at all, the client's
 first bytes wait in the same list, and the client stops being read once they
 pass EARLY_LIMIT.
 
-The owner (listener.Listener) is told about each step: `accepted`,
-`connected`, `connect_failed` (it then attaches the next attempt or closes),
-`pumped` (a splice pump started or stopped) and `ended`, exactly once, when
-both sockets are closed.
+The owner (listener.Listener, see `Owner`) is told about each step:
+`accepted`, `connected`, `connect_failed` (it then attaches the next attempt
+or closes), `pumped` (a splice pump started or stopped) and `ended`, exactly
+once, when both sockets are closed. The relay never learns more of the
+attempts than whether another may follow (`Upstream.attempts`).
 
 Idle timeout: one sweep for the whole process (`close_idle`, run by the
-server eight times per timeout, at most once a second) compares each
+server every eighth of the timeout, and at least once a second) compares each
 connection's byte counters with what it saw last time; a connection whose
 counters have not moved for a timeout is closed. The per-chunk path pays
 nothing for it (no clock read, no timer reset), and one timer in all
@@ -76,12 +77,19 @@ callbacks, which keeps an idle connection to a few hundred bytes of objects.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
+import socket
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
+from ..config import Endpoint
 from .sockopts import arm_reset
 from .splice import SPLICE_AFTER, Pump
+
+if TYPE_CHECKING:  # only for the annotation of Upstream.attempts (upstream.py imports this module)
+    from .upstream import Attempts
 
 _monotonic = time.monotonic
 
@@ -104,10 +112,39 @@ CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUN
                             errno.EHOSTDOWN, errno.ENETDOWN})
 
 
-# Side.pump while a direction waits for its destination's buffer to empty
-# before its splice pump may start (byte order: see splice.py), and after its
-# pump has stopped (the connection is ending: nobody reads that socket again).
-WAITING, STOPPED = object(), object()
+class PumpState(enum.Enum):
+    """Side.pump when it is not a Pump (or None: copying through the transport)."""
+
+    WAITING = 1  # waiting for the destination's buffer to empty before the pump starts (byte order: splice.py)
+    STOPPED = 2  # its pump has stopped: the connection is ending, nobody reads that socket again
+
+
+WAITING, STOPPED = PumpState.WAITING, PumpState.STOPPED
+
+
+class Owner(Protocol):
+    """What a relay may ask of the listener that accepted it (listener.Listener)."""
+
+    loop: asyncio.AbstractEventLoop
+    splice: bool  # may bulk directions move to splice pumps?
+
+    def accepted(self, relay: Relay) -> None:
+        """The client's socket is ours: decide where it goes (or close it)."""
+
+    def connected(self, relay: Relay, up: Upstream) -> None:
+        """The current attempt is confirmed connected."""
+
+    def connect_failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
+        """The current attempt failed: attach the next, or close the relay."""
+
+    def pumped(self, change: int) -> None:
+        """A splice pump started (+1) or stopped (-1)."""
+
+    def pump_unavailable(self, relay: Relay, exc: OSError) -> None:
+        """A direction stays copying: no descriptors for a pump."""
+
+    def ended(self, relay: Relay) -> None:
+        """Both sockets are closed (called once)."""
 
 
 class Side(asyncio.Protocol):
@@ -119,13 +156,13 @@ class Side(asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
-        self.peer: Side | None = None
+        self.peer: Side | None = None  # the other socket, once there is an upstream attempt
         self.eof = False  # a FIN came from this socket
         self.lost = False  # connection_lost has run: the socket is closed
         self.received = 0  # bytes read from this socket
         self.relaying = False  # bytes read here go straight to the peer (the upstream is confirmed)
         self.paused = False  # our write buffer is over its high-water mark
-        self.pump: Pump | None = None  # reading this socket moved to a splice pump (or WAITING, STOPPED)
+        self.pump: Pump | PumpState | None = None  # None: read by its transport
 
     # asyncio.Protocol ---------------------------------------------------------
     def pause_writing(self) -> None:
@@ -196,14 +233,15 @@ class Downstream(Side):
 class Upstream(Side):
     """One connect attempt to one endpoint (a connection may make several)."""
 
-    __slots__ = ("endpoint", "key", "sock")
+    __slots__ = ("endpoint", "key", "sock", "attempts")
     name = "upstream"
 
-    def __init__(self, relay: Relay, endpoint, key: tuple, sock) -> None:
+    def __init__(self, relay: Relay, endpoint: Endpoint, key: tuple, sock: socket.socket, attempts: Attempts) -> None:
         super().__init__(relay)
         self.endpoint = endpoint
         self.key = key  # our socket's 4-tuple, for the loop guard
         self.sock = sock  # the socket itself, to ask whether it is connected
+        self.attempts = attempts  # the connection's endpoints still to try after this one
 
     @property
     def open(self) -> bool:
@@ -244,41 +282,45 @@ class Upstream(Side):
 class Relay:
     """One proxied connection: its two sides, counters and how it ended."""
 
-    __slots__ = ("id", "owner", "downstream", "upstream", "held", "keep", "deadline",
-                 "last_active", "bytes_seen", "end", "started", "_ended", "remaining",
+    __slots__ = ("id", "owner", "downstream", "upstream", "held", "deadline",
+                 "last_active", "bytes_seen", "end", "started", "_ended",
                  # what the connection is, for the access log and the admin API;
                  # plain fields rather than a dict: an idle connection stays small
-                 "listener", "source", "destination", "direction",
-                 "chain", "cluster", "upstream_stat")
+                 "listener", "source", "destination", "direction", "chain", "cluster")
 
-    def __init__(self, conn_id: int, owner) -> None:
+    def __init__(self, conn_id: int, owner: Owner) -> None:
         self.id = conn_id
-        self.owner = owner  # the Listener: accepted/connected/connect_failed/ended
+        self.owner = owner
         self.downstream = Downstream(self)
-        self.upstream: Upstream | None = None
+        self.upstream: Upstream | None = None  # the current attempt; connected once `upstream.relaying`
         self.held: list[bytes] | None = []  # client bytes the upstream has not been confirmed to get
-        self.keep = False  # keep `held` after writing it: another endpoint may need it
         self.deadline: asyncio.TimerHandle | None = None  # the connect timeout of the attempt
-        self.remaining = None  # endpoints still to try, while connecting (the owner's)
         self.last_active = self.started = _monotonic()  # kept by close_idle
         self.bytes_seen = 0  # both directions' counters at the last sweep
         self.end: str | None = None  # why it ended: done, idle_timeout, *_reset, ...
         self._ended = False
         self.listener = "-"
-        self.source: tuple[str, int] | None = None  # (host, port)
-        self.destination = None  # the original destination, a config.Endpoint
+        self.source: Endpoint | None = None  # the client
+        self.destination: Endpoint | None = None  # its original destination
         self.direction = "-"
         self.chain = "-"
         self.cluster: str | None = None
-        self.upstream_stat = None  # its cluster's stats.Names, once connected
+
+    @property
+    def connected(self) -> bool:
+        """The upstream is confirmed (the one place that says so: Side.relaying)."""
+        return self.upstream is not None and self.upstream.relaying
+
+    @property
+    def _may_retry(self) -> bool:
+        """Another endpoint may follow the current attempt: keep what the client sent."""
+        return bool(self.upstream is not None and self.upstream.attempts.left)
 
     # connecting ---------------------------------------------------------------
-    def attach(self, up: Upstream, keep: bool, timeout: float) -> None:
-        """A new connect attempt, given `timeout` seconds; `keep`: another
-        attempt may follow if this one fails."""
+    def attach(self, up: Upstream, timeout: float) -> None:
+        """A new connect attempt, given `timeout` seconds."""
         self.upstream = up
         up.peer, self.downstream.peer = self.downstream, up
-        self.keep = keep
         self._cancel_deadline()
         self.deadline = self.owner.loop.call_later(timeout, self.connect_deadline)
         if self.downstream.eof:
@@ -290,7 +332,7 @@ class Relay:
             up.transport.abort()  # an abandoned attempt, or the client is gone
             return
         held = self.held
-        if not self.keep:
+        if not self._may_retry:
             self.held = None
         for data in held:
             up.transport.write(data)
@@ -306,7 +348,7 @@ class Relay:
                 self.downstream.transport.pause_reading()
             return
         up.transport.write(data)
-        if self.keep:
+        if self._may_retry:
             self.held.append(data)
         if _took_it(up.transport):
             self.confirm(up)
@@ -316,7 +358,7 @@ class Relay:
         if up is not self.upstream or up.relaying or self.end is not None:
             return
         up.relaying = self.downstream.relaying = True
-        self.held, self.remaining = None, None
+        self.held = None
         self._cancel_deadline()
         up.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.last_active = _monotonic()
@@ -366,6 +408,14 @@ class Relay:
             up.transport.abort()  # still connecting: nothing was sent, nothing to reset
         self.owner.connect_failed(self, up, timed_out, reason)
 
+    def start_failed(self, up: Upstream, exc: BaseException) -> None:
+        """The event loop would not take the attempt's socket: its transport never comes."""
+        up.lost = True
+        if up is self.upstream and self.end is None:
+            self.failed(up, timed_out=False, reason=repr(exc))
+        else:
+            self.side_lost(up, None)
+
     # bulk: splice pumps (splice.py) --------------------------------------------
     def splice(self, side: Side) -> None:
         """`side` reads in big chunks: move its direction to a pump, once the
@@ -393,14 +443,14 @@ class Relay:
             return
         side.pump = pump
         pump.start()
-        self.owner.pumped(self, +1)
+        self.owner.pumped(+1)
 
     def pump_eof(self, pump: Pump) -> None:
         """The pump moved its source's last byte, and its FIN came."""
         pump.side.eof = True
         self.half_closed(pump.side)
 
-    def pump_failed(self, pump: Pump, side: Side, exc: OSError) -> None:
+    def pump_failed(self, side: Side, exc: OSError) -> None:
         """A pump's read (side: its source) or write (its destination) failed."""
         if self.end is None:
             self.end = f"{side.name}_reset"
@@ -414,7 +464,7 @@ class Relay:
                 dropped = dropped or side.pump.in_pipe > 0
                 side.pump.close()
                 side.pump = STOPPED
-                self.owner.pumped(self, -1)
+                self.owner.pumped(-1)
         return dropped
 
     # events from the sides ------------------------------------------------------
@@ -458,10 +508,6 @@ class Relay:
                 side.shut(reset)
         self._maybe_ended()
 
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
     def _maybe_ended(self) -> None:
         if self._ended:
             return
@@ -476,9 +522,9 @@ class Relay:
         """The connection as plain data (the access log, /connections)."""
         return {
             "id": self.id, "start": time.time() - (_monotonic() - self.started), "listener": self.listener,
-            "source": hostport(self.source), "destination": hostport(self.destination),
+            "source": _text(self.source), "destination": _text(self.destination),
             "direction": self.direction, "chain": self.chain, "cluster": self.cluster,
-            "upstream": str(self.upstream.endpoint) if self.upstream is not None and self.upstream.relaying else None,
+            "upstream": str(self.upstream.endpoint) if self.connected else None,
         }
 
     # counters -------------------------------------------------------------------
@@ -509,16 +555,13 @@ def _fileno(transport: asyncio.Transport) -> int:
     return transport.get_extra_info("socket").fileno()
 
 
-def hostport(addr: tuple[str, int] | None) -> str:
+def _text(addr: Endpoint | None) -> str:
     """'192.0.2.1:80', '[2001:db8::1]:80', or '-'."""
-    if addr is None:
-        return "-"
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "-" if addr is None else str(addr)
 
 
 def idle_sweep_interval(timeout: float) -> float:
-    """How often to sweep: an eighth of the timeout, at most once a second."""
+    """How often to sweep: an eighth of the timeout, and at least once a second."""
     return min(timeout / 8, 1.0)
 
 

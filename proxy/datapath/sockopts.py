@@ -25,7 +25,6 @@ addresses do.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 
@@ -36,14 +35,6 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id
-
-
-def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An address as Python reports it, with any v4-mapped IPv6 form unwrapped."""
-    addr = ipaddress.ip_address(host.partition("%")[0])
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def unmapped(host: str) -> str:

@@ -92,7 +92,7 @@ class Pump:
         except BlockingIOError:
             return
         except OSError as exc:
-            self.relay.pump_failed(self, self.side, exc)
+            self.relay.pump_failed(self.side, exc)
             return
         if n == 0:  # FIN from the source
             self.src_eof = True
@@ -119,7 +119,7 @@ class Pump:
                     self.loop.add_writer(self.dst, self._writable)
                 return
             except OSError as exc:
-                self.relay.pump_failed(self, self.side.peer, exc)
+                self.relay.pump_failed(self.side.peer, exc)
                 return
             self.in_pipe -= n
         if self.writing:

@@ -25,20 +25,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Iterable
 
+from ..config import hostport
+
 # Envoy's per-host stats, in the order /clusters prints them (sorted by name).
 HOST_STATS = ("cx_active", "cx_connect_fail", "cx_total", "rq_active", "rq_error",
               "rq_success", "rq_timeout", "rq_total")
 HOST_GAUGES = frozenset({"cx_active", "rq_active"})
 
 
-def envoy_address(host: str, port: int) -> str:
-    """Envoy's Address::asString(): 0.0.0.0:5001, [::]:5001."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def stat_address(host: str, port: int) -> str:
     """An address as Envoy puts it in a stat name (`listener.[__]_5001.`): no ':' there."""
-    return envoy_address(host, port).replace(":", "_")
+    return hostport(host, port).replace(":", "_")
 
 
 def is_gauge(name: str) -> bool:
@@ -53,7 +50,6 @@ class Names:
 
     def __init__(self, prefix: str, stats: Iterable[str]) -> None:
         stats = tuple(stats)
-        self.prefix = prefix
         self.all = tuple(prefix + stat for stat in stats)
         for stat, name in zip(stats, self.all):
             setattr(self, stat, name)

@@ -1,4 +1,12 @@
-"""Opening the upstream socket: endpoint order, mark, the loop guard's registry.
+"""The way upstream: endpoint order, one socket per attempt, the next endpoint when one fails.
+
+A connection's chain names a cluster (or its original destination); the
+`Connector` tries the cluster's endpoints in their round-robin order, each
+once, until one connects. It counts every attempt as Envoy does
+(`cluster.<name>.upstream_cx_total`; a failure is an `upstream_cx_connect_fail`,
+a timeout an `upstream_cx_connect_timeout` too) and gives the client a RST
+when no endpoint is left. The endpoints still to try travel with each
+attempt (`Attempts`), so the relay never holds them.
 
 Each attempt makes its socket by hand and starts a non-blocking connect(),
 then gives the socket, still connecting, to the event loop
@@ -24,18 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
 from sys import intern
 
-from ..config import Cluster, Endpoint
+from ..config import Cluster, Config, Endpoint
+from .relay import Relay, Upstream
 from .sockopts import set_mark, unmapped
+from .stats import Names, Stats
+
+log = logging.getLogger("proxy.listener")
 
 # errnos that mean "this process or the machine is out of something", not
 # "the upstream said no": the proxy backs off and recovers from these.
 EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+
+# The cluster of connections that go to their original destination (Envoy's
+# ORIGINAL_DST cluster type; Istio's PassthroughCluster).
+ORIGINAL_DST = "original_dst"
+
+CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_connect_fail",
+                 "upstream_cx_connect_timeout", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total")
 
 
 class MarkDenied(Exception):
@@ -124,3 +146,130 @@ def start(coro: Coroutine, on_error: Callable[[BaseException], None]) -> None:
         future.add_done_callback(step)
 
     step()
+
+
+# --- attempts ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one cluster's upstream connections are made."""
+
+    names: Names  # its stats: "cluster.<name>.upstream_cx_total", ...
+    timeout: float  # per attempt
+    mark: int | None
+
+
+class Attempts:
+    """One connection's way upstream: its cluster and the endpoints still to try."""
+
+    __slots__ = ("cluster", "route", "left")
+
+    def __init__(self, cluster: str, route: Route, endpoints: list[Endpoint]) -> None:
+        self.cluster, self.route, self.left = cluster, route, endpoints
+
+
+class Connector:
+    """Makes the upstream attempts of every connection of one proxy process."""
+
+    def __init__(self, config: Config, stats: Stats, own: OwnSockets, loop: asyncio.AbstractEventLoop,
+                 note_exhaustion: Callable[[Relay, str], None]) -> None:
+        """`note_exhaustion(relay, message)`: no socket for `relay`, for want of descriptors or
+        memory (counted and logged by the caller)."""
+        self.stats, self.own, self.loop, self.note_exhaustion = stats, own, loop, note_exhaustion
+        self.balancers = {c.name: RoundRobin(c) for c in config.clusters}
+        self.routes = {c.name: Route(Names(f"cluster.{c.name}.", CLUSTER_STATS), c.connect_timeout,
+                                     c.mark if c.mark is not None else config.mark) for c in config.clusters}
+        self.routes[ORIGINAL_DST] = Route(Names(f"cluster.{ORIGINAL_DST}.", CLUSTER_STATS),
+                                          config.connect_timeout, config.mark)
+        for route in self.routes.values():
+            stats.declare(*route.names.all)
+        for cluster in config.clusters:  # /clusters lists every configured endpoint from the start
+            for endpoint in cluster.endpoints:
+                stats.host(cluster.name, endpoint)
+
+    def to_cluster(self, relay: Relay, cluster: str) -> None:
+        """Connect `relay` to one of `cluster`'s endpoints, round robin."""
+        self._next(relay, Attempts(cluster, self.routes[cluster], self.balancers[cluster].order()))
+
+    def to_original(self, relay: Relay, destination: Endpoint) -> None:
+        """Connect `relay` to where its client was going."""
+        self._next(relay, Attempts(ORIGINAL_DST, self.routes[ORIGINAL_DST], [destination]))
+
+    def _next(self, relay: Relay, attempts: Attempts) -> None:
+        """Start connecting to the next endpoint; give up when none is left."""
+        relay.cluster = attempts.cluster
+        route, left = attempts.route, attempts.left
+        while left:
+            endpoint = left.pop(0)
+            self.stats.inc(route.names.upstream_cx_total)  # each attempt counts, as in Envoy
+            try:
+                sock, key = open_socket(endpoint, route.mark, self.own)
+            except MarkDenied as exc:  # the privilege went away after start-up?
+                log.error("conn=%d privilege: %s", relay.id, exc)
+                relay.close("error", reset=True)
+                return
+            except OSError as exc:
+                self._count_failure(attempts.cluster, endpoint, timed_out=False)
+                if exc.errno in EXHAUSTION:  # no other endpoint will fare better
+                    self.note_exhaustion(relay, f"out of resources ({errno.errorcode[exc.errno]} opening a socket to "
+                                         f"{endpoint}): refusing connections until some close")
+                    relay.close("connect_failed", reset=True)
+                    return
+                if not left:
+                    self._gave_up(relay, endpoint, exc.strerror, timed_out=False)
+                continue
+            up = Upstream(relay, endpoint, key, sock, attempts)
+            relay.attach(up, timeout=route.timeout)
+            start(self.loop.create_connection(lambda: up, sock=sock), partial(relay.start_failed, up))
+            return
+
+    def connected(self, relay: Relay, up: Upstream) -> None:
+        """The relay confirmed its upstream: count it as an open connection."""
+        stats = self.stats
+        stats.inc(up.attempts.route.names.upstream_cx_active)
+        host = stats.host(relay.cluster, up.endpoint)
+        host["cx_total"] += 1
+        host["cx_active"] += 1
+        host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
+        host["rq_active"] += 1
+
+    def failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
+        """One attempt failed: the next endpoint, or the end of the connection."""
+        self.own.discard(up.key)
+        self._count_failure(relay.cluster, up.endpoint, timed_out)
+        if up.attempts.left:
+            self._next(relay, up.attempts)
+        else:
+            self._gave_up(relay, up.endpoint, reason, timed_out)
+
+    def closed(self, relay: Relay, up: Upstream, sent: int, received: int) -> None:
+        """A connected upstream is gone: `sent` and `received` bytes in all."""
+        stats, names = self.stats, up.attempts.route.names
+        stats.dec(names.upstream_cx_active)
+        stats.inc(names.upstream_cx_destroy)
+        stats.inc(names.upstream_cx_tx_bytes_total, sent)
+        stats.inc(names.upstream_cx_rx_bytes_total, received)
+        host = stats.host(relay.cluster, up.endpoint)
+        host["cx_active"] -= 1
+        host["rq_active"] -= 1
+        if relay.cluster == ORIGINAL_DST and not host["cx_active"]:
+            stats.drop_host(relay.cluster, up.endpoint)  # Envoy too forgets idle original destinations
+
+    def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
+        """No endpoint is left: the client gets a RST (the end reason is the last attempt's)."""
+        log.info("conn=%d upstream connect failed: %s: %s", relay.id, endpoint, reason)
+        relay.close("connect_timeout" if timed_out else "connect_failed", reset=True)
+
+    def _count_failure(self, cluster: str, endpoint: Endpoint, timed_out: bool) -> None:
+        """As in Envoy: a failed attempt is an upstream_cx_connect_fail, and one
+        that timed out an upstream_cx_connect_timeout too."""
+        stats, names = self.stats, self.routes[cluster].names
+        stats.inc(names.upstream_cx_connect_fail)
+        if timed_out:
+            stats.inc(names.upstream_cx_connect_timeout)
+        # Original destinations are not remembered when they fail (there is
+        # no bound on how many a client can try); the cluster's stats count them.
+        if cluster != ORIGINAL_DST:
+            host = stats.host(cluster, endpoint)
+            host["cx_total"] += 1
+            host["cx_connect_fail"] += 1

@@ -25,10 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..config import DEFAULT_MARK, hostport
+from ..config.methods import METHODS
+from ..exitcodes import EXIT_OK, EXIT_USAGE
 from .netns import PodWorld, ThreadedServer, run
 from .sandbox import ProxyProcess
-
-METHODS = ("uid", "mark", "cgroup", "explicit")
 
 CONFIG = {
     "clusters": [{"name": "reviews", "endpoints": ["198.51.100.21:8080", "198.51.100.22:8080"]}],
@@ -116,73 +117,46 @@ def step(n: int, text: str) -> None:
     print(f"\n[{n}] {text}")
 
 
+# the remote's servers: (name, address)
+REMOTE_SERVERS = (("web", ("198.51.100.10", 80)), ("reviews-1", ("198.51.100.21", 8080)),
+                  ("reviews-2", ("198.51.100.22", 8080)), ("mail", ("198.51.100.25", 25)),
+                  ("web-v6", ("2001:db8:2::10", 80)))
+
+
 def run_demo(method: str) -> int:
     scripts = scripts_dir()
     world = proxy = None
     servers: list[ThreadedServer] = []
     workdir = tempfile.mkdtemp(prefix="scp-demo-")
     os.chmod(workdir, 0o755)
-    # the net_cls hierarchy is mounted under our own work directory, so the
-    # demo leaves no mount behind on the machine
-    cgroup_dir = os.path.join(workdir, "net_cls", "sidecar-proxy")
-    script_env = []
+    script_args: list[str] = []
     try:
         world = PodWorld()
         step(1, f"a throwaway pod: namespace {world.pod.name} (pod IP {world.POD_V4}, {world.POD_V6}),\n"
                 f"    remote namespace {world.remote.name} (services in 198.51.100.0/24 and 2001:db8:2::/64)")
-        for name, addr in (("web", ("198.51.100.10", 80)), ("reviews-1", ("198.51.100.21", 8080)),
-                           ("reviews-2", ("198.51.100.22", 8080)), ("mail", ("198.51.100.25", 25)),
-                           ("web-v6", ("2001:db8:2::10", 80))):
-            servers.append(ThreadedServer(world.remote, addr, identify(name)))
-        servers.append(ThreadedServer(world.pod, ("0.0.0.0", 8080), identify("the app")))
-        servers.append(ThreadedServer(world.pod, ("127.0.0.1", 9000), identify("a local sidecar-aware service")))
-
-        args = ["--method", method]
-        proxy_args: list[str] = []
-        caps: tuple[str, ...] = ()
-        if method == "mark":
-            proxy_args, caps = ["--mark", "0x1"], ("net_admin",)
-        elif method == "cgroup":
-            args += ["--cgroup-dir", cgroup_dir]
-            proxy_args = ["--cgroup", cgroup_dir]
-        elif method == "explicit":
-            services = Path(workdir) / "services"
-            services.write_text("# the service addresses the app calls\n198.51.100.20:80\n198.51.100.25:25\n")
-            args += ["--services", str(services)]
-        script_env = args
-        step(2, f"the init step, as root in the pod: sh iptables/redirect.sh {' '.join(args)}")
-        out = run(world.pod.nsenter_argv("sh", str(scripts / "redirect.sh"), *args))
+        servers = start_servers(world)
+        script_args, proxy_args = method_args(method, Path(workdir))
+        step(2, f"the init step, as root in the pod: sh iptables/redirect.sh {' '.join(script_args)}")
+        out = run(world.pod.nsenter_argv("sh", str(scripts / "redirect.sh"), *script_args))
         print("    " + (out.stdout + out.stderr).strip().replace("\n", "\n    "))
         rules = world.pod.exec("iptables", "-t", "nat", "-S", "SIDECAR_OUTPUT").stdout
         print("    outbound chain (IPv4):\n      " + rules.strip().replace("\n", "\n      "))
 
-        step(3, "the proxy: sidecar-proxy run, as UID 1337" + (" with CAP_NET_ADMIN alone" if caps else ", no capabilities"))
-        proxy = ProxyProcess(world.pod, config=CONFIG, args=tuple(proxy_args), caps=caps,
+        needs = METHODS[method].proxy_capabilities
+        step(3, "the proxy: sidecar-proxy run, as UID 1337" +
+             (f" with {', '.join('CAP_' + c for c in needs)} alone" if needs else ", no capabilities"))
+        proxy = ProxyProcess(world.pod, config=CONFIG, args=tuple(proxy_args), caps=tuple(c.lower() for c in needs),
                              enter="nsenter" if method == "cgroup" else "ip-netns")
         print(f"    pid {proxy.pid}, uid {proxy.status_field('Uid').split()[0]}, "
               f"effective capabilities {proxy.status_field('CapEff')}")
 
         step(4, "traffic: each connection, the rules it hit, and what the proxy did with it")
         for what, addr, who in SCENARIOS:
-            seen = len(proxy.access_entries())
-            before = rule_counters(world)
-            reply = talk(world, who, addr)
-            after = rule_counters(world)
-            entry = proxy.wait_new_access(seen, timeout=1.0)
-            host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-            print(f"\n  * {what}\n    {'app in the pod' if who == 'app' else 'client in the remote'} -> {host}:{addr[1]}")
-            for line in hits(before, after) or ["(no sidecar-proxy rule: not intercepted)"]:
-                print(f"      rule   {line}")
-            if entry is None:
-                print("      proxy  (never saw it)")
-            else:
-                print(f"      proxy  conn {entry['id']}: {entry['direction']}, chain {entry['chain']}, "
-                      f"upstream {entry['upstream'] or '-'}, ended: {entry['end']}")
-            print(f"      reply  {reply}")
+            show_connection(world, proxy, what, addr, who)
         print("\n  The proxy's own upstream connections hit the bypass rule (see the counters above),"
               "\n  so they left the pod instead of looping back into the proxy.")
         step(5, "cleaning up: proxy stopped, sh iptables/cleanup.sh, namespaces removed")
-        return 0
+        return EXIT_OK
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         return 130
@@ -192,21 +166,64 @@ def run_demo(method: str) -> int:
         for server in servers:
             server.close()
         if world is not None:
-            run(world.pod.nsenter_argv("sh", str(scripts / "cleanup.sh"), *script_env[2:]), check=False)
+            run(world.pod.nsenter_argv("sh", str(scripts / "cleanup.sh"), *script_args[2:]), check=False)
             world.close()
         if os.path.ismount(os.path.join(workdir, "net_cls")):
             run(["umount", os.path.join(workdir, "net_cls")], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def start_servers(world: PodWorld) -> list[ThreadedServer]:
+    """The remote's services, the app in the pod, and a local service on loopback."""
+    servers = [ThreadedServer(world.remote, addr, identify(name)) for name, addr in REMOTE_SERVERS]
+    servers.append(ThreadedServer(world.pod, ("0.0.0.0", 8080), identify("the app")))
+    servers.append(ThreadedServer(world.pod, ("127.0.0.1", 9000), identify("a local sidecar-aware service")))
+    return servers
+
+
+def method_args(method: str, workdir: Path) -> tuple[list[str], list[str]]:
+    """redirect.sh's arguments and the proxy's for `method`. The net_cls hierarchy
+    is mounted under our own work directory, so the demo leaves no mount behind."""
+    script_args, proxy_args = ["--method", method], []
+    if method == "mark":
+        proxy_args = ["--mark", f"{DEFAULT_MARK:#x}"]
+    elif method == "cgroup":
+        cgroup_dir = str(workdir / "net_cls" / "sidecar-proxy")
+        script_args += ["--cgroup-dir", cgroup_dir]
+        proxy_args = ["--cgroup", cgroup_dir]
+    elif method == "explicit":
+        services = workdir / "services"
+        services.write_text("# the service addresses the app calls\n198.51.100.20:80\n198.51.100.25:25\n")
+        script_args += ["--services", str(services)]
+    return script_args, proxy_args
+
+
+def show_connection(world: PodWorld, proxy: ProxyProcess, what: str, addr: tuple[str, int], who: str) -> None:
+    """Make one connection; print the rules it hit, what the proxy did, and the reply."""
+    seen = len(proxy.access_entries())
+    before = rule_counters(world)
+    reply = talk(world, who, addr)
+    after = rule_counters(world)
+    entry = proxy.wait_new_access(seen, timeout=1.0)
+    print(f"\n  * {what}\n    {'app in the pod' if who == 'app' else 'client in the remote'} -> {hostport(*addr)}")
+    for line in hits(before, after) or ["(no sidecar-proxy rule: not intercepted)"]:
+        print(f"      rule   {line}")
+    if entry is None:
+        print("      proxy  (never saw it)")
+    else:
+        print(f"      proxy  conn {entry['id']}: {entry['direction']}, chain {entry['chain']}, "
+              f"upstream {entry['upstream'] or '-'}, ended: {entry['end']}")
+    print(f"      reply  {reply}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("sidecar-proxy demo: needs root (it creates network namespaces and iptables rules)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     missing = [t for t in ("ip", "iptables", "ip6tables", "setpriv", "nsenter") if shutil.which(t) is None]
     if missing:
         print(f"sidecar-proxy demo: missing tools: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     # SIGTERM and SIGHUP clean up like Ctrl-C does
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)

@@ -21,9 +21,8 @@ from collections.abc import Callable
 
 import yaml
 
+from ..config import PROXY_UID
 from .netns import NetNs
-
-PROXY_UID = 1337
 PYTHON = sys.executable  # must be executable by UID 1337 (see README)
 
 

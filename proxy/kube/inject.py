@@ -34,11 +34,11 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..exitcodes import EXIT_OK, EXIT_USAGE
 from . import manifests as mf
 from . import sidecar
 from .manifests import Document, ManifestError
 
-EXIT_OK, EXIT_USAGE = 0, 2  # as in cli.py
 SKIPPED_NAMESPACES = ("kube-system",)
 QUIT_URL = f"http://127.0.0.1:{sidecar.ADMIN_PORT}/quitquitquit"
 

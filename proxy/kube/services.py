@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from .. import config as cfg
+from ..exitcodes import EXIT_OK
 
 
 def render(config: cfg.Config) -> str:
@@ -33,14 +34,13 @@ def render(config: cfg.Config) -> str:
         lines.append(f"# chain {chain.name} ({chain.action}{' ' + chain.cluster if chain.cluster else ''})")
         for net in m.destinations:
             host = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-            host = f"[{host}]" if net.version == 6 else host
-            lines.extend(f"{host}:{port}" for port in m.ports)
+            lines.extend(cfg.hostport(host, port) for port in m.ports)
     return "\n".join(lines) + "\n"
 
 
 def cmd_services(args: argparse.Namespace) -> int:
     sys.stdout.write(render(cfg.load(args.config)))
-    return 0
+    return EXIT_OK
 
 
 def add_parser(sub) -> None:

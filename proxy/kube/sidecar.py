@@ -37,8 +37,8 @@ import json
 from dataclasses import dataclass
 
 from .. import __version__
-
-METHODS = ("uid", "mark", "cgroup", "explicit")
+from ..config import DEFAULT_ADMIN_PORT, DEFAULT_MARK, DEFAULT_PORT, NET_CLS_ID, PROXY_UID
+from ..config.methods import METHODS
 
 INIT_NAME = "sidecar-proxy-init"
 PROXY_NAME = "sidecar-proxy"
@@ -49,12 +49,7 @@ DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 DEFAULT_IMAGE = f"sidecar-proxy:{__version__}"
 DEFAULT_INIT_IMAGE = f"sidecar-proxy-init:{__version__}"
 
-# The design note's numbers.
-PROXY_PORT = 5001
-PROXY_UID = 1337
-SO_MARK = "0x1"
-NET_CLS_ID = "0x100001"
-ADMIN_PORT = 15000
+ADMIN_PORT = DEFAULT_ADMIN_PORT
 
 # Before SIGTERM starts the proxy's drain (5s by default), keep serving while
 # the app finishes: preStop pause + drain stay inside the default 30s grace.
@@ -101,14 +96,11 @@ class Options:
 
 def design_env(options: Options) -> list[dict]:
     """The note's variables for this method, identical in both containers."""
-    env = [{"name": "ISTIO_PROXY_PORT", "value": str(PROXY_PORT)}]
-    if options.method in ("uid", "cgroup"):
-        # uid: the owner match lets it through; cgroup: the cgroup is handed to it.
-        env.append({"name": "ISTIO_PROXY_UID", "value": str(options.proxy_uid)})
-    if options.method == "mark":
-        env.append({"name": "ISTIO_SO_MARK", "value": SO_MARK})
+    values = {"ISTIO_PROXY_UID": str(options.proxy_uid), "ISTIO_SO_MARK": f"{DEFAULT_MARK:#x}",
+              "ISTIO_NET_CLS_ID": f"{NET_CLS_ID:#x}"}
+    env = [{"name": "ISTIO_PROXY_PORT", "value": str(DEFAULT_PORT)}]
+    env += [{"name": name, "value": values[name]} for name in METHODS[options.method].variables]
     if options.method == "cgroup":
-        env.append({"name": "ISTIO_NET_CLS_ID", "value": NET_CLS_ID})
         # The pod's own cgroup directory, named by the pod's UID so pods on
         # one node never share one; $(POD_UID) in args expands to it.
         env.append({"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
@@ -157,11 +149,12 @@ def init_container(options: Options) -> dict:
 
 
 def proxy_security_context(options: Options) -> dict:
-    if options.method == "mark":
+    needed = list(METHODS[options.method].proxy_capabilities)
+    if needed:
         # SO_MARK needs CAP_NET_ADMIN; Kubernetes gives capabilities to UID 0
         # only (see the module docstring). Nothing else of root's is kept.
         identity = {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
-        capabilities = {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+        capabilities = {"drop": ["ALL"], "add": needed}
     else:
         identity = {"runAsUser": options.proxy_uid, "runAsGroup": options.proxy_uid, "runAsNonRoot": True}
         capabilities = {"drop": ["ALL"]}
@@ -291,8 +284,8 @@ def conflicts(spec: dict, options: Options) -> list[tuple[str, str]]:
             where = f"{field}[{i}]"
             for j, port in enumerate(container.get("ports") or []):
                 number = port.get("containerPort") if isinstance(port, dict) else None
-                if number in (PROXY_PORT, ADMIN_PORT):
-                    what = "redirected port" if number == PROXY_PORT else "admin port"
+                if number in (DEFAULT_PORT, ADMIN_PORT):
+                    what = "redirected port" if number == DEFAULT_PORT else "admin port"
                     problems.append((f"{where}.ports[{j}].containerPort",
                                      f"{number} is the proxy's {what}; the pod's containers share one network"))
             if options.method != "uid":

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ADMIN, PYTHON, ProxyProcess, Server, admin, echo, recv_all, setpriv_argv, stats_of, wait_until
 
-from proxy.control.server import LISTENER_DELAY_ENV
+from proxy.control.lifecycle import LISTENER_DELAY_ENV
 
 pytestmark = pytest.mark.netns
 

@@ -14,7 +14,7 @@ import pytest
 from support import (ProxyProcess, Server, admin, children_of, echo, identify, recv_line, stats_of, status_field,
                      wait_until)
 
-from proxy.control.server import LISTENER_DELAY_ENV
+from proxy.control.lifecycle import LISTENER_DELAY_ENV
 
 pytestmark = pytest.mark.netns
 

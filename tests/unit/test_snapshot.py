@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from proxy.control.plane import Snapshot, merge
+from proxy.datapath.snapshot import Snapshot, merge
 
 
 def worker(n: int, conn_ages: list[float]) -> Snapshot:

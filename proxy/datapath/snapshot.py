@@ -1,10 +1,10 @@
-"""What the admin API reads from the data plane, as plain data.
+"""What the data path shows of itself, as plain data (the admin API renders it).
 
 A `Snapshot` is everything the admin endpoints render about traffic: the
 counters, the bytes of connections still open, the per-host stats of
 /clusters and the live connections. One process (`--concurrency 1`) takes
 its own (`take`); with several workers the supervisor asks each one over its
-control channel (workers.py) and adds the answers up (`merge`): every
+control channel (control/supervisor.py) and adds the answers up (`merge`): every
 counter and gauge of the proxy is a sum over its workers, and the live
 connections are one list, oldest first. Snapshots cross the control channel
 as JSON (`to_json`, `from_json`).
@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from .listener import Shared
 
 
 @dataclass
@@ -40,8 +42,8 @@ class Snapshot:
                    list(data["connections"]), data["total_connections"])
 
 
-def take(shared, limit: int) -> Snapshot:
-    """This process's data plane (`shared`: a listener.Shared), with at most `limit` connections."""
+def take(shared: Shared, limit: int) -> Snapshot:
+    """This process's data plane, with at most `limit` connections."""
     stats = shared.stats
     hosts = {cluster: {(e.host, e.port): dict(counters) for e, counters in by_host.items()}
              for cluster, by_host in stats.hosts.items()}
@@ -50,7 +52,7 @@ def take(shared, limit: int) -> Snapshot:
     for relay in itertools.islice(shared.live.values(), limit):
         view = relay.describe()
         del view["start"]
-        view.update(state="open" if relay.upstream_stat is not None else "connecting",
+        view.update(state="open" if relay.connected else "connecting",
                     bytes_up=relay.bytes_from_downstream, bytes_down=relay.bytes_from_upstream,
                     age_s=round(now - relay.started, 3))
         views.append(view)

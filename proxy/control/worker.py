@@ -1,0 +1,73 @@
+"""One worker of a supervisor (`python -m proxy worker --control FD`, see supervisor.py).
+
+It reads its start message (the effective configuration, its index among
+the workers, its listening sockets) before its event loop runs, then serves
+those sockets as a whole proxy (server.Proxy) without an admin API, and
+answers its supervisor over the control channel (channel.py). When the
+supervisor is gone, the channel closes and the worker drains and exits: no
+worker outlives its proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import socket
+import sys
+from collections.abc import Callable
+
+from ..config import ConfigError, from_data
+from ..datapath import snapshot
+from ..exitcodes import EXIT_OK
+from . import logs
+from .channel import Channel, read_first
+from .server import Proxy
+from .sockets import Bound
+
+
+class BadStart(Exception):
+    """`proxy worker` was not started by a supervisor as it should be; str() says how."""
+
+
+def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> int:
+    """Serve the sockets the supervisor hands over, until told to stop or orphaned."""
+    try:
+        control = socket.socket(fileno=control_fd)
+        start, pending = read_first(control)
+        config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
+        index, count = int(start["index"]), int(start["count"])
+        sockets = [Bound(plain, socket.socket(fileno=fd)) for plain, fd in start["listeners"]]
+    except OSError as exc:
+        raise BadStart(f"--control {control_fd}: {exc.strerror} (workers are started by the proxy itself, "
+                       "see --concurrency)") from None
+    except (ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise BadStart(f"--control {control_fd}: not a start message from a proxy ({exc})") from None
+    logs.setup(config.log_format, config.log_level, worker=index)
+    for bound in sockets:
+        bound.sock.setblocking(False)
+    proxy = Proxy(config, argv=sys.argv, sockets=sockets, conn_ids=itertools.count(index + 1, count))
+
+    async def serve() -> None:
+        def heard(message: dict) -> None:
+            op = message.get("op")
+            if op == "snapshot":
+                taken = snapshot.take(proxy.shared, message["limit"]) if proxy.workers_started else snapshot.Snapshot()
+                channel.answer(message, taken.to_json())
+            elif op == "drain":
+                proxy.drain_listeners()
+            elif op == "stop":
+                proxy.stop()
+            elif op == "log":
+                logs.apply_levels([tuple(change) for change in message["changes"]])
+
+        channel = Channel(heard, proxy.stop, pending)  # the supervisor gone: stop
+        await asyncio.get_running_loop().create_unix_connection(lambda: channel, sock=control)
+        try:
+            await proxy.run(on_ready=lambda: channel.send({"event": "ready"}))
+        finally:
+            channel.close()
+
+    with runner_for(config.loop) as runner:
+        runner.run(serve())
+    return EXIT_OK
