@@ -125,8 +125,8 @@ def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[
         raise
 
 
-def start(coro: Coroutine, on_error: Callable[[BaseException], None]) -> None:
-    """Run `coro` (the loop's create_connection) to its end without a Task.
+def start(coro: Coroutine, sock: socket.socket, on_error: Callable[[BaseException], None]) -> None:
+    """Run `coro` (the loop's create_connection for `sock`) to its end without a Task.
 
     It suspends on one future, resolved once the protocol's connection_made
     has run; a Task would add a weak-set entry, a context copy and a
@@ -134,11 +134,22 @@ def start(coro: Coroutine, on_error: Callable[[BaseException], None]) -> None:
     finished, not dropped: after that await it hands the socket object to
     the transport, and a coroutine collected while suspended would close the
     transport. `on_error(exc)` gets whatever it raises.
+
+    uvloop hands the socket object over only after that await, so a
+    connection that fails in between (refused at once, or the client gone)
+    has its descriptor closed by the loop while `sock` still believes it owns
+    it; collected later, `sock` would close the same number again, by then
+    perhaps another connection's (uvloop issues 645 and 738). So once the
+    coroutine is done, a transport that is already closed gets `sock`
+    detached from the number.
     """
     def step(_=None) -> None:
         try:
             future = coro.send(None)
-        except StopIteration:
+        except StopIteration as done:
+            transport = done.value[0]
+            if transport.is_closing():
+                _forget_if_closed(transport, sock)
             return
         except (Exception, asyncio.CancelledError) as exc:
             on_error(exc)
@@ -146,6 +157,13 @@ def start(coro: Coroutine, on_error: Callable[[BaseException], None]) -> None:
         future.add_done_callback(step)
 
     step()
+
+
+def _forget_if_closed(transport: asyncio.BaseTransport, sock: socket.socket) -> None:
+    """Detach `sock` if the transport's descriptor is already closed (see `start`)."""
+    live = transport.get_extra_info("socket")
+    if live is None or live.fileno() < 0:
+        sock.detach()
 
 
 # --- attempts ----------------------------------------------------------------------
@@ -220,7 +238,7 @@ class Connector:
                 continue
             up = Upstream(relay, endpoint, key, sock, attempts)
             relay.attach(up, timeout=route.timeout)
-            start(self.loop.create_connection(lambda: up, sock=sock), partial(relay.start_failed, up))
+            start(self.loop.create_connection(lambda: up, sock=sock), sock, partial(relay.start_failed, up))
             return
 
     def connected(self, relay: Relay, up: Upstream) -> None:
