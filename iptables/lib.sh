@@ -6,7 +6,6 @@
 #   options       every option, the environment variable behind it, its default
 #   validation    ports, ids, marks, paths; every message names the culprit
 #                 (addresses and networks: addr.sh)
-#   rendering     why/rule: one iptables-restore line and the intent above it
 #
 # POSIX sh has neither local variables nor arrays. Functions that compute a
 # value leave it in REPLY (no subshell, so a die() inside them ends the whole
@@ -21,8 +20,6 @@
 CHAIN_PREFIX=SIDECAR_
 # Every rule we install carries `-m comment --comment "sidecar-proxy: ..."`.
 COMMENT_PREFIX=sidecar-proxy
-# multiport takes at most 15 ports per rule.
-MULTIPORT_MAX=15
 NL='
 '
 
@@ -272,47 +269,6 @@ for_each() {
 		*) return 0 ;;
 		esac
 	done
-}
-
-# --------------------------------------------------------------- rendering --
-
-# why TEXT: the intent of the rule(s) below, as a comment line of the
-# restore input (iptables-restore skips lines that start with #).
-why() {
-	printf '# %s\n' "$1"
-}
-
-# rule CHAIN MATCHES WHAT TARGET: append one rule to CHAIN.
-#   MATCHES  in the order iptables-save prints them: [!] -s, [!] -d, -o, -p,
-#            then the -m matches
-#   WHAT     a short label; the rule carries `-m comment "sidecar-proxy: WHAT"`
-# The comment match goes last, where iptables-save puts it: the dry-run text
-# is then, line for line, what `iptables-save` shows once it is installed.
-rule() {
-	printf -- '-A %s %s-m comment --comment "%s: %s" -j %s\n' \
-		"$1" "${2:+$2 }" "$COMMENT_PREFIX" "$3" "$4"
-}
-
-# rules_per_ports CHAIN PORTS WHAT TARGET: rule() for the comma-separated
-# PORTS, as few rules as multiport allows (15 ports each); a lone port uses
-# the plain tcp match. WHAT is singular ("excluded inbound port").
-rules_per_ports() {
-	_rp_chain="$1" _rp_what="$3" _rp_target="$4" _rp_batch='' _rp_n=0
-	for_each , "$2" _rules_per_ports_add
-	_rules_per_ports_flush
-}
-_rules_per_ports_add() {
-	_rp_batch="${_rp_batch:+$_rp_batch,}$1"
-	_rp_n=$((_rp_n + 1))
-	[ "$_rp_n" -lt "$MULTIPORT_MAX" ] || _rules_per_ports_flush
-}
-_rules_per_ports_flush() {
-	case "$_rp_batch" in
-	'') return 0 ;;
-	*,*) rule "$_rp_chain" "-p tcp -m multiport --dports $_rp_batch" "${_rp_what}s $_rp_batch" "$_rp_target" ;;
-	*) rule "$_rp_chain" "-p tcp -m tcp --dport $_rp_batch" "$_rp_what $_rp_batch" "$_rp_target" ;;
-	esac
-	_rp_batch='' _rp_n=0
 }
 
 # for_each_word WORDS COMMAND...: `COMMAND... WORD` for each space-separated

@@ -5,7 +5,8 @@
 # connections (told apart by the bypass method) and loopback traffic.
 #
 # Flow: options -> validate everything -> render the rule set per family
-# (rules.sh, method/*.sh) -> --dry-run prints it and stops; otherwise ->
+# (described by rules.sh and method/*.sh, written as iptables-restore input
+# by restore.sh) -> --dry-run prints it and stops; otherwise ->
 # method set-up -> one iptables-restore --noflush per family (apply.sh),
 # everything rolled back if any of it fails.
 #
@@ -24,6 +25,7 @@ esac
 . "$HERE/lib.sh"
 . "$HERE/addr.sh"
 . "$HERE/rules.sh"
+. "$HERE/restore.sh"
 . "$HERE/apply.sh"
 
 usage() {
@@ -114,10 +116,10 @@ validate() {
 }
 
 dry_run() {
-	render_family 4
+	restore_input 4
 	if [ "$ipv6" = true ]; then
 		printf '\n'
-		render_family 6
+		restore_input 6
 	fi
 }
 
@@ -153,10 +155,10 @@ install() {
 # --ipv6 off, the IPv6 target is empty: ours there is removed).
 install_family() {
 	if [ "$1" = 4 ]; then
-		_if_before="$before4" _if_target=$(render_family 4)
+		_if_before="$before4" _if_target=$(restore_input 4)
 	else
 		_if_before="$before6" _if_target=''
-		[ "$ipv6" = false ] || _if_target=$(render_family 6)
+		[ "$ipv6" = false ] || _if_target=$(restore_input 6)
 	fi
 	_if_input=$(transition "$_if_before" "$_if_target")
 	[ -n "$_if_input" ] || return 0

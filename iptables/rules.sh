@@ -1,6 +1,7 @@
 # shellcheck shell=sh
-# rules.sh: the rule set, rendered as iptables-restore input. Pure: it reads
-# the validated options and prints text; it never runs iptables.
+# rules.sh: the rule set, described once for every backend. Pure: it reads
+# the validated options and calls the vocabulary below, which a renderer
+# defines (restore.sh: iptables-restore input); it never runs iptables.
 #
 # Chains (all in the nat table, plus one in mangle with --drop-invalid):
 #
@@ -16,69 +17,93 @@
 # Built-in chains get only the jumps. The jumps come last in each table so
 # the text reads "build the chains, then hook them in"; the whole table is
 # one iptables-restore commit either way.
+#
+# The vocabulary (the method files use it too):
+#   table NAME                        the rules below go into table NAME
+#   chain NAME                        declare our chain NAME
+#   why TEXT                          the intent of the rules below
+#   rule CHAIN WHAT TARGET [TERM...]  one rule in our CHAIN; WHAT is its
+#                                     comment; TARGET RETURN, DROP, one of
+#                                     our chains, or REDIRECT=PORT
+#   rules_per_ports CHAIN PORTS WHAT TARGET
+#                                     TCP to any of the comma-separated
+#                                     PORTS, in as few rules as the backend
+#                                     allows; WHAT singular, the ports added
+#   hook BUILTIN CHAIN WHAT WHY       the TCP packets of a built-in chain
+#                                     enter our CHAIN
+# and the match terms of a rule, all of which must hold, in the order
+# iptables-save prints them:
+#   from=CIDR  to=CIDR  !to=CIDR      source, destination, not destination
+#   out=IFACE                         leaves through IFACE
+#   tcp  port=PORT  ports=P,Q,...     TCP; to PORT; to any of at most 15
+#   uid=UID  gid=GID                  the socket's owner
+#   mark=MARK                         the packet's mark
+#   classid=ID  cgroup-path=PATH      the socket's net_cls classid, cgroup v2
+#   ctstate=STATE                     conntrack's state of the packet
 
-# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
-# options and other globals read here:
+# Sourced by redirect.sh, which (with lib.sh) sets the options and other
+# globals read here:
 # shellcheck disable=SC2154
 
-# render_family 4|6: the complete restore input for one address family.
-render_family() {
+# family_rules 4|6: the rule set of one address family.
+family_rules() {
 	if [ "$1" = 4 ]; then
-		fam_name=IPv4 fam_lo=127.0.0.1/32 fam_lo_net=127.0.0.0/8 fam_restore=iptables-restore
+		fam_name=IPv4 fam_lo=127.0.0.1/32 fam_lo_net=127.0.0.0/8
 	else
-		fam_name=IPv6 fam_lo=::1/128 fam_lo_net=::1/128 fam_restore=ip6tables-restore
+		fam_name=IPv6 fam_lo=::1/128 fam_lo_net=::1/128
 	fi
-	printf '# ==== sidecar-proxy %s rules (method %s): input for %s --noflush ====\n' \
-		"$fam_name" "$opt_method" "$fam_restore"
-	printf '*nat\n'
-	printf ':%s - [0:0]\n' SIDECAR_OUTPUT SIDECAR_REDIRECT
-	[ "$inbound" = none ] || printf ':%s - [0:0]\n' SIDECAR_INBOUND SIDECAR_IN_REDIRECT
-	render_redirect_chains
-	[ "$inbound" = none ] || render_inbound
-	render_output "$1"
-	render_jumps
-	printf 'COMMIT\n'
-	[ "$drop_invalid" = false ] || render_drop_invalid
+	table nat
+	chain SIDECAR_OUTPUT
+	chain SIDECAR_REDIRECT
+	if [ "$inbound" != none ]; then
+		chain SIDECAR_INBOUND
+		chain SIDECAR_IN_REDIRECT
+	fi
+	redirect_rules
+	[ "$inbound" = none ] || inbound_rules
+	output_rules "$1"
+	hooks
+	[ "$drop_invalid" = false ] || drop_invalid_rules
 }
 
-render_redirect_chains() {
+redirect_rules() {
 	why "A captured outbound connection goes to the proxy, which reads where it was going with SO_ORIGINAL_DST."
-	rule SIDECAR_REDIRECT "-p tcp" "outbound to proxy port $opt_proxy_port" "REDIRECT --to-ports $opt_proxy_port"
+	rule SIDECAR_REDIRECT "outbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
 	[ "$inbound" = none ] && return 0
 	why "A captured inbound connection goes to the same port; the proxy tells inbound from outbound by the original destination (one of the pod's own addresses)."
-	rule SIDECAR_IN_REDIRECT "-p tcp" "inbound to proxy port $opt_proxy_port" "REDIRECT --to-ports $opt_proxy_port"
+	rule SIDECAR_IN_REDIRECT "inbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
 }
 
-render_inbound() {
+inbound_rules() {
 	why "A connection made to the proxy port itself reaches the proxy as it is: redirecting it would give the proxy its own port as the original destination, a loop."
-	rule SIDECAR_INBOUND "-p tcp -m tcp --dport $opt_proxy_port" "inbound to the proxy port itself" RETURN
+	rule SIDECAR_INBOUND "inbound to the proxy port itself" RETURN "port=$opt_proxy_port"
 	if [ -n "$opt_exclude_inbound_ports" ]; then
 		why "Excluded inbound ports (--exclude-inbound-ports) go straight to the app."
 		rules_per_ports SIDECAR_INBOUND "$opt_exclude_inbound_ports" "excluded inbound port" RETURN
 	fi
 	if [ "$inbound" = all ]; then
 		why "Every other inbound TCP connection goes through the proxy (the design note: assume all inbound traffic does)."
-		rule SIDECAR_INBOUND "" "inbound, every port" SIDECAR_IN_REDIRECT
+		rule SIDECAR_INBOUND "inbound, every port" SIDECAR_IN_REDIRECT
 	else
 		why "Inbound connections to the listed ports (--inbound-ports) go through the proxy; other ports go straight to the app."
 		rules_per_ports SIDECAR_INBOUND "$opt_inbound_ports" "captured inbound port" SIDECAR_IN_REDIRECT
 	fi
 }
 
-# render_output 4|6
-render_output() {
+# output_rules 4|6
+output_rules() {
 	method_output_bypass "$1"
 
 	why "Connections from the loopback address ($fam_lo) are never captured: the design note's ! -s 127.0.0.1/32."
-	rule SIDECAR_OUTPUT "-s $fam_lo" "from loopback" RETURN
+	rule SIDECAR_OUTPUT "from loopback" RETURN "from=$fam_lo"
 	why "Nor are connections to it: proxy-aware apps talk to the proxy's loopback listeners there."
-	rule SIDECAR_OUTPUT "-d $fam_lo" "to loopback" RETURN
+	rule SIDECAR_OUTPUT "to loopback" RETURN "to=$fam_lo"
 	if [ "$inbound" != none ] && method_bypasses_proxy; then
 		why "The app calling its own pod IP (it leaves through lo, to a non-loopback address) goes through the proxy like any inbound connection. The proxy's own connection to the pod IP cannot loop: the bypass above returned it already."
-		rule SIDECAR_OUTPUT "! -d $fam_lo_net -o lo" "to own pod IP, as inbound" SIDECAR_INBOUND
+		rule SIDECAR_OUTPUT "to own pod IP, as inbound" SIDECAR_INBOUND "!to=$fam_lo_net" out=lo
 	fi
 	why "Anything else that stays inside the pod (out through lo) is not captured."
-	rule SIDECAR_OUTPUT "-o lo" "stays on lo" RETURN
+	rule SIDECAR_OUTPUT "stays on lo" RETURN out=lo
 
 	if [ -n "$opt_exclude_outbound_ports" ]; then
 		why "Excluded outbound ports (--exclude-outbound-ports) go out directly."
@@ -87,26 +112,26 @@ render_output() {
 	family_words "$1" "$exclude4" "$exclude6"
 	if [ -n "$REPLY" ]; then
 		why "Excluded destinations (--exclude-cidrs) are reached directly."
-		for_each_word "$REPLY" _render_excluded_cidr
+		for_each_word "$REPLY" _excluded_cidr_rule
 	fi
 
 	method_output_capture "$1"
 }
-_render_excluded_cidr() {
-	rule SIDECAR_OUTPUT "$(dest_match "$1")" "excluded destination $1" RETURN
+_excluded_cidr_rule() {
+	rule SIDECAR_OUTPUT "excluded destination $1" RETURN "to=$1"
 }
 
-# render_capture_all 4|6: the capture step of the methods that tell the
+# capture_all_rules 4|6: the capture step of the methods that tell the
 # proxy's traffic apart (uid, mark, cgroup): every remaining outbound
 # connection, or only those to --include-cidrs.
-render_capture_all() {
+capture_all_rules() {
 	case "$include" in
 	none)
 		why "Outbound capture is off (--include-cidrs \"\"): no outbound connection is captured."
 		;;
 	all)
 		why "Every other outbound TCP connection goes through the proxy."
-		rule SIDECAR_OUTPUT "" "outbound, every destination" SIDECAR_REDIRECT
+		rule SIDECAR_OUTPUT "outbound, every destination" SIDECAR_REDIRECT
 		;;
 	list)
 		family_words "$1" "$include4" "$include6"
@@ -114,44 +139,30 @@ render_capture_all() {
 			why "--include-cidrs names no $fam_name network: no outbound $fam_name connection is captured."
 		else
 			why "Only connections to the included networks (--include-cidrs) go through the proxy."
-			for_each_word "$REPLY" _render_included_cidr
+			for_each_word "$REPLY" _included_cidr_rule
 		fi
 		;;
 	esac
 }
-_render_included_cidr() {
-	rule SIDECAR_OUTPUT "$(dest_match "$1")" "included destination $1" SIDECAR_REDIRECT
+_included_cidr_rule() {
+	rule SIDECAR_OUTPUT "included destination $1" SIDECAR_REDIRECT "to=$1"
 }
 
-render_jumps() {
-	if [ "$inbound" != none ]; then
-		why "Hook: inbound TCP connections enter our inbound chain."
-		rule PREROUTING "-p tcp" "inbound capture" SIDECAR_INBOUND
-	fi
-	why "Hook: outbound TCP connections enter our outbound chain."
-	rule OUTPUT "-p tcp" "outbound capture" SIDECAR_OUTPUT
+hooks() {
+	[ "$inbound" = none ] ||
+		hook PREROUTING SIDECAR_INBOUND "inbound capture" "inbound TCP connections enter our inbound chain."
+	hook OUTPUT SIDECAR_OUTPUT "outbound capture" "outbound TCP connections enter our outbound chain."
 }
 
-render_drop_invalid() {
-	printf '*mangle\n'
-	printf ':%s - [0:0]\n' SIDECAR_DROP_INVALID
+drop_invalid_rules() {
+	table mangle
+	chain SIDECAR_DROP_INVALID
 	why "A TCP packet conntrack cannot place in any connection (state INVALID, e.g. out of window) is never NATed: it would reach the app with its original address, and the app's reset would kill the proxied connection. Drop it instead (what Istio does with INVALID_DROP)."
-	rule SIDECAR_DROP_INVALID "-p tcp -m conntrack --ctstate INVALID" "conntrack INVALID" DROP
-	why "Hook: every inbound TCP packet passes the INVALID check first."
-	rule PREROUTING "-p tcp" "drop invalid" SIDECAR_DROP_INVALID
-	printf 'COMMIT\n'
+	rule SIDECAR_DROP_INVALID "conntrack INVALID" DROP tcp ctstate=INVALID
+	hook PREROUTING SIDECAR_DROP_INVALID "drop invalid" "every inbound TCP packet passes the INVALID check first."
 }
 
 # family_words 4|6 V4WORDS V6WORDS: the list of the given family, in REPLY.
 family_words() {
 	if [ "$1" = 4 ]; then REPLY="$2"; else REPLY="$3"; fi
-}
-
-# dest_match CIDR: "-d CIDR", or nothing for a /0 (iptables-save omits a
-# match on every address, so we do too).
-dest_match() {
-	case "$1" in
-	*/0) ;;
-	*) printf -- '-d %s' "$1" ;;
-	esac
 }

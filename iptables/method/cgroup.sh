@@ -46,16 +46,16 @@ method_bypasses_proxy() { return 0; }
 method_output_bypass() {
 	if [ -n "$opt_cgroup_path" ]; then
 		why "The proxy's own connections come from the cgroup v2 $opt_cgroup_path: they go out as they are, which keeps them from looping back into the proxy."
-		rule SIDECAR_OUTPUT "-m cgroup --path \"$opt_cgroup_path\"" "proxy own traffic, cgroup $opt_cgroup_path" RETURN
+		rule SIDECAR_OUTPUT "proxy own traffic, cgroup $opt_cgroup_path" RETURN "cgroup-path=$opt_cgroup_path"
 	else
 		_cg_hex=$(printf '0x%x' "$cgroup_classid")
 		why "The proxy's own connections come from the net_cls cgroup $opt_cgroup_dir, classid $_cg_hex (iptables-save prints it as $cgroup_classid); UID $opt_proxy_uid may put itself in. They go out as they are, which keeps them from looping back into the proxy."
-		rule SIDECAR_OUTPUT "-m cgroup --cgroup $cgroup_classid" "proxy own traffic, net_cls classid $_cg_hex" RETURN
+		rule SIDECAR_OUTPUT "proxy own traffic, net_cls classid $_cg_hex" RETURN "classid=$cgroup_classid"
 	fi
 }
 
 method_output_capture() {
-	render_capture_all "$1"
+	capture_all_rules "$1"
 }
 
 # What method_prepare did in this run, for method_rollback.

@@ -89,9 +89,7 @@ method_output_capture() {
 		else
 			_oc_what="[${_oc_cidr%/128}]:$_oc_port"
 		fi
-		_oc_match=$(dest_match "$_oc_cidr")
-		rule SIDECAR_OUTPUT "${_oc_match:+$_oc_match }-p tcp -m tcp --dport $_oc_port" \
-			"service $_oc_what" SIDECAR_REDIRECT
+		rule SIDECAR_OUTPUT "service $_oc_what" SIDECAR_REDIRECT "to=$_oc_cidr" "port=$_oc_port"
 	done <<EOF_SERVICES
 ${REPLY%"$NL"}
 EOF_SERVICES

@@ -21,9 +21,9 @@ method_bypasses_proxy() { return 0; }
 
 method_output_bypass() {
 	why "The proxy's own connections carry mark $opt_mark (it sets SO_MARK on every socket, including those to the app for inbound connections): they go out as they are, which keeps them from looping back into the proxy."
-	rule SIDECAR_OUTPUT "-m mark --mark $opt_mark" "proxy own traffic, mark $opt_mark" RETURN
+	rule SIDECAR_OUTPUT "proxy own traffic, mark $opt_mark" RETURN "mark=$opt_mark"
 }
 
 method_output_capture() {
-	render_capture_all "$1"
+	capture_all_rules "$1"
 }

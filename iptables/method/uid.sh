@@ -31,13 +31,13 @@ method_bypasses_proxy() { return 0; }
 
 method_output_bypass() {
 	why "The proxy's own connections (it runs as UID $opt_proxy_uid) go out as they are: this is what keeps them from looping back into the proxy."
-	rule SIDECAR_OUTPUT "-m owner --uid-owner $opt_proxy_uid" "proxy own traffic, uid $opt_proxy_uid" RETURN
+	rule SIDECAR_OUTPUT "proxy own traffic, uid $opt_proxy_uid" RETURN "uid=$opt_proxy_uid"
 	if [ -n "$opt_proxy_gid" ]; then
 		why "Also every process of group $opt_proxy_gid (--proxy-gid), e.g. a helper the proxy runs under another UID."
-		rule SIDECAR_OUTPUT "-m owner --gid-owner $opt_proxy_gid" "proxy own traffic, gid $opt_proxy_gid" RETURN
+		rule SIDECAR_OUTPUT "proxy own traffic, gid $opt_proxy_gid" RETURN "gid=$opt_proxy_gid"
 	fi
 }
 
 method_output_capture() {
-	render_capture_all "$1"
+	capture_all_rules "$1"
 }

@@ -1,0 +1,129 @@
+# shellcheck shell=sh
+# restore.sh: the rule set as iptables-restore input. rules.sh and the
+# method files describe the rules in a small vocabulary of functions (table,
+# chain, why, rule, rules_per_ports, hook) and match terms (rules.sh lists
+# them); this file defines those functions for iptables-restore and is the
+# only one that knows how iptables spells a rule. A renderer for another
+# backend would define the same functions.
+#
+# Every rule is written the way iptables-save prints it (option order, /32
+# masks, the comment match last), so that the dry run and the installed
+# rules compare as plain text.
+
+# Sourced by redirect.sh, which (with lib.sh) sets the options read here:
+# shellcheck disable=SC2154
+
+# restore_input 4|6: the complete restore input for one address family.
+restore_input() {
+	if [ "$1" = 4 ]; then _ri_prog=iptables-restore; else _ri_prog=ip6tables-restore; fi
+	printf '# ==== sidecar-proxy IPv%s rules (method %s): input for %s --noflush ====\n' \
+		"$1" "$opt_method" "$_ri_prog"
+	_rs_table=''
+	family_rules "$1"
+	_restore_commit
+}
+
+# table NAME: the rules that follow go into table NAME.
+table() {
+	_restore_commit
+	_rs_table="$1"
+	printf '*%s\n' "$1"
+}
+
+_restore_commit() {
+	[ -z "$_rs_table" ] || printf 'COMMIT\n'
+}
+
+# chain NAME: declare our chain NAME (iptables-restore creates it, or
+# flushes it if it exists).
+chain() {
+	printf ':%s - [0:0]\n' "$1"
+}
+
+# why TEXT: the intent of the rule(s) below, as a comment line of the
+# restore input (iptables-restore skips lines that start with #).
+why() {
+	printf '# %s\n' "$1"
+}
+
+# rule CHAIN WHAT TARGET [TERM...]: append one rule to our CHAIN. It
+# carries `-m comment --comment "sidecar-proxy: WHAT"`, last, where
+# iptables-save puts it.
+rule() {
+	_rl_chain="$1" _rl_what="$2"
+	_restore_target "$3"
+	_rl_target="$REPLY"
+	shift 3
+	_restore_matches "$@"
+	printf -- '-A %s %s-m comment --comment "%s: %s" -j %s\n' \
+		"$_rl_chain" "${REPLY:+$REPLY }" "$COMMENT_PREFIX" "$_rl_what" "$_rl_target"
+}
+
+# hook BUILTIN CHAIN WHAT WHY: the TCP packets of the built-in chain BUILTIN
+# enter our CHAIN, the only rule we put in a built-in chain.
+hook() {
+	why "Hook: $4"
+	printf -- '-A %s -p tcp -m comment --comment "%s: %s" -j %s\n' "$1" "$COMMENT_PREFIX" "$3" "$2"
+}
+
+# rules_per_ports CHAIN PORTS WHAT TARGET: TCP connections to any of the
+# comma-separated PORTS, in as few rules as multiport allows (15 ports
+# each); a lone port uses the plain tcp match. WHAT is singular ("excluded
+# inbound port"); each rule's comment names its ports.
+rules_per_ports() {
+	_rp_chain="$1" _rp_what="$3" _rp_target="$4" _rp_batch='' _rp_n=0
+	for_each , "$2" _rules_per_ports_add
+	_rules_per_ports_flush
+}
+_rules_per_ports_add() {
+	_rp_batch="${_rp_batch:+$_rp_batch,}$1"
+	_rp_n=$((_rp_n + 1))
+	[ "$_rp_n" -lt "$MULTIPORT_MAX" ] || _rules_per_ports_flush
+}
+_rules_per_ports_flush() {
+	case "$_rp_batch" in
+	'') return 0 ;;
+	*,*) rule "$_rp_chain" "${_rp_what}s $_rp_batch" "$_rp_target" "ports=$_rp_batch" ;;
+	*) rule "$_rp_chain" "$_rp_what $_rp_batch" "$_rp_target" "port=$_rp_batch" ;;
+	esac
+	_rp_batch='' _rp_n=0
+}
+
+# multiport takes at most 15 ports per rule.
+MULTIPORT_MAX=15
+
+# _restore_target TARGET: the target as iptables writes it, in REPLY.
+_restore_target() {
+	case "$1" in
+	REDIRECT=*) REPLY="REDIRECT --to-ports ${1#REDIRECT=}" ;;
+	*) REPLY="$1" ;;
+	esac
+}
+
+# _restore_matches TERM...: the match terms (rules.sh) as iptables-save
+# writes them, in REPLY. The terms come in iptables-save's order.
+_restore_matches() {
+	REPLY=''
+	for _rm_term; do
+		_rm_value="${_rm_term#*=}"
+		case "$_rm_term" in
+		tcp) _rm_text='-p tcp' ;;
+		port=*) _rm_text="-p tcp -m tcp --dport $_rm_value" ;;
+		ports=*) _rm_text="-p tcp -m multiport --dports $_rm_value" ;;
+		from=*) _rm_text="-s $_rm_value" ;;
+		# a match on every address: iptables-save omits it, so do we
+		to=*/0) _rm_text='' ;;
+		to=*) _rm_text="-d $_rm_value" ;;
+		!to=*) _rm_text="! -d $_rm_value" ;;
+		out=*) _rm_text="-o $_rm_value" ;;
+		uid=*) _rm_text="-m owner --uid-owner $_rm_value" ;;
+		gid=*) _rm_text="-m owner --gid-owner $_rm_value" ;;
+		mark=*) _rm_text="-m mark --mark $_rm_value" ;;
+		classid=*) _rm_text="-m cgroup --cgroup $_rm_value" ;;
+		cgroup-path=*) _rm_text="-m cgroup --path \"$_rm_value\"" ;;
+		ctstate=*) _rm_text="-m conntrack --ctstate $_rm_value" ;;
+		*) fail "internal error: no iptables match for the term $_rm_term" ;;
+		esac
+		[ -z "$_rm_text" ] || REPLY="${REPLY:+$REPLY }$_rm_text"
+	done
+}
