@@ -1,10 +1,16 @@
 # shellcheck shell=sh
 # restore.sh: the rule set as iptables-restore input. rules.sh and the
 # method files describe the rules in a small vocabulary of functions (table,
-# chain, why, rule, rules_per_ports, hook) and match terms (rules.sh lists
-# them); this file defines those functions for iptables-restore and is the
-# only one that knows how iptables spells a rule. A renderer for another
-# backend would define the same functions.
+# why, rule, rules_per_ports, hook) and match terms (rules.sh lists them);
+# this file defines those functions for iptables-restore and is the only
+# one that knows how iptables spells a rule. A renderer for another backend
+# would define the same functions.
+#
+# Each table is collected, then written: its chain declarations first, then
+# its rules. The declarations are derived from the rules, as istio-iptables'
+# builder does it: every chain of ours that a rule is in or jumps to, in the
+# order the rules first name them. So a chain exists exactly when a rule
+# uses it, and nobody keeps a list of them.
 #
 # Every rule is written the way iptables-save prints it (option order, /32
 # masks, the comment match last), so that the dry run and the installed
@@ -26,44 +32,56 @@ restore_input() {
 # table NAME: the rules that follow go into table NAME.
 table() {
 	_restore_commit
-	_rs_table="$1"
-	printf '*%s\n' "$1"
+	_rs_table="$1" _rs_chains='' _rs_rules=''
 }
 
+# _restore_commit: write the table collected so far, if any.
 _restore_commit() {
-	[ -z "$_rs_table" ] || printf 'COMMIT\n'
+	[ -n "$_rs_table" ] || return 0
+	printf '*%s\n%s%sCOMMIT\n' "$_rs_table" "$_rs_chains" "$_rs_rules"
+	_rs_table=''
 }
 
-# chain NAME: declare our chain NAME (iptables-restore creates it, or
-# flushes it if it exists).
-chain() {
-	printf ':%s - [0:0]\n' "$1"
+# _restore_uses CHAIN: a rule names CHAIN. The first time, if it is ours,
+# declare it (iptables-restore creates it, or flushes it if it exists).
+# Built-in chains and targets (RETURN, DROP, ...) need no declaration.
+_restore_uses() {
+	case "$1" in
+	"$CHAIN_PREFIX"*) ;;
+	*) return 0 ;;
+	esac
+	case "$_rs_chains" in
+	*":$1 "*) ;;
+	*) _rs_chains="$_rs_chains:$1 - [0:0]$NL" ;;
+	esac
 }
 
 # why TEXT: the intent of the rule(s) below, as a comment line of the
 # restore input (iptables-restore skips lines that start with #).
 why() {
-	printf '# %s\n' "$1"
+	_rs_rules="$_rs_rules# $1$NL"
 }
 
-# rule CHAIN WHAT TARGET [TERM...]: append one rule to our CHAIN. It
-# carries `-m comment --comment "sidecar-proxy: WHAT"`, last, where
-# iptables-save puts it.
+# rule CHAIN WHAT TARGET [TERM...]: append one rule to CHAIN (ours; hook
+# is the one that writes into a built-in chain). It carries
+# `-m comment --comment "sidecar-proxy: WHAT"`, last, where iptables-save
+# puts it.
 rule() {
+	_restore_uses "$1"
+	_restore_uses "$3"
 	_rl_chain="$1" _rl_what="$2"
 	_restore_target "$3"
 	_rl_target="$REPLY"
 	shift 3
 	_restore_matches "$@"
-	printf -- '-A %s %s-m comment --comment "%s: %s" -j %s\n' \
-		"$_rl_chain" "${REPLY:+$REPLY }" "$COMMENT_PREFIX" "$_rl_what" "$_rl_target"
+	_rs_rules="$_rs_rules-A $_rl_chain ${REPLY:+$REPLY }-m comment --comment \"$COMMENT_PREFIX: $_rl_what\" -j $_rl_target$NL"
 }
 
 # hook BUILTIN CHAIN WHAT WHY: the TCP packets of the built-in chain BUILTIN
 # enter our CHAIN, the only rule we put in a built-in chain.
 hook() {
 	why "Hook: $4"
-	printf -- '-A %s -p tcp -m comment --comment "%s: %s" -j %s\n' "$1" "$COMMENT_PREFIX" "$3" "$2"
+	rule "$1" "$3" "$2" tcp
 }
 
 # rules_per_ports CHAIN PORTS WHAT TARGET: TCP connections to any of the

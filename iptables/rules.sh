@@ -20,7 +20,6 @@
 #
 # The vocabulary (the method files use it too):
 #   table NAME                        the rules below go into table NAME
-#   chain NAME                        declare our chain NAME
 #   why TEXT                          the intent of the rules below
 #   rule CHAIN WHAT TARGET [TERM...]  one rule in our CHAIN; WHAT is its
 #                                     comment; TARGET RETURN, DROP, one of
@@ -53,12 +52,6 @@ family_rules() {
 		fam_name=IPv6 fam_lo=::1/128 fam_lo_net=::1/128
 	fi
 	table nat
-	chain SIDECAR_OUTPUT
-	chain SIDECAR_REDIRECT
-	if [ "$inbound" != none ]; then
-		chain SIDECAR_INBOUND
-		chain SIDECAR_IN_REDIRECT
-	fi
 	redirect_rules
 	[ "$inbound" = none ] || inbound_rules
 	output_rules "$1"
@@ -156,7 +149,6 @@ hooks() {
 
 drop_invalid_rules() {
 	table mangle
-	chain SIDECAR_DROP_INVALID
 	why "A TCP packet conntrack cannot place in any connection (state INVALID, e.g. out of window) is never NATed: it would reach the app with its original address, and the app's reset would kill the proxied connection. Drop it instead (what Istio does with INVALID_DROP)."
 	rule SIDECAR_DROP_INVALID "conntrack INVALID" DROP tcp ctstate=INVALID
 	hook PREROUTING SIDECAR_DROP_INVALID "drop invalid" "every inbound TCP packet passes the INVALID check first."

@@ -165,6 +165,25 @@ def test_each_family_section_is_headed_by_a_comment():
     assert "IPv6 rules" not in dry_run("ipv6_off")
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_chains_are_declared_from_the_rules(name):
+    """Each table declares exactly the chains of ours that its rules are in
+    or jump to, in the order the rules first name them (istio-iptables'
+    builder derives them the same way), and declares them before any rule."""
+    for section in re.split(r"^\*", dry_run(name), flags=re.M)[1:]:
+        lines = section.split("\nCOMMIT\n")[0].splitlines()[1:]
+        declared = [line[1:].split()[0] for line in lines if line.startswith(":")]
+        assert all(line.startswith(":") for line in lines[:len(declared)]), "declarations come first"
+        named: list[str] = []
+        for line in lines:
+            if line.startswith("-A "):
+                for chain in (line.split()[1], line.split(" -j ")[-1].split()[0]):
+                    if chain.startswith("SIDECAR_") and chain not in named:
+                        named.append(chain)
+        assert declared == named, section
+        assert declared, "every table of ours has a chain of ours"
+
+
 # ---------------------------------------------------------------- bad input --
 
 BAD_SERVICES = {
