@@ -7,7 +7,8 @@
 # would define the same functions.
 #
 # Each table is collected, then written: its chain declarations first, then
-# its rules. The declarations are derived from the rules, as istio-iptables'
+# the rules of our chains, then the hooks (the text reads "build the chains,
+# then hook them in"; the table is one commit either way). The declarations are derived from the rules, as istio-iptables'
 # builder does it: every chain of ours that a rule is in or jumps to, in the
 # order the rules first name them. So a chain exists exactly when a rule
 # uses it, and nobody keeps a list of them.
@@ -32,13 +33,13 @@ restore_input() {
 # table NAME: the rules that follow go into table NAME.
 table() {
 	_restore_commit
-	_rs_table="$1" _rs_chains='' _rs_rules=''
+	_rs_table="$1" _rs_chains='' _rs_rules='' _rs_hooks=''
 }
 
 # _restore_commit: write the table collected so far, if any.
 _restore_commit() {
 	[ -n "$_rs_table" ] || return 0
-	printf '*%s\n%s%sCOMMIT\n' "$_rs_table" "$_rs_chains" "$_rs_rules"
+	printf '*%s\n%s%s%sCOMMIT\n' "$_rs_table" "$_rs_chains" "$_rs_rules" "$_rs_hooks"
 	_rs_table=''
 }
 
@@ -62,26 +63,32 @@ why() {
 	_rs_rules="$_rs_rules# $1$NL"
 }
 
-# rule CHAIN WHAT TARGET [TERM...]: append one rule to CHAIN (ours; hook
-# is the one that writes into a built-in chain). It carries
-# `-m comment --comment "sidecar-proxy: WHAT"`, last, where iptables-save
-# puts it.
+# rule CHAIN WHAT TARGET [TERM...]: append one rule to our CHAIN.
 rule() {
-	_restore_uses "$1"
-	_restore_uses "$3"
-	_rl_chain="$1" _rl_what="$2"
-	_restore_target "$3"
-	_rl_target="$REPLY"
-	shift 3
-	_restore_matches "$@"
-	_rs_rules="$_rs_rules-A $_rl_chain ${REPLY:+$REPLY }-m comment --comment \"$COMMENT_PREFIX: $_rl_what\" -j $_rl_target$NL"
+	_restore_rule "$@"
+	_rs_rules="$_rs_rules$REPLY"
 }
 
 # hook BUILTIN CHAIN WHAT WHY: the TCP packets of the built-in chain BUILTIN
-# enter our CHAIN, the only rule we put in a built-in chain.
+# enter our CHAIN, the only rule we put in a built-in chain. Written after
+# the rules of our chains.
 hook() {
-	why "Hook: $4"
-	rule "$1" "$3" "$2" tcp
+	_restore_rule "$1" "$3" "$2" tcp
+	_rs_hooks="$_rs_hooks# Hook: $4$NL$REPLY"
+}
+
+# _restore_rule CHAIN WHAT TARGET [TERM...]: the -A line, in REPLY. It
+# carries `-m comment --comment "sidecar-proxy: WHAT"`, last, where
+# iptables-save puts it.
+_restore_rule() {
+	_restore_uses "$1"
+	_restore_uses "$3"
+	_rr_chain="$1" _rr_what="$2"
+	_restore_target "$3"
+	_rr_target="$REPLY"
+	shift 3
+	_restore_matches "$@"
+	REPLY="-A $_rr_chain ${REPLY:+$REPLY }-m comment --comment \"$COMMENT_PREFIX: $_rr_what\" -j $_rr_target$NL"
 }
 
 # rules_per_ports CHAIN PORTS WHAT TARGET: TCP connections to any of the

@@ -14,9 +14,9 @@
 #   SIDECAR_REDIRECT, SIDECAR_IN_REDIRECT    REDIRECT to the proxy port
 #   mangle PREROUTING -p tcp -> SIDECAR_DROP_INVALID   (--drop-invalid)
 #
-# Built-in chains get only the jumps. The jumps come last in each table so
-# the text reads "build the chains, then hook them in"; the whole table is
-# one iptables-restore commit either way.
+# Built-in chains get only the jumps (hook), which the renderer puts after
+# the rules of our chains. Each part below brings its chains' rules and
+# their hook along, so a part that is left out leaves nothing behind.
 #
 # The vocabulary (the method files use it too):
 #   table NAME                        the rules below go into table NAME
@@ -52,22 +52,18 @@ family_rules() {
 		fam_name=IPv6 fam_lo=::1/128 fam_lo_net=::1/128
 	fi
 	table nat
-	redirect_rules
+	why "A captured outbound connection goes to the proxy, which reads where it was going with SO_ORIGINAL_DST."
+	rule SIDECAR_REDIRECT "outbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
 	[ "$inbound" = none ] || inbound_rules
 	output_rules "$1"
-	hooks
 	[ "$drop_invalid" = false ] || drop_invalid_rules
 }
 
-redirect_rules() {
-	why "A captured outbound connection goes to the proxy, which reads where it was going with SO_ORIGINAL_DST."
-	rule SIDECAR_REDIRECT "outbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
-	[ "$inbound" = none ] && return 0
+# inbound_rules: connections arriving at the pod (all of it is left out
+# with --inbound-ports "").
+inbound_rules() {
 	why "A captured inbound connection goes to the same port; the proxy tells inbound from outbound by the original destination (one of the pod's own addresses)."
 	rule SIDECAR_IN_REDIRECT "inbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
-}
-
-inbound_rules() {
 	why "A connection made to the proxy port itself reaches the proxy as it is: redirecting it would give the proxy its own port as the original destination, a loop."
 	rule SIDECAR_INBOUND "inbound to the proxy port itself" RETURN "port=$opt_proxy_port"
 	if [ -n "$opt_exclude_inbound_ports" ]; then
@@ -81,9 +77,10 @@ inbound_rules() {
 		why "Inbound connections to the listed ports (--inbound-ports) go through the proxy; other ports go straight to the app."
 		rules_per_ports SIDECAR_INBOUND "$opt_inbound_ports" "captured inbound port" SIDECAR_IN_REDIRECT
 	fi
+	hook PREROUTING SIDECAR_INBOUND "inbound capture" "inbound TCP connections enter our inbound chain."
 }
 
-# output_rules 4|6
+# output_rules 4|6: connections the pod opens.
 output_rules() {
 	method_output_bypass "$1"
 
@@ -109,6 +106,7 @@ output_rules() {
 	fi
 
 	method_output_capture "$1"
+	hook OUTPUT SIDECAR_OUTPUT "outbound capture" "outbound TCP connections enter our outbound chain."
 }
 _excluded_cidr_rule() {
 	rule SIDECAR_OUTPUT "excluded destination $1" RETURN "to=$1"
@@ -139,12 +137,6 @@ capture_all_rules() {
 }
 _included_cidr_rule() {
 	rule SIDECAR_OUTPUT "included destination $1" SIDECAR_REDIRECT "to=$1"
-}
-
-hooks() {
-	[ "$inbound" = none ] ||
-		hook PREROUTING SIDECAR_INBOUND "inbound capture" "inbound TCP connections enter our inbound chain."
-	hook OUTPUT SIDECAR_OUTPUT "outbound capture" "outbound TCP connections enter our outbound chain."
 }
 
 drop_invalid_rules() {
