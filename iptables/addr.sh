@@ -5,7 +5,7 @@
 # space-separated decimal words: 4 bytes for IPv4, 8 16-bit groups for IPv6.
 # Conventions as in lib.sh: results in REPLY, scratch variables prefixed.
 
-# Sourced by redirect.sh, which (with lib.sh) sets the options read here:
+# Loaded by lib.sh; redirect.sh and lib.sh set the options read here:
 # shellcheck disable=SC2154
 
 # check_cidr LABEL VALUE: an IPv4 or IPv6 address or network. REPLY is its

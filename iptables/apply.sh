@@ -19,8 +19,8 @@
 # IPv4 and IPv6 are separate programs: when anything fails, every family we
 # touched is brought back to what it was (rollback()).
 
-# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
-# options and other globals read here:
+# Loaded by lib.sh; redirect.sh, cleanup.sh and lib.sh set the options
+# and other globals read here:
 # shellcheck disable=SC2154
 
 # for_each_family COMMAND...: `COMMAND... 4`, then `COMMAND... 6` if IPv6

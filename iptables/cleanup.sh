@@ -15,15 +15,9 @@
 # Exit status: 0 done; 1 a removal failed; 2 bad input, nothing touched.
 # shellcheck source-path=SCRIPTDIR
 set -eu
-
-PROG="${0##*/}"
-case "$0" in
-*/*) HERE="${0%/*}" ;;
-*) HERE=. ;;
-esac
-
+HERE="${0%/*}"
+[ "$HERE" != "$0" ] || HERE=. # started as `sh cleanup.sh` in this directory
 . "$HERE/lib.sh"
-. "$HERE/apply.sh"
 
 usage() {
 	cat <<'EOF'

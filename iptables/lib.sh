@@ -1,5 +1,7 @@
 # shellcheck shell=sh
-# lib.sh: what redirect.sh and cleanup.sh share.
+# lib.sh: what redirect.sh and cleanup.sh share. Each of them sets HERE (this
+# directory) and sources this file, which names the program and loads the
+# rest: addr.sh, rules.sh, restore.sh and apply.sh.
 #
 #   messages      die (exit 2: bad input, nothing touched), fail (exit 1: the
 #                 apply went wrong and was rolled back), warn
@@ -15,6 +17,14 @@
 # The opt_* variables and the constants are set here and read by the other
 # files, so on its own this file "assigns unused variables":
 # shellcheck disable=SC2034
+# and the files it loads are found beside it:
+# shellcheck source-path=SCRIPTDIR
+
+PROG="${0##*/}"
+. "$HERE/addr.sh"
+. "$HERE/rules.sh"
+. "$HERE/restore.sh"
+. "$HERE/apply.sh"
 
 # Our chains all start with this; cleanup.sh recognises our objects by it.
 CHAIN_PREFIX=SIDECAR_

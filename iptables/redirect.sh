@@ -15,18 +15,9 @@
 # line on stderr. See README.md beside this file for the rules and options.
 # shellcheck source-path=SCRIPTDIR
 set -eu
-
-PROG="${0##*/}"
-case "$0" in
-*/*) HERE="${0%/*}" ;;
-*) HERE=. ;;
-esac
-
+HERE="${0%/*}"
+[ "$HERE" != "$0" ] || HERE=. # started as `sh redirect.sh` in this directory
 . "$HERE/lib.sh"
-. "$HERE/addr.sh"
-. "$HERE/rules.sh"
-. "$HERE/restore.sh"
-. "$HERE/apply.sh"
 
 usage() {
 	cat <<'EOF'

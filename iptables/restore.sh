@@ -17,7 +17,7 @@
 # masks, the comment match last), so that the dry run and the installed
 # rules compare as plain text.
 
-# Sourced by redirect.sh, which (with lib.sh) sets the options read here:
+# Loaded by lib.sh; redirect.sh and lib.sh set the options read here:
 # shellcheck disable=SC2154
 
 # restore_input 4|6: the complete restore input for one address family.

@@ -40,7 +40,7 @@
 #   classid=ID  cgroup-path=PATH      the socket's net_cls classid, cgroup v2
 #   ctstate=STATE                     conntrack's state of the packet
 
-# Sourced by redirect.sh, which (with lib.sh) sets the options and other
+# Loaded by lib.sh; redirect.sh and lib.sh set the options and other
 # globals read here:
 # shellcheck disable=SC2154
 
