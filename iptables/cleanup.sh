@@ -94,10 +94,9 @@ main() {
 	fi
 	# Every method undoes its own set-up; each file defines the same
 	# function names, hence one subshell per method.
-	for _method in uid mark cgroup explicit; do
+	for _method in $METHODS; do
 		(
-			# shellcheck source=method/cgroup.sh
-			. "$HERE/method/$_method.sh"
+			load_method "$_method"
 			method_cleanup
 		)
 	done

@@ -288,3 +288,29 @@ for_each_word() {
 	shift
 	for_each ' ' "$_fw_list" "$@"
 }
+
+# ----------------------------------------------------------------- methods --
+
+# The bypass methods (README.md, "Methods"): one file each, method/NAME.sh.
+METHODS='uid mark cgroup explicit'
+
+# load_method NAME: load method/NAME.sh. Every method has these functions:
+#   method_validate             check this method's options (die on bad input)
+#   method_output_bypass 4|6    rules: the proxy's own connections RETURN
+#   method_output_capture 4|6   rules: the outbound connections to capture
+#   method_bypasses_proxy       succeed if method_output_bypass recognises
+#                               every connection the proxy makes
+#   method_prepare              set-up outside iptables before the rules go in
+#   method_rollback             undo what method_prepare did in this run
+#   method_cleanup              undo method_prepare of an earlier run (cleanup.sh)
+# The first two each file defines; for the others these are the defaults,
+# which a file redefines where its method differs.
+load_method() {
+	# shellcheck source=method/cgroup.sh
+	. "$HERE/method/$1.sh"
+}
+method_output_capture() { capture_all_rules "$1"; }
+method_bypasses_proxy() { return 0; }
+method_prepare() { :; }
+method_rollback() { :; }
+method_cleanup() { :; }

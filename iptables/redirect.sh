@@ -59,7 +59,8 @@ EOF
 # values in the opt_* variables and sets inbound and include (all, list or
 # none), include4/include6, exclude4/exclude6, drop_invalid and ipv6.
 validate() {
-	check_choice --method "$opt_method" uid mark cgroup explicit
+	# shellcheck disable=SC2086 # METHODS: one word per method
+	check_choice --method "$opt_method" $METHODS
 	check_choice --ipv6 "$opt_ipv6" auto on off
 	check_choice --backend "$opt_backend" auto nft legacy
 	check_bool --drop-invalid "$opt_drop_invalid"
@@ -99,10 +100,7 @@ validate() {
 		die "--ipv6: on, but this kernel has no IPv6 here (no /proc/net/if_inet6)"
 	fi
 
-	# One file per method, each defining the same functions (method/uid.sh
-	# lists them); the name picks the file.
-	# shellcheck source=method/uid.sh
-	. "$HERE/method/$opt_method.sh"
+	load_method "$opt_method"
 	method_validate
 }
 

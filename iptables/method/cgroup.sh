@@ -16,10 +16,10 @@
 #
 # A socket belongs to the cgroup its creator was in when it was created: the
 # proxy must join the cgroup before it opens any upstream connection.
-# Interface: see method/uid.sh.
+# Interface: load_method in lib.sh.
 
-# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
-# options and other globals read here:
+# Loaded by load_method (lib.sh); redirect.sh, cleanup.sh and lib.sh set
+# the options and other globals read here:
 # shellcheck disable=SC2154
 
 method_validate() {
@@ -41,8 +41,6 @@ method_validate() {
 		die "--cgroup-dir: $opt_cgroup_dir: ${opt_cgroup_dir%/*/*} does not exist"
 }
 
-method_bypasses_proxy() { return 0; }
-
 method_output_bypass() {
 	if [ -n "$opt_cgroup_path" ]; then
 		why "The proxy's own connections come from the cgroup v2 $opt_cgroup_path: they go out as they are, which keeps them from looping back into the proxy."
@@ -52,10 +50,6 @@ method_output_bypass() {
 		why "The proxy's own connections come from the net_cls cgroup $opt_cgroup_dir, classid $_cg_hex (iptables-save prints it as $cgroup_classid); UID $opt_proxy_uid may put itself in. They go out as they are, which keeps them from looping back into the proxy."
 		rule SIDECAR_OUTPUT "proxy own traffic, net_cls classid $_cg_hex" RETURN "classid=$cgroup_classid"
 	fi
-}
-
-method_output_capture() {
-	capture_all_rules "$1"
 }
 
 # What method_prepare did in this run, for method_rollback.

@@ -4,7 +4,7 @@
 # method 4); every other outbound connection goes out directly. Nothing
 # tells the proxy's own connections apart, so the proxy must never connect to
 # a listed destination itself: list service addresses (virtual IPs) and let
-# the proxy connect to their endpoints. Interface: see method/uid.sh.
+# the proxy connect to their endpoints. Interface: load_method in lib.sh.
 #
 # Services file (what `sidecar-proxy services --config FILE` prints), one
 # destination per line:
@@ -14,8 +14,8 @@
 #   [2001:db8::/64]:443
 # Blank lines and everything after a # are ignored.
 
-# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
-# options and other globals read here:
+# Loaded by load_method (lib.sh); redirect.sh, cleanup.sh and lib.sh set
+# the options and other globals read here:
 # shellcheck disable=SC2154
 
 method_validate() {
@@ -67,9 +67,6 @@ _services_line() {
 	fi
 }
 
-method_prepare() { :; }
-method_rollback() { :; }
-method_cleanup() { :; }
 method_bypasses_proxy() { return 1; }
 
 method_output_bypass() {

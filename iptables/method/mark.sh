@@ -2,10 +2,10 @@
 # method mark: the proxy sets SO_MARK (socket(7)) on every socket it opens
 # (`sidecar-proxy run --mark`), and marked packets are not captured (the mark
 # match, xt_mark). Setting SO_MARK needs CAP_NET_ADMIN in the proxy, which is
-# why the design note does not choose it. Interface: see method/uid.sh.
+# why the design note does not choose it. Interface: load_method in lib.sh.
 
-# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
-# options and other globals read here:
+# Loaded by load_method (lib.sh); redirect.sh, cleanup.sh and lib.sh set
+# the options and other globals read here:
 # shellcheck disable=SC2154
 
 method_validate() {
@@ -14,16 +14,7 @@ method_validate() {
 	opt_mark=$(printf '0x%x' "$REPLY")
 }
 
-method_prepare() { :; }
-method_rollback() { :; }
-method_cleanup() { :; }
-method_bypasses_proxy() { return 0; }
-
 method_output_bypass() {
 	why "The proxy's own connections carry mark $opt_mark (it sets SO_MARK on every socket, including those to the app for inbound connections): they go out as they are, which keeps them from looping back into the proxy."
 	rule SIDECAR_OUTPUT "proxy own traffic, mark $opt_mark" RETURN "mark=$opt_mark"
-}
-
-method_output_capture() {
-	capture_all_rules "$1"
 }

@@ -3,31 +3,16 @@
 # told apart by the owner of the socket (the owner match, xt_owner). The
 # design note's chosen method: no privilege and no change in the proxy; the
 # proxy and this script only have to agree on the UID (and it must not be a
-# UID the app uses).
-#
-# Every method file defines the same functions (see README.md, "Methods"):
-#   method_validate             check this method's options (die on bad input)
-#   method_prepare              set-up outside iptables before the rules go in
-#   method_rollback             undo what method_prepare did in this run
-#   method_cleanup              undo method_prepare of an earlier run (cleanup.sh)
-#   method_bypasses_proxy       succeed if method_output_bypass recognises
-#                               every connection the proxy makes
-#   method_output_bypass 4|6    rules: the proxy's own connections RETURN
-#   method_output_capture 4|6   rules: the outbound connections to capture
+# UID the app uses). Interface: load_method in lib.sh.
 
-# Sourced by redirect.sh and cleanup.sh, which (with lib.sh) set the
-# options and other globals read here:
+# Loaded by load_method (lib.sh); redirect.sh, cleanup.sh and lib.sh set
+# the options and other globals read here:
 # shellcheck disable=SC2154
 
 method_validate() {
 	check_id --proxy-uid "$opt_proxy_uid"
 	[ -z "$opt_proxy_gid" ] || check_id --proxy-gid "$opt_proxy_gid"
 }
-
-method_prepare() { :; }
-method_rollback() { :; }
-method_cleanup() { :; }
-method_bypasses_proxy() { return 0; }
 
 method_output_bypass() {
 	why "The proxy's own connections (it runs as UID $opt_proxy_uid) go out as they are: this is what keeps them from looping back into the proxy."
@@ -36,8 +21,4 @@ method_output_bypass() {
 		why "Also every process of group $opt_proxy_gid (--proxy-gid), e.g. a helper the proxy runs under another UID."
 		rule SIDECAR_OUTPUT "proxy own traffic, gid $opt_proxy_gid" RETURN "gid=$opt_proxy_gid"
 	fi
-}
-
-method_output_capture() {
-	capture_all_rules "$1"
 }
