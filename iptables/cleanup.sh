@@ -41,13 +41,10 @@ EOF
 validate() {
 	check_choice --backend "$opt_backend" auto nft legacy
 	check_choice --ipv6 "$opt_ipv6" auto on off
-	check_u32 --cgroup-classid "$opt_cgroup_classid" "net_cls classid"
-	cgroup_classid="$REPLY"
-	check_cgroup_dir --cgroup-dir "$opt_cgroup_dir"
-	opt_cgroup_dir="$REPLY"
+	check_cgroup_options
 	case "$opt_ipv6" in
 	off) ipv6=false ;;
-	*) if [ -e /proc/net/if_inet6 ]; then ipv6=true; else ipv6=false; fi ;;
+	*) if has_ipv6; then ipv6=true; else ipv6=false; fi ;;
 	esac
 }
 

@@ -67,6 +67,12 @@ have() {
 	command -v "$1" >/dev/null 2>&1
 }
 
+# has_ipv6: does this network namespace have IPv6? It does if the kernel
+# lists IPv6 addresses.
+has_ipv6() {
+	[ -e /proc/net/if_inet6 ]
+}
+
 # ----------------------------------------------------------------- options --
 
 # options_from_env: every option's value before the command line is read.
@@ -243,6 +249,16 @@ check_safe_word() {
 		die "$1: $REPLY has characters other than letters, digits and ._/@:+=-"
 		;;
 	esac
+}
+
+# check_cgroup_options: --cgroup-classid and --cgroup-dir, read by the
+# cgroup method and by cleanup.sh: the classid as a decimal in
+# cgroup_classid, the directory without trailing slashes in opt_cgroup_dir.
+check_cgroup_options() {
+	check_u32 --cgroup-classid "$opt_cgroup_classid" "net_cls classid"
+	cgroup_classid="$REPLY"
+	check_cgroup_dir --cgroup-dir "$opt_cgroup_dir"
+	opt_cgroup_dir="$REPLY"
 }
 
 # check_cgroup_dir LABEL VALUE: an absolute path at least two levels deep

@@ -90,13 +90,12 @@ validate() {
 	check_cidr_list --exclude-cidrs "$opt_exclude_cidrs"
 	exclude4="$REPLY4" exclude6="$REPLY6"
 
-	# IPv6 exists in this namespace if the kernel lists IPv6 addresses
 	case "$opt_ipv6" in
 	on) ipv6=true ;;
 	off) ipv6=false ;;
-	auto) if [ -e /proc/net/if_inet6 ]; then ipv6=true; else ipv6=false; fi ;;
+	auto) if has_ipv6; then ipv6=true; else ipv6=false; fi ;;
 	esac
-	if [ "$opt_ipv6" = on ] && [ "$opt_dry_run" = false ] && [ ! -e /proc/net/if_inet6 ]; then
+	if [ "$opt_ipv6" = on ] && [ "$opt_dry_run" = false ] && ! has_ipv6; then
 		die "--ipv6: on, but this kernel has no IPv6 here (no /proc/net/if_inet6)"
 	fi
 
@@ -119,7 +118,7 @@ install() {
 	# namespace has IPv6 and ip6tables is there: an earlier run's IPv6
 	# rules must not outlive the option
 	touch6="$ipv6"
-	if [ "$ipv6" = false ] && [ -e /proc/net/if_inet6 ]; then
+	if [ "$ipv6" = false ] && has_ipv6; then
 		tool 6 save
 		if have "$REPLY"; then
 			tool 6 restore

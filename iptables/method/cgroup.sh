@@ -27,10 +27,7 @@ method_validate() {
 		check_safe_word --cgroup-path "$opt_cgroup_path"
 		return 0
 	fi
-	check_u32 --cgroup-classid "$opt_cgroup_classid" "net_cls classid"
-	cgroup_classid="$REPLY"
-	check_cgroup_dir --cgroup-dir "$opt_cgroup_dir"
-	opt_cgroup_dir="$REPLY"
+	check_cgroup_options
 	check_id --proxy-uid "$opt_proxy_uid"
 	[ "$opt_dry_run" = true ] && return 0
 	grep -q '^net_cls[[:space:]]' /proc/cgroups 2>/dev/null ||
