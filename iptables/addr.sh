@@ -39,11 +39,11 @@ check_cidr() {
 		die "$_ck_label: $_ck_shown: prefix length must be 0-$_ck_max"
 	fi
 	if [ "$REPLY_FAMILY" = 4 ]; then
-		_ipv4_network "$_ck_words" "$_ck_len"
+		_network "$_ck_words" "$_ck_len" 8 .
 		[ "$REPLY" = "$_ck_addr" ] ||
 			die "$_ck_label: $_ck_shown has host bits set (the network is $REPLY/$_ck_len)"
 	else
-		_ipv6_network "$_ck_words" "$_ck_len"
+		_network "$_ck_words" "$_ck_len" 16 ' '
 		_ck_net="$REPLY"
 		_ipv6_format "$_ck_words" || die "$_ck_label: $_ck_shown: IPv4-mapped and IPv4-compatible addresses are not supported; write the IPv4 address"
 		_ck_canon="$REPLY"
@@ -84,29 +84,22 @@ _ipv4_parse() {
 	[ "$_p4_n" -eq 4 ]
 }
 
-# _ipv4_network WORDS LEN: the network address of WORDS/LEN, dotted, in REPLY.
-_ipv4_network() {
-	_n4_rest="$1 " _n4_bit=0 REPLY=''
-	while [ -n "$_n4_rest" ]; do
-		_n4_byte="${_n4_rest%% *}"
-		_n4_rest="${_n4_rest#* }"
-		_mask_word "$_n4_byte" 8 "$_n4_bit" "$2"
-		_n4_bit=$((_n4_bit + 8))
-		REPLY="${REPLY:+$REPLY.}$_mw"
+# _network WORDS LEN WIDTH SEP: WORDS (WIDTH-bit words, 8 for IPv4, 16 for
+# IPv6) with the bits past the prefix length LEN cleared, joined by SEP, in
+# REPLY.
+_network() {
+	_nw_rest="$1 " _nw_bit=0 REPLY=''
+	while [ -n "$_nw_rest" ]; do
+		_nw_word="${_nw_rest%% *}"
+		_nw_rest="${_nw_rest#* }"
+		if [ "$2" -le "$_nw_bit" ]; then
+			_nw_word=0
+		elif [ "$2" -lt $((_nw_bit + $3)) ]; then
+			_nw_word=$((_nw_word & ~((1 << ($3 - ($2 - _nw_bit))) - 1)))
+		fi
+		_nw_bit=$((_nw_bit + $3))
+		REPLY="${REPLY:+$REPLY$4}$_nw_word"
 	done
-}
-
-# _mask_word VALUE WIDTH FIRSTBIT LEN: VALUE (a WIDTH-bit word starting at
-# bit FIRSTBIT of the address) with the bits past the prefix LEN cleared, in
-# _mw.
-_mask_word() {
-	if [ "$4" -ge $(($3 + $2)) ]; then
-		_mw="$1"
-	elif [ "$4" -le "$3" ]; then
-		_mw=0
-	else
-		_mw=$(($1 & ~((1 << ($2 - ($4 - $3))) - 1)))
-	fi
 }
 
 # _ipv6_parse ADDR: the eight 16-bit groups of ADDR (hex, at most one "::",
@@ -147,18 +140,6 @@ _ipv6_groups() {
 		esac
 		REPLY="${REPLY:+$REPLY }$((0x$_g))"
 		_g_n=$((_g_n + 1))
-	done
-}
-
-# _ipv6_network WORDS LEN: WORDS with the bits past the prefix cleared.
-_ipv6_network() {
-	_n6_rest="$1 " _n6_bit=0 REPLY=''
-	while [ -n "$_n6_rest" ]; do
-		_n6_word="${_n6_rest%% *}"
-		_n6_rest="${_n6_rest#* }"
-		_mask_word "$_n6_word" 16 "$_n6_bit" "$2"
-		_n6_bit=$((_n6_bit + 16))
-		REPLY="${REPLY:+$REPLY }$_mw"
 	done
 }
 
