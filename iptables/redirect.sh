@@ -113,6 +113,11 @@ dry_run() {
 
 install() {
 	[ "$(id -u)" = 0 ] || die "installing rules needs root (--dry-run does not)"
+	# the target, rendered before anything is touched (with --ipv6 off the
+	# IPv6 target is empty: ours there is removed)
+	target4=$(restore_input 4)
+	target6=''
+	[ "$ipv6" = false ] || target6=$(restore_input 6)
 	choose_backend
 	# IPv6 is touched when it gets rules, and also with --ipv6 off if the
 	# namespace has IPv6 and ip6tables is there: an earlier run's IPv6
@@ -133,22 +138,16 @@ install() {
 		before6="$REPLY"
 	fi
 	method_prepare
-	install_family 4
-	[ "$touch6" = false ] || install_family 6
+	install_family 4 "$before4" "$target4"
+	[ "$touch6" = false ] || install_family 6 "$before6" "$target6"
 	if [ "$ipv6" = true ]; then _in_families='IPv4 and IPv6'; else _in_families=IPv4; fi
 	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$_in_families" "$backend"
 }
 
-# install_family 4|6: one atomic iptables-restore for the family (with
-# --ipv6 off, the IPv6 target is empty: ours there is removed).
+# install_family 4|6 BEFORE TARGET: one atomic iptables-restore that takes
+# our part of the family from BEFORE (its iptables-save output) to TARGET.
 install_family() {
-	if [ "$1" = 4 ]; then
-		_if_before="$before4" _if_target=$(restore_input 4)
-	else
-		_if_before="$before6" _if_target=''
-		[ "$ipv6" = false ] || _if_target=$(restore_input 6)
-	fi
-	_if_input=$(transition "$_if_before" "$_if_target")
+	_if_input=$(transition "$2" "$3")
 	[ -n "$_if_input" ] || return 0
 	restore_rules "$1" "$_if_input" || rollback_and_fail "$RESTORE_ERR"
 }
