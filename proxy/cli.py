@@ -19,7 +19,15 @@ import yaml
 
 from . import config as cfg
 from .control import logs
-from .control.lifecycle import LISTENER_DELAY_ENV, AdminServer, Lifecycle, StartupError, check_mark_privilege, join_cgroup
+from .control.lifecycle import (
+    LISTENER_DELAY_ENV,
+    AdminServer,
+    Lifecycle,
+    Runner,
+    StartupError,
+    check_mark_privilege,
+    join_cgroup,
+)
 from .control.server import Proxy
 from .control.supervisor import WorkerFailed
 from .exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
@@ -43,7 +51,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect-timeout", metavar="DURATION", help="upstream connect timeout (default 5s)")
     parser.add_argument("--splice", choices=cfg.SPLICE_MODES,
                         help="auto (default): bulk transfers move by splice(2), in the kernel; off: always copy")
-    parser.add_argument("--drain-timeout", metavar="DURATION", help="on SIGTERM, wait this long for connections (default 5s)")
+    parser.add_argument("--drain-timeout", metavar="DURATION",
+                        help="on SIGTERM, wait this long for connections (default 5s)")
     parser.add_argument("--admin-address", metavar="IP",
                         help="admin API address (default 127.0.0.1; anything but loopback needs --admin-allow-remote)")
     parser.add_argument("--admin-port", metavar="N", help="admin API port (default 15000, Istio's; 0 turns it off)")
@@ -63,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.cgroup:
             join_cgroup(config.cgroup)  # first: sockets inherit the cgroup's classid
         check_mark_privilege(config)
+        proxy: Runner
         if config.concurrency > 1:
             from .control.supervisor import Supervisor
             proxy = Supervisor(config, argv=sys.argv, listener_delay=_listener_delay(), admin=start_admin)

@@ -12,9 +12,9 @@ import shutil
 import subprocess
 
 import pytest
+from support import PYTHON, setpriv_argv
 
 from proxy.demo.netns import PodWorld
-from support import PYTHON, setpriv_argv
 
 REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-save", "setpriv", "nsenter", "prlimit")
 

@@ -12,7 +12,6 @@ from typing import NamedTuple
 from proxy.demo.netns import ThreadedServer as Server  # noqa: F401  (the tests' name for it)
 from proxy.demo.sandbox import PROXY_UID, PYTHON, ProxyProcess, setpriv_argv  # noqa: F401
 
-
 # --- handlers ---------------------------------------------------------------------------
 
 def identify(name: str) -> Callable[[socket.socket], None]:

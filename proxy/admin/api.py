@@ -78,7 +78,7 @@ def collect_stats(proxy: Lifecycle, snap: Snapshot) -> list[fmt.Stat]:
 def cluster_views(proxy: Lifecycle, snap: Snapshot) -> list[fmt.ClusterView]:
     """Configured clusters with their endpoints; original_dst with the destinations it has open."""
     hosts = snap.hosts
-    views = [fmt.ClusterView(c.name, tuple(fmt.HostView(e.host, e.port, hosts.get(c.name, {}).get(tuple(e), {}))
+    views = [fmt.ClusterView(c.name, tuple(fmt.HostView(e.host, e.port, hosts.get(c.name, {}).get((e.host, e.port), {}))
                                            for e in c.endpoints)) for c in proxy.config.clusters]
     passthrough = sorted(hosts.get(ORIGINAL_DST, {}).items())
     views.append(fmt.ClusterView(ORIGINAL_DST, tuple(fmt.HostView(h, p, stats) for (h, p), stats in passthrough)))

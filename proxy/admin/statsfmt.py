@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import re2
@@ -146,17 +146,17 @@ def _socket_address(host: str, port: int) -> dict:
 
 
 def render_listeners_text(listeners: Sequence[ListenerView]) -> str:
-    return "".join(f"{l.name}::{hostport(h, p)}\n" for l in listeners for h, p in l.addresses)
+    return "".join(f"{view.name}::{hostport(h, p)}\n" for view in listeners for h, p in view.addresses)
 
 
 def render_listeners_json(listeners: Sequence[ListenerView]) -> str:
     statuses = []
-    for l in listeners:
-        status: dict = {"name": l.name}
-        if l.addresses:
-            status["local_address"] = _socket_address(*l.addresses[0])
-        if len(l.addresses) > 1:
-            status["additional_local_addresses"] = [_socket_address(h, p) for h, p in l.addresses[1:]]
+    for view in listeners:
+        status: dict = {"name": view.name}
+        if view.addresses:
+            status["local_address"] = _socket_address(*view.addresses[0])
+        if len(view.addresses) > 1:
+            status["additional_local_addresses"] = [_socket_address(h, p) for h, p in view.addresses[1:]]
         statuses.append(status)
     return json.dumps({"listener_statuses": statuses}, indent=1)
 
@@ -211,7 +211,7 @@ def render_clusters_json(clusters: Sequence[ClusterView]) -> str:
     return json.dumps({"cluster_statuses": statuses}, indent=1)
 
 
-def format_param(query: dict, allowed: tuple[str, ...]) -> str:
+def format_param(query: Mapping[str, str], allowed: tuple[str, ...]) -> str:
     """The `format` query parameter, checked against what an endpoint can write."""
     fmt = query.get("format", "text") or "text"
     if fmt not in allowed:

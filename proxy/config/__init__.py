@@ -9,13 +9,29 @@ The rest of the proxy imports from here, never from the modules inside.
 
 from .load import check_ambiguous, from_data, load
 from .model import (
-    DEFAULT_ADMIN_PORT, DEFAULT_MARK, DEFAULT_PORT, DIRECTIONS, LOG_FORMATS, LOG_LEVELS, LOOPS, NET_CLS_ID, PROXY_UID,
-    SPLICE_MODES, Chain, Cluster, Config, Endpoint, Match, PlainListener, hostport,
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_MARK,
+    DEFAULT_PORT,
+    DIRECTIONS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LOOPS,
+    NET_CLS_ID,
+    PROXY_UID,
+    SPLICE_MODES,
+    Chain,
+    Cluster,
+    Config,
+    Endpoint,
+    IPNetwork,
+    Match,
+    PlainListener,
+    hostport,
 )
 from .values import SETTINGS, ConfigError, parse_duration
 
 __all__ = [
     "DEFAULT_ADMIN_PORT", "DEFAULT_MARK", "DEFAULT_PORT", "DIRECTIONS", "LOG_FORMATS", "LOG_LEVELS", "LOOPS",
     "NET_CLS_ID", "PROXY_UID", "SETTINGS", "SPLICE_MODES", "Chain", "Cluster", "Config", "ConfigError", "Endpoint",
-    "Match", "PlainListener", "check_ambiguous", "from_data", "hostport", "load", "parse_duration",
+    "IPNetwork", "Match", "PlainListener", "check_ambiguous", "from_data", "hostport", "load", "parse_duration",
 ]

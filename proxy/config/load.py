@@ -26,17 +26,28 @@ import yaml
 
 from .model import ACTIONS, DEFAULT_CONNECT_TIMEOUT, DIRECTIONS, Chain, Cluster, Config, Match, PlainListener
 from .values import (
-    ENVIRONMENT, OPTIONAL, SETTINGS, ConfigError, as_list, short, parse_choice, parse_address, parse_duration,
-    parse_endpoint, parse_mark, parse_name, parse_network, parse_port,
+    ENVIRONMENT,
+    OPTIONAL,
+    SETTINGS,
+    ConfigError,
+    as_list,
+    parse_address,
+    parse_choice,
+    parse_duration,
+    parse_endpoint,
+    parse_mark,
+    parse_name,
+    parse_network,
+    parse_port,
+    short,
 )
-
 
 T = TypeVar("T")
 
 
 # --- the file: YAML with line numbers ----------------------------------------------
 
-def _mapping(value: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+def _mapping(value: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise ConfigError(where, f"expected a mapping, got {type(value).__name__}")
     for key in value:
@@ -163,7 +174,7 @@ def _match(value: Any, where: str) -> Match:
     )
 
 
-def _items(raw: dict, key: str, where: str, parse: Callable[[Any, str], T]) -> tuple[T, ...]:
+def _items(raw: dict[Any, Any], key: str, where: str, parse: Callable[[Any, str], T]) -> tuple[T, ...]:
     """The list under `key` (empty if absent), each item parsed with its own path."""
     where = _join(where, key)
     return tuple(parse(item, f"{where}[{i}]") for i, item in enumerate(as_list(raw.get(key, []), where)))
@@ -213,7 +224,8 @@ def check_ambiguous(chains: tuple[Chain, ...]) -> None:
 
 # --- putting the sources together ----------------------------------------------------
 
-def load(path: str | None = None, *, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None) -> Config:
+def load(path: str | None = None, *, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Config:
     """Build the effective Config: built-in < file < environment < flags."""
     config = Config()
     if path is not None:

@@ -118,7 +118,8 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration as plain data (what `check` prints)."""
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
 
 def _plain(value: Any) -> Any:

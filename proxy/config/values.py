@@ -25,7 +25,7 @@ class ConfigError(Exception):
         super().__init__(f"{prefix}{where}: {message}" if where else f"{prefix}{message}")
 
 
-def as_list(value: Any, where: str) -> list:
+def as_list(value: Any, where: str) -> list[Any]:
     """`value` if it is a list, else a ConfigError at `where`."""
     if not isinstance(value, list):
         raise ConfigError(where, f"expected a list, got {type(value).__name__}")
@@ -141,7 +141,7 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     def parse(value: Any, where: str) -> str:
         if value not in choices:
             raise ConfigError(where, f"{value!r} is not one of {', '.join(choices)}")
-        return value
+        return str(value)
     return parse
 
 

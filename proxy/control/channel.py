@@ -69,7 +69,7 @@ class Channel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode(message))
 
-    async def request(self, op: str, timeout: float, **args: Any) -> Any:
+    async def request(self, op: str, timeout: float, **args: Any) -> Any:  # noqa: ASYNC109 (a deadline per request)
         """Send a request and wait up to `timeout` seconds for its result."""
         if self.closed.done():
             raise ChannelClosed("the other end is gone")

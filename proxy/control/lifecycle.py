@@ -119,8 +119,7 @@ def join_cgroup(directory: str) -> None:
 
 
 def check_mark_privilege(config: Config) -> None:
-    marks = {config.mark} | {c.mark for c in config.clusters}
-    marks.discard(None)
+    marks = {m for m in (config.mark, *(c.mark for c in config.clusters)) if m is not None}
     for mark in sorted(marks):
         reason = can_mark(mark)
         if reason is not None:
@@ -209,4 +208,10 @@ class Runner:
         raise NotImplementedError
 
     def drain_listeners(self) -> None:
+        raise NotImplementedError
+
+    async def snapshot(self, limit: int) -> Snapshot:
+        raise NotImplementedError
+
+    async def log_levels_changed(self, changes: list[tuple[str, int]]) -> None:
         raise NotImplementedError

@@ -58,6 +58,10 @@ class Proxy(Runner):
 
     async def snapshot(self, limit: int) -> Snapshot:
         """The data plane as the admin API reads it (see datapath/snapshot.py)."""
+        return self.take(limit)
+
+    def take(self, limit: int) -> Snapshot:
+        """The data plane now (empty before run() has made it)."""
         return snapshot.take(self.shared, limit) if self.shared is not None else Snapshot()
 
     # the run skeleton's steps (lifecycle.Runner.run) ------------------------------------
@@ -75,6 +79,7 @@ class Proxy(Runner):
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> bool:
         config, shared = self.config, self.shared
+        assert shared is not None  # made by _open
         sockets = self.sockets if self.sockets is not None else open_listen_sockets(config)
         self.sockets = sockets
         plain_by_name = {p.name: p for p in config.plain_listeners}
@@ -111,16 +116,17 @@ class Proxy(Runner):
     # while running --------------------------------------------------------------------------
     async def _sweep_idle(self) -> None:
         """Close connections quiet for idle_timeout: one timer for all of them."""
-        timeout = self.config.idle_timeout
+        timeout, shared = self.config.idle_timeout, self.shared
+        assert shared is not None  # made by _open, before this task
         while True:
             await asyncio.sleep(idle_sweep_interval(timeout))
-            close_idle(list(self.shared.live.values()), timeout)
+            close_idle(list(shared.live.values()), timeout)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """asyncio reports EMFILE on accept here, once per attempt, with a
         traceback; it already backs off and retries, so say it once a second."""
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in EXHAUSTION and self.redirect is not None:
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTION and self.redirect is not None and self.shared:
             self.shared.note_exhaustion(self.redirect.names, "out of resources on accept "
                                         f"({errno.errorcode.get(exc.errno)}): backing off")
             return
@@ -148,11 +154,13 @@ class Proxy(Runner):
         return len(self.shared.live) if self.shared is not None else 0
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
+        if self.shared is None:
+            return
+        live, loop = self.shared.live, asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
-        while self.shared.live and loop.time() < deadline:
+        while live and loop.time() < deadline:  # noqa: ASYNC110 (a look every 50 ms, once per drain)
             await asyncio.sleep(0.05)
-        left = list(self.shared.live.values())
+        left = list(live.values())
         if left:
             log.info("drain timeout: resetting %d connections still open", len(left))
         for relay in left:

@@ -48,6 +48,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 from ..config import Config
 from ..datapath.snapshot import Snapshot, merge
@@ -131,7 +132,7 @@ class Supervisor(Runner):
                 if worker.ready.done():  # the others are told when they are ready (_spawn)
                     worker.send({"op": "drain"})
 
-    def _worker_ready(self, worker: WorkerProcess) -> None:
+    def _worker_ready(self, worker: WorkerProcess, _: asyncio.Future[None] | None = None) -> None:
         if self.draining:  # a drain came while it started: its listeners close at once
             worker.send({"op": "drain"})
 
@@ -179,7 +180,7 @@ class Supervisor(Runner):
                 self.listeners.setdefault(name, []).append(bound.sock.getsockname()[:2])
             for index, share in enumerate(shares):
                 worker = await _spawn(config, index, n, share)
-                worker.ready.add_done_callback(lambda _, w=worker: self._worker_ready(w))
+                worker.ready.add_done_callback(partial(self._worker_ready, worker))
                 self.workers.append(worker)
         finally:
             for share in shares:  # the workers have their own descriptors now
@@ -235,7 +236,7 @@ class Supervisor(Runner):
             if self.failure is None:
                 self.failure = f"workers still running {deadline:g}s after stop: killed them"
             return
-        failed = [f"{w}: exit status {s}" for w, s in zip(self.workers, statuses) if s != 0]
+        failed = [f"{w}: exit status {s}" for w, s in zip(self.workers, statuses, strict=True) if s != 0]
         if failed and self.failure is None:
             self.failure = "; ".join(failed)
 
@@ -259,7 +260,8 @@ async def _spawn(config: Config, index: int, count: int, share: list[Bound]) -> 
         fds = [theirs.fileno(), *(bound.sock.fileno() for bound in share)]
         argv, env = worker_argv(theirs.fileno())
         try:
-            proc = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL)
+            # a fork and exec once per worker at start-up: not worth a thread
+            proc = subprocess.Popen(argv, env=env, pass_fds=fds, stdin=subprocess.DEVNULL)  # noqa: ASYNC220
         except OSError as exc:
             raise StartupError(f"workers: cannot start worker {index}: {exc.strerror}") from None
     finally:

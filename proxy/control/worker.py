@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable
 
 from ..config import ConfigError, from_data
-from ..datapath import snapshot
 from ..exitcodes import EXIT_OK
 from . import logs
 from .channel import Channel, read_first
@@ -52,8 +51,7 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
         def heard(message: dict) -> None:
             op = message.get("op")
             if op == "snapshot":
-                taken = snapshot.take(proxy.shared, message["limit"]) if proxy.workers_started else snapshot.Snapshot()
-                channel.answer(message, taken.to_json())
+                channel.answer(message, proxy.take(message["limit"]).to_json())
             elif op == "drain":
                 proxy.drain_listeners()
             elif op == "stop":

@@ -23,13 +23,14 @@ import select
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 _STOP = object()
+Entry = dict[str, Any]  # one finished connection (relay.Relay.describe, plus its counters and end)
 BATCH_DELAY = 0.02  # seconds an entry may wait to share its thread wake-up
 
 
-def format_text(entry: dict) -> str:
+def format_text(entry: Entry) -> str:
     ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry["start"]))
     ms = int(entry["start"] * 1000) % 1000
     return (
@@ -39,7 +40,7 @@ def format_text(entry: dict) -> str:
     )
 
 
-def format_json(entry: dict) -> str:
+def format_json(entry: Entry) -> str:
     """The entry as one JSON object (what json.dumps would write, faster)."""
     return (f'{{"type":"access","id":{entry["id"]},"start":{entry["start"]!r},"listener":"{entry["listener"]}",'
             f'"source":"{entry["source"]}","destination":"{entry["destination"]}",'
@@ -59,7 +60,9 @@ def _chunks(lines: list[str], size: int) -> list[str]:
     of up to PIPE_BUF bytes whole, so no line is ever cut by another
     worker's. (A longer line, which our fields never make, goes alone.)
     """
-    chunks, current, length = [], [], 0
+    chunks: list[str] = []
+    current: list[str] = []
+    length = 0
     for line in lines:
         n = len(line.encode()) + 1
         if current and length + n > size:
@@ -78,8 +81,8 @@ class AccessLog:
     def __init__(self, target: str, fmt: str) -> None:
         self.enabled = target != "off"
         self._format = format_json if fmt == "json" else format_text
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: list[dict] = []
+        self._queue: queue.SimpleQueue[list[str] | object] = queue.SimpleQueue()  # batches of lines, or _STOP
+        self._pending: list[str] = []  # lines formatted, not yet handed to the thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: TextIO | None = None
         self._owns_stream = False
@@ -91,12 +94,12 @@ class AccessLog:
         elif target == "stdout":
             self._stream = sys.stdout
         else:
-            self._stream = open(target, "a", encoding="utf-8", buffering=1)
+            self._stream = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
             self._owns_stream = True
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
 
-    def write(self, entry: dict) -> None:
+    def write(self, entry: Entry) -> None:
         """Format and queue one entry (called on the event loop's thread)."""
         if not self.enabled:
             return
@@ -112,24 +115,23 @@ class AccessLog:
             self._queue.put(batch)
 
     def _run(self) -> None:
-        assert self._stream is not None
-        while True:
-            batch = self._queue.get()
-            if batch is _STOP:
-                break
-            self._emit(batch)
+        stream = self._stream
+        assert stream is not None  # the thread runs only for a log that is on
+        while (batch := self._queue.get()) is not _STOP:
+            self._emit(stream, cast(list[str], batch))
 
-    def _format_safely(self, entry: dict) -> str:
+    def _format_safely(self, entry: Entry) -> str:
         try:
             return self._format(entry)
         except Exception as exc:  # a bad entry must not silence the log for good
             return f"access-log: cannot format entry {entry.get('id', '?')}: {exc!r}"
 
-    def _emit(self, lines: list[str]) -> None:
+    @staticmethod
+    def _emit(stream: TextIO, lines: list[str]) -> None:
         try:
             for chunk in _chunks(lines, select.PIPE_BUF):
-                self._stream.write(chunk)
-                self._stream.flush()
+                stream.write(chunk)
+                stream.flush()
         except (OSError, ValueError):
             pass  # the log's reader went away; the proxy keeps relaying
 

@@ -35,7 +35,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..config import Chain
+from ..config import Chain, IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -53,10 +53,11 @@ class Connection:
     direction: str  # "inbound" or "outbound"
 
 
-def _prefix_score(networks: Sequence, addr: IPAddress) -> int:
+def _prefix_score(networks: Sequence[IPNetwork], addr: IPAddress | None) -> int:
     """Longest matching prefix length; 0-based scores: -1 no match, 0 = no list."""
     if not networks:
         return 0
+    assert addr is not None  # Connection leaves out only addresses no chain looks at
     best = NO_MATCH
     for net in networks:
         if net.version == addr.version and addr in net:
@@ -106,7 +107,7 @@ class ChainTable:
         # Selection looks at an address only if some chain has a prefix for it.
         self._uses_dst = any(c.match.destinations for c in self.chains)
         self._uses_src = any(c.match.sources for c in self.chains)
-        self._memory: dict[tuple, Chain | None] = {}
+        self._memory: dict[tuple[str | None, int, str | None, str], Chain | None] = {}
 
     def select(self, conn: Connection) -> Chain | None:
         # Step 1 (port) is the dict lookup; steps 2-4 prune what is left.
@@ -125,9 +126,12 @@ class ChainTable:
             return self._memory[key]
         except KeyError:
             pass
-        chain = self.select(Connection(key[0] and ipaddress.ip_address(key[0]), dst_port,
-                                       key[2] and ipaddress.ip_address(key[2]), direction))
+        chain = self.select(Connection(_ip(key[0]), dst_port, _ip(key[2]), direction))
         if len(self._memory) >= LOOKUP_MEMORY:
             self._memory.clear()
         self._memory[key] = chain
         return chain
+
+
+def _ip(address: str | None) -> IPAddress | None:
+    return None if address is None else ipaddress.ip_address(address)

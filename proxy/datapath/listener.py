@@ -71,7 +71,7 @@ class Shared:
     """State every listener of one proxy process shares."""
 
     def __init__(self, config: Config, stats: Stats, access_log: AccessLog, local: LocalAddresses,
-                 loop: asyncio.AbstractEventLoop, ids: itertools.count | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, ids: itertools.count[int] | None = None) -> None:
         """`ids`: where connection ids come from (a worker's are unique across the workers)."""
         self.config, self.stats, self.access_log, self.local = config, stats, access_log, local
         self.ids = ids if ids is not None else itertools.count(1)
@@ -117,8 +117,8 @@ class Shared:
             if names is not None:
                 counts[names.downstream_cx_rx_bytes_total] += up
                 counts[names.downstream_cx_tx_bytes_total] += down
-            if relay.connected:
-                cluster = relay.upstream.attempts.route.names
+            if (upstream := relay.confirmed) is not None:
+                cluster = upstream.attempts.route.names
                 counts[cluster.upstream_cx_tx_bytes_total] += up
                 counts[cluster.upstream_cx_rx_bytes_total] += down
         return counts
@@ -204,7 +204,7 @@ class Listener:
         if chain.action == "reject":
             stats.inc(names.rejected)
             relay.close("rejected", reset=True)
-        elif chain.action == "cluster":
+        elif chain.cluster is not None:  # action cluster (config.load makes sure of the pair)
             shared.connector.to_cluster(relay, chain.cluster)
         else:
             shared.connector.to_original(relay, destination)
@@ -254,8 +254,8 @@ class Listener:
         sent, received = relay.bytes_from_downstream, relay.bytes_from_upstream
         stats.inc(names.downstream_cx_rx_bytes_total, sent)
         stats.inc(names.downstream_cx_tx_bytes_total, received)
-        if relay.connected:
-            shared.connector.closed(relay, up, sent, received)
+        if (confirmed := relay.confirmed) is not None:
+            shared.connector.closed(relay, confirmed, sent, received)
         if shared.access_log.enabled:
             entry = relay.describe()
             entry.update(bytes_up=sent, bytes_down=received, end=relay.end or "done",

@@ -39,7 +39,7 @@ def _align(n: int) -> int:
 def parse_addr_dump(data: bytes) -> tuple[set[str], bool]:
     """Addresses in a chunk of RTM_NEWADDR messages, as canonical strings (the
     form inet_ntop writes); True once NLMSG_DONE is seen."""
-    found = set()
+    found: set[str] = set()
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
@@ -67,13 +67,13 @@ def parse_addr_dump(data: bytes) -> tuple[set[str], bool]:
     return found, False
 
 
-def dump_addresses() -> frozenset:
+def dump_addresses() -> frozenset[str]:
     """Every IPv4 and IPv6 address of this network namespace, loopback included."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
         request = _NLMSGHDR.pack(_NLMSGHDR.size + _IFADDRMSG.size, RTM_GETADDR,
                                  NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         nl.sendall(request)
-        found: set = set()
+        found: set[str] = set()
         done = False
         while not done:
             chunk, done = parse_addr_dump(nl.recv(65536))

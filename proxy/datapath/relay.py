@@ -82,14 +82,14 @@ import errno
 import socket
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..config import Endpoint
 from .sockopts import arm_reset
 from .splice import SPLICE_AFTER, Pump
 
 if TYPE_CHECKING:  # only for the annotation of Upstream.attempts (upstream.py imports this module)
-    from .upstream import Attempts
+    from .upstream import Attempts, OwnKey
 
 _monotonic = time.monotonic
 
@@ -155,8 +155,12 @@ class Side(asyncio.Protocol):
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.transport: asyncio.Transport | None = None
-        self.peer: Side | None = None  # the other socket, once there is an upstream attempt
+        # Both are there before any code path that uses them runs: the
+        # transport from connection_made, the peer from Relay.attach. Until
+        # then they are None, which only shut(), `open` and the connecting
+        # code of an upstream look for.
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer: Side = None  # type: ignore[assignment]
         self.eof = False  # a FIN came from this socket
         self.lost = False  # connection_lost has run: the socket is closed
         self.received = 0  # bytes read from this socket
@@ -207,8 +211,8 @@ class Downstream(Side):
     __slots__ = ()
     name = "downstream"
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream's transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.relay.owner.accepted(self.relay)
 
@@ -236,7 +240,7 @@ class Upstream(Side):
     __slots__ = ("endpoint", "key", "sock", "attempts")
     name = "upstream"
 
-    def __init__(self, relay: Relay, endpoint: Endpoint, key: tuple, sock: socket.socket, attempts: Attempts) -> None:
+    def __init__(self, relay: Relay, endpoint: Endpoint, key: OwnKey, sock: socket.socket, attempts: Attempts) -> None:
         super().__init__(relay)
         self.endpoint = endpoint
         self.key = key  # our socket's 4-tuple, for the loop guard
@@ -249,8 +253,8 @@ class Upstream(Side):
         yet: the relay has not ended until that transport has closed too."""
         return not self.lost
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # a stream's transport
         # 0 while connecting: the first byte queued pauses the client, and the
         # handshake's completion (the buffer drains) resumes it: see confirm().
         transport.set_write_buffer_limits(high=0, low=0)
@@ -307,9 +311,15 @@ class Relay:
         self.cluster: str | None = None
 
     @property
+    def confirmed(self) -> Upstream | None:
+        """The upstream once it is confirmed connected, else None (the one
+        place that says so, from the flag the per-chunk path reads: Side.relaying)."""
+        up = self.upstream
+        return up if up is not None and up.relaying else None
+
+    @property
     def connected(self) -> bool:
-        """The upstream is confirmed (the one place that says so: Side.relaying)."""
-        return self.upstream is not None and self.upstream.relaying
+        return self.confirmed is not None
 
     @property
     def _may_retry(self) -> bool:
@@ -332,6 +342,7 @@ class Relay:
             up.transport.abort()  # an abandoned attempt, or the client is gone
             return
         held = self.held
+        assert held is not None  # nothing confirmed an upstream yet
         if not self._may_retry:
             self.held = None
         for data in held:
@@ -341,15 +352,16 @@ class Relay:
 
     def early_data(self, data: bytes) -> None:
         """Client bytes while the upstream is not confirmed."""
-        up = self.upstream
+        up, held = self.upstream, self.held
         if up is None or up.transport is None:  # no transport yet: wait in `held`
-            self.held.append(data)
+            assert held is not None  # it goes only once a transport has taken it
+            held.append(data)
             if self.downstream.received >= EARLY_LIMIT:
                 self.downstream.transport.pause_reading()
             return
         up.transport.write(data)
-        if self._may_retry:
-            self.held.append(data)
+        if held is not None and self._may_retry:  # another endpoint may need it again
+            held.append(data)
         if _took_it(up.transport):
             self.confirm(up)
 
@@ -518,13 +530,13 @@ class Relay:
         self._cancel_deadline()
         self.owner.ended(self)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The connection as plain data (the access log, /connections)."""
         return {
             "id": self.id, "start": time.time() - (_monotonic() - self.started), "listener": self.listener,
             "source": _text(self.source), "destination": _text(self.destination),
             "direction": self.direction, "chain": self.chain, "cluster": self.cluster,
-            "upstream": str(self.upstream.endpoint) if self.connected else None,
+            "upstream": str(up.endpoint) if (up := self.confirmed) is not None else None,
         }
 
     # counters -------------------------------------------------------------------
@@ -543,7 +555,7 @@ def _took_it(transport: asyncio.Transport) -> bool:
     return transport.get_write_buffer_size() == 0 and not transport.is_closing()
 
 
-def _connected(sock) -> bool:
+def _connected(sock: socket.socket) -> bool:
     try:
         sock.getpeername()  # ENOTCONN while the handshake is still going on
     except OSError:
@@ -552,7 +564,8 @@ def _connected(sock) -> bool:
 
 
 def _fileno(transport: asyncio.Transport) -> int:
-    return transport.get_extra_info("socket").fileno()
+    sock: socket.socket = transport.get_extra_info("socket")
+    return sock.fileno()
 
 
 def _text(addr: Endpoint | None) -> str:

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .listener import Shared
 
@@ -27,16 +28,16 @@ class Snapshot:
     declared: set[str] = field(default_factory=set)  # stats listed from start-up, 0 until used
     live_bytes: dict[str, int] = field(default_factory=dict)  # bytes of open connections, by their stat
     hosts: dict[str, dict[tuple[str, int], dict[str, int]]] = field(default_factory=dict)  # cluster -> host -> stats
-    connections: list[dict] = field(default_factory=list)  # the first live connections, oldest first
+    connections: list[dict[str, Any]] = field(default_factory=list)  # the first live connections, oldest first
     total_connections: int = 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"counters": self.counters, "declared": sorted(self.declared), "live_bytes": self.live_bytes,
                 "hosts": {c: [[h, p, s] for (h, p), s in hosts.items()] for c, hosts in self.hosts.items()},
                 "connections": self.connections, "total_connections": self.total_connections}
 
     @classmethod
-    def from_json(cls, data: dict) -> Snapshot:
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
         return cls(dict(data["counters"]), set(data["declared"]), dict(data["live_bytes"]),
                    {c: {(h, p): s for h, p, s in hosts} for c, hosts in data["hosts"].items()},
                    list(data["connections"]), data["total_connections"])
@@ -66,7 +67,7 @@ def merge(snapshots: Iterable[Snapshot], limit: int) -> Snapshot:
     live: Counter[str] = Counter()
     declared: set[str] = set()
     hosts: dict[str, dict[tuple[str, int], Counter[str]]] = {}
-    connections: list[dict] = []
+    connections: list[dict[str, Any]] = []
     total = 0
     for snap in snapshots:
         counters.update(snap.counters)

@@ -24,14 +24,24 @@ addresses do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
+from typing import Protocol
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+class SocketLike(Protocol):
+    """A socket, or the stand-in an event loop's transport hands out for one."""
+
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+    def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None: ...
 
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id
@@ -54,7 +64,7 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, packed), port
 
 
-def original_dst(sock, ipv4: bool) -> tuple[str, int] | None:
+def original_dst(sock: SocketLike, ipv4: bool) -> tuple[str, int] | None:
     """Where the client was really going, or None if conntrack has no entry.
 
     `sock` is anything with getsockopt (a socket, or the socket-like object an
@@ -74,7 +84,7 @@ def original_dst(sock, ipv4: bool) -> tuple[str, int] | None:
     return parse_sockaddr(raw)
 
 
-def set_mark(sock, mark: int) -> None:
+def set_mark(sock: SocketLike, mark: int) -> None:
     """Tag the socket's packets with `mark` (needs CAP_NET_ADMIN)."""
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
@@ -92,9 +102,7 @@ def can_mark(mark: int) -> str | None:
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
-def arm_reset(sock) -> None:
+def arm_reset(sock: SocketLike) -> None:
     """Make the next close() send a RST instead of a FIN (SO_LINGER, 0 s)."""
-    try:
+    with contextlib.suppress(OSError):  # already closed: nothing left to reset
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-    except OSError:
-        pass  # already closed: nothing left to reset

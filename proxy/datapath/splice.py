@@ -30,9 +30,14 @@ transport's EOF; an error on either socket resets the connection.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # relay.py imports this module
+    from .relay import Relay, Side
 
 # One read this big says the sender is ahead of us: the direction goes to a pump.
 SPLICE_AFTER = 64 * 1024
@@ -63,7 +68,7 @@ class Pump:
     __slots__ = ("loop", "relay", "side", "src", "dst", "pipe_r", "pipe_w", "capacity", "in_pipe", "reading",
                  "writing", "src_eof")
 
-    def __init__(self, loop, relay, side, src_fd: int, dst_fd: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, relay: Relay, side: Side, src_fd: int, dst_fd: int) -> None:
         """`side`: the relay's Side whose socket is the source. Raises OSError
         (EMFILE, ...) if the descriptors cannot be had; nothing is left open then."""
         self.loop, self.relay, self.side = loop, relay, side

@@ -23,9 +23,9 @@ bytes when it renders (see listener.Shared.live_counts).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 
-from ..config import hostport
+from ..config import Endpoint, hostport
 
 # Envoy's per-host stats, in the order /clusters prints them (sorted by name).
 HOST_STATS = ("cx_active", "cx_connect_fail", "cx_total", "rq_active", "rq_error",
@@ -51,15 +51,19 @@ class Names:
     def __init__(self, prefix: str, stats: Iterable[str]) -> None:
         stats = tuple(stats)
         self.all = tuple(prefix + stat for stat in stats)
-        for stat, name in zip(stats, self.all):
+        for stat, name in zip(stats, self.all, strict=True):
             setattr(self, stat, name)
+
+    def __getattr__(self, stat: str) -> str:
+        """Only for a name the group does not have (the others are attributes)."""
+        raise AttributeError(f"no stat {stat!r} in this group")
 
 
 class Stats:
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
         self.declared: set[str] = set()
-        self.hosts: dict[str, dict[Hashable, Counter[str]]] = {}
+        self.hosts: dict[str, dict[Endpoint, Counter[str]]] = {}
 
     # the data path ---------------------------------------------------------------
     def inc(self, name: str, by: int = 1) -> None:
@@ -68,7 +72,7 @@ class Stats:
     def dec(self, name: str, by: int = 1) -> None:
         self.counters[name] -= by
 
-    def host(self, cluster: str, host: Hashable) -> Counter[str]:
+    def host(self, cluster: str, host: Endpoint) -> Counter[str]:
         """The per-host counters of one endpoint (created on first use)."""
         hosts = self.hosts.setdefault(cluster, {})
         counters = hosts.get(host)
@@ -76,7 +80,7 @@ class Stats:
             counters = hosts[host] = Counter()
         return counters
 
-    def drop_host(self, cluster: str, host: Hashable) -> None:
+    def drop_host(self, cluster: str, host: Endpoint) -> None:
         self.hosts.get(cluster, {}).pop(host, None)
 
     # set-up and rendering ----------------------------------------------------------

@@ -38,6 +38,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from sys import intern
+from typing import Any
 
 from ..config import Cluster, Config, Endpoint
 from .relay import Relay, Upstream
@@ -64,6 +65,9 @@ class MarkDenied(Exception):
     """SO_MARK was refused: a privilege problem, not the upstream's fault."""
 
 
+OwnKey = tuple[str, int, str, int]  # (source, source port, destination, destination port) of our socket
+
+
 class OwnSockets:
     """The proxy's live upstream sockets, by their 4-tuple (for the loop guard).
 
@@ -75,18 +79,18 @@ class OwnSockets:
     """
 
     def __init__(self) -> None:
-        self._keys: set[tuple] = set()
+        self._keys: set[OwnKey] = set()
 
-    def add(self, sock: socket.socket, endpoint: Endpoint) -> tuple:
+    def add(self, sock: socket.socket, endpoint: Endpoint) -> OwnKey:
         host, port = sock.getsockname()[:2]
         key = (intern(unmapped(host)), port, endpoint.host, endpoint.port)
         self._keys.add(key)
         return key
 
-    def discard(self, key: tuple | None) -> None:
+    def discard(self, key: OwnKey) -> None:
         self._keys.discard(key)
 
-    def __contains__(self, key: tuple) -> bool:
+    def __contains__(self, key: OwnKey) -> bool:
         return key in self._keys
 
 
@@ -104,7 +108,7 @@ class RoundRobin:
         return list(eps[start:] + eps[:start])
 
 
-def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[socket.socket, tuple]:
+def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[socket.socket, OwnKey]:
     """A socket whose connect() to `endpoint` has begun, and its loop-guard key.
 
     Raises MarkDenied, or OSError for what fails at once (EMFILE, ENETUNREACH, ...).
@@ -125,7 +129,10 @@ def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[
         raise
 
 
-def start(coro: Coroutine, sock: socket.socket, on_error: Callable[[BaseException], None]) -> None:
+Connecting = Coroutine[Any, Any, tuple[asyncio.BaseTransport, Any]]  # what loop.create_connection returns
+
+
+def start(coro: Connecting, sock: socket.socket, on_error: Callable[[BaseException], None]) -> None:
     """Run `coro` (the loop's create_connection for `sock`) to its end without a Task.
 
     It suspends on one future, resolved once the protocol's connection_made
@@ -143,7 +150,7 @@ def start(coro: Coroutine, sock: socket.socket, on_error: Callable[[BaseExceptio
     coroutine is done, a transport that is already closed gets `sock`
     detached from the number.
     """
-    def step(_=None) -> None:
+    def step(_: object = None) -> None:
         try:
             future = coro.send(None)
         except StopIteration as done:
@@ -234,18 +241,19 @@ class Connector:
                     relay.close("connect_failed", reset=True)
                     return
                 if not left:
-                    self._gave_up(relay, endpoint, exc.strerror, timed_out=False)
+                    self._gave_up(relay, endpoint, exc.strerror or str(exc), timed_out=False)
                 continue
             up = Upstream(relay, endpoint, key, sock, attempts)
             relay.attach(up, timeout=route.timeout)
-            start(self.loop.create_connection(lambda: up, sock=sock), sock, partial(relay.start_failed, up))
+            start(self.loop.create_connection(lambda: up, sock=sock), sock,  # noqa: B023 (the loop ends here)
+                  partial(relay.start_failed, up))
             return
 
     def connected(self, relay: Relay, up: Upstream) -> None:
         """The relay confirmed its upstream: count it as an open connection."""
         stats = self.stats
         stats.inc(up.attempts.route.names.upstream_cx_active)
-        host = stats.host(relay.cluster, up.endpoint)
+        host = stats.host(up.attempts.cluster, up.endpoint)
         host["cx_total"] += 1
         host["cx_active"] += 1
         host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
@@ -254,7 +262,7 @@ class Connector:
     def failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
         """One attempt failed: the next endpoint, or the end of the connection."""
         self.own.discard(up.key)
-        self._count_failure(relay.cluster, up.endpoint, timed_out)
+        self._count_failure(up.attempts.cluster, up.endpoint, timed_out)
         if up.attempts.left:
             self._next(relay, up.attempts)
         else:
@@ -267,11 +275,11 @@ class Connector:
         stats.inc(names.upstream_cx_destroy)
         stats.inc(names.upstream_cx_tx_bytes_total, sent)
         stats.inc(names.upstream_cx_rx_bytes_total, received)
-        host = stats.host(relay.cluster, up.endpoint)
+        host = stats.host(up.attempts.cluster, up.endpoint)
         host["cx_active"] -= 1
         host["rq_active"] -= 1
-        if relay.cluster == ORIGINAL_DST and not host["cx_active"]:
-            stats.drop_host(relay.cluster, up.endpoint)  # Envoy too forgets idle original destinations
+        if up.attempts.cluster == ORIGINAL_DST and not host["cx_active"]:
+            stats.drop_host(ORIGINAL_DST, up.endpoint)  # Envoy too forgets idle original destinations
 
     def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
         """No endpoint is left: the client gets a RST (the end reason is the last attempt's)."""

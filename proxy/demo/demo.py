@@ -50,7 +50,8 @@ SCENARIOS = [
     ("loopback: the app calls a local service on 127.0.0.1", ("127.0.0.1", 9000), "app"),
 ]
 
-_COUNTED = re.compile(r'^\[(\d+):\d+\] -A (\S+) (.*?)(?:-m comment --comment "?sidecar-proxy: ([^"]*)"?)? -j (\S+)(.*)$')
+_COUNTED = re.compile(r'^\[(\d+):\d+\] -A (\S+) (.*?)'
+                      r'(?:-m comment --comment "?sidecar-proxy: ([^"]*)"?)? -j (\S+)(.*)$')
 
 
 def scripts_dir() -> Path:

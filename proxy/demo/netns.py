@@ -22,8 +22,8 @@ import secrets
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from socket import socket as Socket  # the class: NetNs.socket shadows the module's name there
 
 CLONE_NEWNET = 0x40000000
 IP_FREEBIND = 15  # linux/in.h; not exported by the socket module
@@ -93,11 +93,11 @@ class NetNs:
                 os.close(here)
                 os.close(there)
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> Socket:
         with self.entered():
             return socket.socket(family, type)
 
-    def connect(self, addr: tuple, timeout: float = 5.0, source: tuple | None = None) -> socket.socket:
+    def connect(self, addr: tuple, timeout: float = 5.0, source: tuple | None = None) -> Socket:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = self.socket(family)
         try:
@@ -110,7 +110,7 @@ class NetNs:
             raise
         return sock
 
-    def listen(self, addr: tuple, backlog: int = 512) -> socket.socket:
+    def listen(self, addr: tuple, backlog: int = 512) -> Socket:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = self.socket(family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -187,7 +187,7 @@ class ThreadedServer:
         while not self._stop:
             try:
                 conn, peer = self.sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -8,6 +8,7 @@ survives the exec. Its JSON log lines are collected as they come.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import yaml
 
 from ..config import PROXY_UID
 from .netns import NetNs
+
 PYTHON = sys.executable  # must be executable by UID 1337 (see README)
 
 
@@ -80,14 +82,13 @@ class ProxyProcess:
         return self.proc.pid
 
     def _read(self) -> None:
+        assert self.proc.stderr is not None  # started with stderr=PIPE
         for line in self.proc.stderr:
             line = line.rstrip("\n")
             with self._cond:
                 self.raw.append(line)
-                try:
+                with contextlib.suppress(ValueError):  # a line that is not JSON stays in raw only
                     self.lines.append(json.loads(line))
-                except ValueError:
-                    pass
                 self._cond.notify_all()
         with self._cond:  # end of output: a waiter learns at once that the process is gone
             self._cond.notify_all()
@@ -145,7 +146,8 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(timeout=5)
-        self.proc.stderr.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         if self._config_dir is not None:
             shutil.rmtree(self._config_dir, ignore_errors=True)
         if verbose:  # pytest shows this for a failed test

@@ -63,7 +63,7 @@ class Document:
 
 
 def display_name(obj: dict) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
     name = meta.get("name") or meta.get("generateName") or "<unnamed>"
     return f"{meta['namespace']}/{name}" if meta.get("namespace") else str(name)
 
@@ -201,4 +201,5 @@ def iter_containers(spec: dict) -> Iterator[tuple[str, dict]]:
 
 
 def _type(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return names.get(type(value), type(value).__name__)

@@ -98,7 +98,7 @@ def design_env(options: Options) -> list[dict]:
     """The note's variables for this method, identical in both containers."""
     values = {"ISTIO_PROXY_UID": str(options.proxy_uid), "ISTIO_SO_MARK": f"{DEFAULT_MARK:#x}",
               "ISTIO_NET_CLS_ID": f"{NET_CLS_ID:#x}"}
-    env = [{"name": "ISTIO_PROXY_PORT", "value": str(DEFAULT_PORT)}]
+    env: list[dict] = [{"name": "ISTIO_PROXY_PORT", "value": str(DEFAULT_PORT)}]
     env += [{"name": name, "value": values[name]} for name in METHODS[options.method].variables]
     if options.method == "cgroup":
         # The pod's own cgroup directory, named by the pod's UID so pods on
@@ -113,7 +113,7 @@ def cgroup_dir() -> str:
 
 def init_container(options: Options) -> dict:
     args = ["--method", options.method]
-    mounts = [
+    mounts: list[dict] = [
         # Writable scratch under a read-only root: iptables-legacy takes its
         # lock in /run; /tmp for a shell that keeps here-documents there.
         {"name": "sidecar-proxy-init-scratch", "mountPath": "/run", "subPath": "run"},

@@ -17,7 +17,6 @@ import threading
 import time
 
 import pytest
-
 from support import ProxyProcess, Server, digest_sink, echo, identify, recv_all, recv_line, stats_of, wait_until
 
 pytestmark = pytest.mark.netns
@@ -251,11 +250,11 @@ def test_reset_is_propagated_both_ways(uid_world, tmp_path, loop_name, size):
     proxy = ProxyProcess(w.pod, loop=loop_name)
     block = b"x" * min(size, MB)
     try:
-        with w.pod.connect(("198.51.100.10", 80), timeout=10) as c:  # the server resets
-            with pytest.raises(ConnectionResetError):  # a reset, not an orderly EOF
-                for _ in range(64 if size > 1 else 1):
-                    c.sendall(block)
-                c.recv(10)
+        # the server resets: a reset, not an orderly EOF
+        with w.pod.connect(("198.51.100.10", 80), timeout=10) as c, pytest.raises(ConnectionResetError):
+            for _ in range(64 if size > 1 else 1):
+                c.sendall(block)
+            c.recv(10)
         assert proxy.access(destination="198.51.100.10:80")["end"] == "upstream_reset"
         c = w.pod.connect(("198.51.100.10", 81), timeout=10)  # the client resets
         for _ in range(8 if size > 1 else 1):
@@ -280,9 +279,8 @@ def test_upstream_refused_or_timing_out_closes_the_client_promptly(uid_world, tm
     try:
         for port, end in ((80, "connect_failed"), (81, "connect_timeout")):
             start = time.monotonic()
-            with w.pod.connect(("198.51.100.10", port)) as c:
-                with pytest.raises(ConnectionResetError):
-                    c.recv(1)
+            with w.pod.connect(("198.51.100.10", port)) as c, pytest.raises(ConnectionResetError):
+                c.recv(1)
             assert time.monotonic() - start < 2.0
             assert proxy.access(destination=f"198.51.100.10:{port}")["end"] == end
     finally:

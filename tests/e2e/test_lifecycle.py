@@ -28,10 +28,9 @@ def test_loop_guard_refuses_a_redirect_loop(world, tmp_path, loop_name):
     srv = Server(w.remote, ("198.51.100.10", 80), echo)
     proxy = ProxyProcess(w.pod, loop=loop_name)
     try:
-        with w.pod.connect(("198.51.100.10", 80)) as c:
-            with pytest.raises(ConnectionResetError):
-                c.sendall(b"hello")
-                c.recv(10)
+        with w.pod.connect(("198.51.100.10", 80)) as c, pytest.raises(ConnectionResetError):
+            c.sendall(b"hello")
+            c.recv(10)
         refused = proxy.access(end="loop_guard")
         assert refused["chain"] == "-"  # refused before any chain was chosen
         assert proxy.access(end="upstream_reset")["destination"] == "198.51.100.10:80"
@@ -50,9 +49,8 @@ def test_direct_connection_to_the_proxy_port_is_refused(uid_world, tmp_path):
     w = uid_world
     proxy = ProxyProcess(w.pod)
     try:
-        with w.pod.connect(("127.0.0.1", 5001)) as c:
-            with pytest.raises(ConnectionResetError):
-                c.recv(1)
+        with w.pod.connect(("127.0.0.1", 5001)) as c, pytest.raises(ConnectionResetError):
+            c.recv(1)
         assert proxy.access()["end"] == "not_redirected"
     finally:
         proxy.stop()

@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support import PROXY_UID, ProxyProcess, Server, digest_sink, identify, recv_line
 
 from proxy.demo.netns import PodWorld, run
-from support import PROXY_UID, ProxyProcess, Server, digest_sink, identify, recv_line
 
 pytestmark = pytest.mark.netns
 

@@ -139,7 +139,7 @@ def others(text: str) -> str:
     """Everything in iptables-save output that is not ours."""
     keep = []
     for line in text.splitlines():
-        if line.startswith(":SIDECAR_") or line.startswith("-A SIDECAR_") or re.search(r" -j SIDECAR_\w+$", line):
+        if line.startswith((":SIDECAR_", "-A SIDECAR_")) or re.search(r" -j SIDECAR_\w+$", line):
             continue
         keep.append(line)
     return "\n".join(keep)
@@ -156,7 +156,7 @@ def families(dry_run: str) -> dict[int, str]:
     """The dry-run output split at its per-family header lines."""
     parts = re.split(r"^# ==== sidecar-proxy (IPv4|IPv6) rules.*$", dry_run, flags=re.M)
     assert parts[0].strip() == "", parts[0]
-    return {4 if name == "IPv4" else 6: body for name, body in zip(parts[1::2], parts[2::2])}
+    return {4 if name == "IPv4" else 6: body for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:

@@ -11,8 +11,18 @@ import signal
 import time
 
 import pytest
-from support import (ProxyProcess, Server, admin, children_of, echo, identify, recv_line, stats_of, status_field,
-                     wait_until)
+from support import (
+    ProxyProcess,
+    Server,
+    admin,
+    children_of,
+    echo,
+    identify,
+    recv_line,
+    stats_of,
+    status_field,
+    wait_until,
+)
 
 from proxy.control.lifecycle import LISTENER_DELAY_ENV
 
@@ -29,9 +39,9 @@ def gone(pid: int) -> bool:
 
 
 def reset_by_the_proxy(w, addr) -> None:
-    with pytest.raises(ConnectionResetError):  # the RST may even beat connect()'s return
-        with w.pod.connect(addr) as c:
-            c.recv(1)
+    # the RST may even beat connect()'s return
+    with pytest.raises(ConnectionResetError), w.pod.connect(addr) as c:
+        c.recv(1)
 
 
 def test_workers_share_the_port_and_answer_as_one_proxy(uid_world, loop_name):

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.datapath.chains import LOOKUP_MEMORY, NO_MATCH, ChainTable, Connection, select, specificity
 from proxy.config import Chain, ConfigError, Match, check_ambiguous
+from proxy.datapath.chains import LOOKUP_MEMORY, NO_MATCH, ChainTable, Connection, select, specificity
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

@@ -186,7 +186,7 @@ def test_healthcheck_asks_ready_with_python():
 class _Admin(http.server.BaseHTTPRequestHandler):
     status = 503
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.send_response(_Admin.status if self.path == "/ready" else 404)
         self.end_headers()
 

@@ -300,7 +300,7 @@ def test_classic_sidecar_in_a_job_says_how_it_ends(inject):
 class _Admin(http.server.BaseHTTPRequestHandler):
     ready = False
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.send_response(200 if self.path == "/ready" and _Admin.ready else 503)
         self.end_headers()
 

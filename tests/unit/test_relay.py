@@ -207,7 +207,7 @@ def test_a_backend_that_does_not_read_stops_the_client_being_read(run):
     stops reading the client; once the backend reads, the client is read again."""
     async def scenario():
         async with world([listening()]) as w:
-            reader, writer = await w.client()
+            _, writer = await w.client()
             backend = await w.accept()
             relay = w.relay()
             chunk = b"x" * 65536

@@ -8,8 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import statsfmt as fmt
-from proxy.datapath.stats import Stats, is_gauge, stat_address
 from proxy.admin.statsfmt import ClusterView, HostView, ListenerView, Stat
+from proxy.datapath.stats import Stats, is_gauge, stat_address
 
 STATS = [
     Stat("server.state", 0, gauge=True),
@@ -70,7 +70,7 @@ def test_filter_is_an_re2_search(pattern, expected):
 
 @pytest.mark.parametrize("pattern", ["(", "a(?=b)", "(a)\\1", "[z-a]"])
 def test_a_bad_regex_is_a_bad_request(pattern):
-    with pytest.raises(fmt.BadRequest, match="^Invalid re2 regex"):
+    with pytest.raises(fmt.BadRequest, match=r"^Invalid re2 regex"):
         fmt.select(STATS, pattern=pattern)
 
 
