@@ -61,7 +61,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> cfg.Config:
-    flags = {key: getattr(args, key, None) for key in cfg.SETTINGS}
+    flags = {key: getattr(args, key, None) for key in (*cfg.SETTINGS, *cfg.SHORT_FORM)}
     return cfg.load(args.config, flags=flags)
 
 

@@ -30,13 +30,12 @@ from importlib import resources
 from aiohttp import web
 
 from .. import __version__
-from ..config import hostport
+from ..config import ORIGINAL_DST, hostport
 from ..control import logs
 from ..control.lifecycle import Lifecycle, StartupError, State
 from ..control.sockets import bind
 from ..datapath.snapshot import Snapshot
 from ..datapath.stats import is_gauge
-from ..datapath.upstream import ORIGINAL_DST
 from . import statsfmt as fmt
 
 log = logging.getLogger("proxy.admin")

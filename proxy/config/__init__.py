@@ -2,13 +2,16 @@
 
 model.py   the dataclasses and the defaults (the design note's numbers)
 values.py  one parser per kind of value; ConfigError names where a value came from
-load.py    YAML (with line numbers), environment and flags -> one Config
+source.py  reading a file: YAML with the line of every value, and checks of plain data
+load.py    our YAML (short form or long), environment and flags -> one Config
+methods.py the four bypass methods, for the tools
 
 The rest of the proxy imports from here, never from the modules inside.
 """
 
 from .load import check_ambiguous, from_data, load
 from .model import (
+    BLACKHOLE,
     DEFAULT_ADMIN_PORT,
     DEFAULT_MARK,
     DEFAULT_PORT,
@@ -17,21 +20,29 @@ from .model import (
     LOG_LEVELS,
     LOOPS,
     NET_CLS_ID,
+    ORIGINAL_DST,
+    PASSTHROUGH,
     PROXY_UID,
     SPLICE_MODES,
+    AccessLog,
     Chain,
     Cluster,
     Config,
     Endpoint,
     IPNetwork,
+    Listener,
     Match,
-    PlainListener,
+    WeightedCluster,
     hostport,
+    plain_listener,
+    redirect_listener,
 )
-from .values import SETTINGS, ConfigError, parse_duration
+from .values import SETTINGS, SHORT_FORM, ConfigError, parse_duration
 
 __all__ = [
-    "DEFAULT_ADMIN_PORT", "DEFAULT_MARK", "DEFAULT_PORT", "DIRECTIONS", "LOG_FORMATS", "LOG_LEVELS", "LOOPS",
-    "NET_CLS_ID", "PROXY_UID", "SETTINGS", "SPLICE_MODES", "Chain", "Cluster", "Config", "ConfigError", "Endpoint",
-    "IPNetwork", "Match", "PlainListener", "check_ambiguous", "from_data", "hostport", "load", "parse_duration",
+    "BLACKHOLE", "DEFAULT_ADMIN_PORT", "DEFAULT_MARK", "DEFAULT_PORT", "DIRECTIONS", "LOG_FORMATS", "LOG_LEVELS",
+    "LOOPS", "NET_CLS_ID", "ORIGINAL_DST", "PASSTHROUGH", "PROXY_UID", "SETTINGS", "SHORT_FORM", "SPLICE_MODES",
+    "AccessLog", "Chain", "Cluster", "Config", "ConfigError", "Endpoint", "IPNetwork", "Listener", "Match",
+    "WeightedCluster", "check_ambiguous", "from_data", "hostport", "load", "parse_duration", "plain_listener",
+    "redirect_listener",
 ]

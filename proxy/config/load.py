@@ -1,12 +1,20 @@
-"""Building the effective configuration from its sources, validated once.
+"""Our YAML -> the model, with the environment and flags on top, validated once.
 
-Four sources feed it, in this order of precedence (highest first):
+Four sources feed the configuration, in this order of precedence (highest first):
 
 1. command-line flags (`--port`, `--mark`, ...), for one run;
 2. the design note's environment variables (`ISTIO_PROXY_PORT`,
    `ISTIO_SO_MARK`), the contract the init step and the proxy share in a pod;
 3. the config file (`--config proxy.yaml`);
 4. built-in defaults (the design note's numbers, model.py).
+
+The file has a short form and a long one. The short form writes the
+redirected port's listener as top-level keys (`port`, `addresses`, `chains`,
+`default_action`) plus `plain_listeners`; the long form writes every
+listener out (`listeners:`), with what an Envoy bootstrap can say too, and is
+what `check` prints (Config.to_dict) and what a worker is handed. `--port`
+and ISTIO_PROXY_PORT change the short form's port; a file in the long form
+names its own ports.
 
 A bad value from any source is a `ConfigError` whose text names where it came
 from: `proxy.yaml:12: chains[2].match.ports[0]: 70000 is not a port`, or
@@ -17,21 +25,40 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
-from .model import ACTIONS, DEFAULT_CONNECT_TIMEOUT, DIRECTIONS, Chain, Cluster, Config, Match, PlainListener
+from .model import (
+    ACTIONS,
+    BLACKHOLE,
+    CLUSTER_KINDS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DIRECTIONS,
+    LB_POLICIES,
+    PASSTHROUGH,
+    RESERVED_NAMES,
+    SOURCE_TYPES,
+    TRANSPORT_PROTOCOLS,
+    AccessLog,
+    Chain,
+    Cluster,
+    Config,
+    Listener,
+    Match,
+    WeightedCluster,
+    plain_listener,
+    redirect_listener,
+)
+from .source import items, line_for, mapping, read_file, unique
 from .values import (
     ENVIRONMENT,
     OPTIONAL,
     SETTINGS,
+    SHORT_FORM,
     ConfigError,
-    as_list,
     parse_address,
+    parse_bool,
     parse_choice,
     parse_duration,
     parse_endpoint,
@@ -39,153 +66,156 @@ from .values import (
     parse_name,
     parse_network,
     parse_port,
+    parse_text,
     short,
 )
 
-T = TypeVar("T")
+SHORT_KEYS = (*SHORT_FORM, "chains", "plain_listeners")
+TOP_KEYS = (*SETTINGS, *SHORT_KEYS, "listeners", "clusters")
+
+Overrides = dict[str, tuple[Any, str]]  # short-form key -> (value, where it came from)
 
 
-# --- the file: YAML with line numbers ----------------------------------------------
-
-def _mapping(value: Any, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[Any, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(where, f"expected a mapping, got {type(value).__name__}")
-    for key in value:
-        if key not in allowed:
-            raise ConfigError(_join(where, str(key)), f"unknown key (allowed: {', '.join(allowed)})")
-    for key in required:
-        if key not in value:
-            raise ConfigError(_join(where, key), "is required")
-    return value
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and remember the line of every value by its field path."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-        problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
-        raise ConfigError("", f"not valid YAML: {problem}", source=source, line=line) from None
-    lines: dict[str, int] = {}
-
-    active: set[int] = set()  # the nodes on the current path: an alias back to one is a cycle
-
-    def walk(node: yaml.Node, where: str) -> None:
-        line = node.start_mark.line + 1
-        lines[where] = line
-        if id(node) in active:
-            raise ConfigError(where, "a YAML alias that refers to itself", source=source, line=line)
-        active.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key, child in node.value:
-                name = _join(where, str(key.value))
-                if key.value in seen:
-                    raise ConfigError(name, "duplicate key", source=source, line=key.start_mark.line + 1)
-                seen.add(key.value)
-                walk(child, name)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, child in enumerate(node.value):
-                walk(child, f"{where}[{i}]")
-        active.discard(id(node))
-
-    if root is not None:
-        walk(root, "")
-    return data, lines
+def load(path: str | None = None, *, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Config:
+    """Build the effective Config: built-in < file < environment < flags."""
+    settings: dict[str, Any] = {}
+    short_form: Overrides = {}
+    for var, key in ENVIRONMENT.items():
+        value = (os.environ if env is None else env).get(var)
+        if value not in (None, ""):
+            _override(key, value, var, settings, short_form)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _override(key, value, "--" + key.replace("_", "-"), settings, short_form)
+    if path is None:
+        config = _build({}, short_form)
+    else:
+        data, lines = read_file(path)
+        try:
+            config = _build({} if data is None else data, short_form)
+        except ConfigError as exc:
+            if exc.source is not None:  # an environment variable or a flag, not the file
+                raise
+            raise ConfigError(exc.where, exc.message, source=path, line=line_for(exc.where, lines)) from None
+    return dataclasses.replace(config, **settings)
 
 
-def _line_for(where: str, lines: Mapping[str, int]) -> int | None:
-    """The line of the innermost known field of a path such as chains[2].match.ports[0]."""
-    while where:
-        if where in lines:
-            return lines[where]
-        where = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", where)
-    return None
+def _override(key: str, value: Any, where: str, settings: dict[str, Any], short_form: Overrides) -> None:
+    if key in SHORT_FORM:
+        short_form[key] = (SHORT_FORM[key](value, where), where)
+    else:
+        settings[key] = SETTINGS[key](value, where)
 
 
-def _build(data: Any) -> Config:
-    top = _mapping(data, "", tuple(SETTINGS) + ("clusters", "chains", "plain_listeners"))
+def from_data(data: Any) -> Config:
+    """A Config from plain data as `Config.to_dict()` writes it (how a worker
+    gets its supervisor's effective configuration, see control/worker.py)."""
+    return _build(data, {})
+
+
+# --- the file's top level ------------------------------------------------------------
+
+def _build(data: Any, short_overrides: Overrides) -> Config:
+    top = mapping(data, "", TOP_KEYS)
     settings = {key: SETTINGS[key](value, key) for key, value in top.items()
                 if key in SETTINGS and not (value is None and key in OPTIONAL)}
-    clusters = _items(top, "clusters", "", _cluster)
-    _unique([c.name for c in clusters], "clusters", "cluster")
+    clusters = items(top, "clusters", "", _cluster)
+    unique([c.name for c in clusters], "clusters", "cluster")
     known = {c.name for c in clusters}
-    chains = _items(top, "chains", "", partial(_chain, clusters=known))
-    _unique([c.name for c in chains], "chains", "chain")
-    check_ambiguous(chains)
-    plain = _items(top, "plain_listeners", "", partial(_plain_listener, clusters=known))
-    _unique([p.name for p in plain], "plain_listeners", "listener")
-    return Config(**settings, clusters=clusters, chains=chains, plain_listeners=plain)
+    if "listeners" in top:
+        for key in SHORT_KEYS:
+            if key in top:
+                raise ConfigError(key, "belongs to the short form; with `listeners`, write it in its listener")
+        for key, (_, where) in short_overrides.items():
+            raise ConfigError("", f"{where} sets the short form's {key}, but the file writes its listeners out "
+                                  "(`listeners`): set it there", source=where)
+        listeners = items(top, "listeners", "", partial(_listener, clusters=known))
+    else:
+        listeners = _short_form(top, short_overrides, known)
+    unique([listener.name for listener in listeners], "listeners", "listener")
+    _check_listeners(listeners)
+    return Config(listeners=listeners, clusters=clusters, **settings)
 
 
-def _unique(names: list[str], where: str, what: str) -> None:
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            raise ConfigError(f"{where}[{i}].name", f"{what} {name!r} is already defined at {where}[{seen[name]}]")
-        seen[name] = i
+def _short_form(top: dict[Any, Any], overrides: Overrides, clusters: set[str]) -> tuple[Listener, ...]:
+    """The redirected port's listener from the top-level keys, then the plain listeners."""
+    shorthand = {key: SHORT_FORM[key](top[key], key) for key in SHORT_FORM if key in top}
+    shorthand.update({key: value for key, (value, _) in overrides.items()})
+    chains = items(top, "chains", "", partial(_chain, clusters=clusters))
+    _check_chains(chains, "chains")
+    plain = items(top, "plain_listeners", "", partial(_plain_listener, clusters=clusters))
+    return (redirect_listener(chains=chains, **shorthand), *plain)
 
 
-def _cluster(value: Any, where: str) -> Cluster:
-    raw = _mapping(value, where, ("name", "endpoints", "connect_timeout", "mark"), ("name", "endpoints"))
-    endpoints = _items(raw, "endpoints", where, parse_endpoint)
-    if not endpoints:
-        raise ConfigError(f"{where}.endpoints", "needs at least one endpoint")
-    return Cluster(
-        name=parse_name(raw["name"], f"{where}.name"),
-        endpoints=endpoints,
-        connect_timeout=parse_duration(raw.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), f"{where}.connect_timeout"),
-        mark=parse_mark(raw["mark"], f"{where}.mark") if raw.get("mark") is not None else None,
+def _check_chains(chains: tuple[Chain, ...], where: str) -> None:
+    unique([c.name for c in chains], where, "chain")
+    for i, chain in enumerate(chains):
+        if chain.name in RESERVED_NAMES:
+            raise ConfigError(f"{where}[{i}].name", f"{chain.name!r} is the name of one of the proxy's own "
+                                                    f"(reserved: {', '.join(RESERVED_NAMES)})")
+    check_ambiguous(chains, where)
+
+
+def _check_listeners(listeners: tuple[Listener, ...]) -> None:
+    """Two listeners may not bind the same address and port; chain names are
+    unique across listeners (they name stats)."""
+    bound: dict[tuple[str, int], int] = {}
+    named: dict[str, int] = {}
+    for i, listener in enumerate(listeners):
+        for address in listener.addresses if listener.bind else ():
+            if (address.host, address.port) in bound:
+                j = bound[address.host, address.port]
+                raise ConfigError(f"listeners[{i}].addresses", f"{address} is bound by listeners[{j}] "
+                                                               f"({listeners[j].name!r}) too")
+            bound[address.host, address.port] = i
+        defaults = () if listener.default_chain in (None, PASSTHROUGH, BLACKHOLE) else (listener.default_chain,)
+        for chain in (*listener.chains, *defaults):
+            if chain.name in named and named[chain.name] != i:
+                raise ConfigError(f"listeners[{i}].chains", f"chain {chain.name!r} is also a chain of "
+                                                             f"{listeners[named[chain.name]].name!r}")
+            named[chain.name] = i
+
+
+# --- listeners, chains, clusters -------------------------------------------------------
+
+LISTENER_KEYS = ("name", "addresses", "chains", "default_chain", "original_dst", "hand_off", "bind", "direction",
+                 "v4_on_v6")
+
+
+def _listener(value: Any, where: str, clusters: set[str]) -> Listener:
+    raw = mapping(value, where, LISTENER_KEYS, ("name", "addresses"))
+    addresses = items(raw, "addresses", where, parse_endpoint)
+    if not addresses:
+        raise ConfigError(f"{where}.addresses", "needs at least one address")
+    chains = items(raw, "chains", where, partial(_chain, clusters=clusters))
+    _check_chains(chains, f"{where}.chains")
+    default = raw.get("default_chain")
+    flags = {key: parse_bool(raw[key], f"{where}.{key}") for key in ("original_dst", "hand_off", "bind", "v4_on_v6")
+             if key in raw}
+    return Listener(
+        name=parse_name(raw["name"], f"{where}.name"), addresses=addresses, chains=chains,
+        default_chain=None if default is None else _default_chain(default, f"{where}.default_chain", clusters),
+        direction=parse_choice(DIRECTIONS)(raw.get("direction", "any"), f"{where}.direction"), **flags,
     )
 
 
-def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
-    raw = _mapping(value, where, ("name", "match", "action", "cluster"), ("name",))
-    name = parse_name(raw["name"], f"{where}.name")
-    action = parse_choice(ACTIONS)(raw.get("action", "cluster" if "cluster" in raw else "original"), f"{where}.action")
-    cluster = raw.get("cluster")
-    if cluster is not None and not isinstance(cluster, str):
-        raise ConfigError(f"{where}.cluster", f"{short(cluster)} is not a cluster name")
-    if action == "cluster":
-        if cluster is None:
-            raise ConfigError(f"{where}.cluster", "is required when action is cluster")
-        if cluster not in clusters:
-            raise ConfigError(f"{where}.cluster", f"unknown cluster {cluster!r}")
-    elif cluster is not None:
-        raise ConfigError(f"{where}.cluster", f"is only allowed with action cluster, not {action}")
-    return Chain(name=name, match=_match(raw.get("match"), f"{where}.match"), action=action, cluster=cluster)
+def _default_chain(value: Any, where: str, clusters: set[str]) -> Chain:
+    """A listener's default chain: any chain, or the proxy's own passthrough or blackhole."""
+    chain = _chain(value, where, clusters)
+    if chain.name in RESERVED_NAMES and chain not in (PASSTHROUGH, BLACKHOLE):
+        raise ConfigError(f"{where}.name", f"{chain.name!r} is the name of one of the proxy's own chains")
+    if chain.match != Match():
+        raise ConfigError(f"{where}.match", "a default chain takes what no chain matched: it has no match")
+    return chain
 
 
-def _match(value: Any, where: str) -> Match:
-    m = _mapping({} if value is None else value, where, ("ports", "destinations", "sources", "direction"))
-    return Match(
-        ports=tuple(sorted(set(_items(m, "ports", where, parse_port)))),
-        destinations=_items(m, "destinations", where, parse_network),
-        sources=_items(m, "sources", where, parse_network),
-        direction=parse_choice(DIRECTIONS)(m.get("direction", "any"), f"{where}.direction"),
-    )
-
-
-def _items(raw: dict[Any, Any], key: str, where: str, parse: Callable[[Any, str], T]) -> tuple[T, ...]:
-    """The list under `key` (empty if absent), each item parsed with its own path."""
-    where = _join(where, key)
-    return tuple(parse(item, f"{where}[{i}]") for i, item in enumerate(as_list(raw.get(key, []), where)))
-
-
-def _plain_listener(value: Any, where: str, clusters: set[str]) -> PlainListener:
-    raw = _mapping(value, where, ("name", "address", "port", "cluster"), ("name", "port", "cluster"))
+def _plain_listener(value: Any, where: str, clusters: set[str]) -> Listener:
+    raw = mapping(value, where, ("name", "address", "port", "cluster"), ("name", "port", "cluster"))
     cluster = raw["cluster"]
     if not isinstance(cluster, str) or cluster not in clusters:
         raise ConfigError(f"{where}.cluster", f"unknown cluster {cluster!r}")
-    return PlainListener(
+    return plain_listener(
         name=parse_name(raw["name"], f"{where}.name"),
         address=parse_address(raw.get("address", "127.0.0.1"), f"{where}.address"),
         port=parse_port(raw["port"], f"{where}.port"),
@@ -193,8 +223,113 @@ def _plain_listener(value: Any, where: str, clusters: set[str]) -> PlainListener
     )
 
 
-def check_ambiguous(chains: tuple[Chain, ...]) -> None:
-    """Two chains that match the same (port, destination, source, direction) are an error.
+CHAIN_KEYS = ("name", "match", "action", "cluster", "weighted", "stat_prefix", "idle_timeout",
+              "max_connect_attempts", "access_logs")
+
+
+def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
+    raw = mapping(value, where, CHAIN_KEYS, ("name",))
+    name = parse_name(raw["name"], f"{where}.name")
+    routed = raw.get("cluster") is not None or bool(raw.get("weighted"))
+    action = parse_choice(ACTIONS)(raw.get("action", "cluster" if routed else "original"), f"{where}.action")
+    weighted = items(raw, "weighted", where, partial(_weighted, clusters=clusters))
+    cluster = raw.get("cluster")
+    if cluster is not None and not isinstance(cluster, str):
+        raise ConfigError(f"{where}.cluster", f"{short(cluster)} is not a cluster name")
+    if action == "cluster":
+        if weighted:
+            if cluster is not None and cluster != weighted[0].name:
+                raise ConfigError(f"{where}.cluster", "with `weighted`, leave `cluster` out")
+            cluster = weighted[0].name
+        elif cluster is None:
+            raise ConfigError(f"{where}.cluster", "is required when action is cluster")
+        if cluster not in clusters:
+            raise ConfigError(f"{where}.cluster", f"unknown cluster {cluster!r}")
+    elif routed:
+        raise ConfigError(f"{where}.cluster", f"is only allowed with action cluster, not {action}")
+    attempts = raw.get("max_connect_attempts")
+    return Chain(
+        name=name, match=_match(raw.get("match"), f"{where}.match"), action=action, cluster=cluster,
+        weighted=weighted,
+        stat_prefix=None if raw.get("stat_prefix") is None else parse_text(raw["stat_prefix"], f"{where}.stat_prefix"),
+        idle_timeout=None if raw.get("idle_timeout") is None else parse_duration(raw["idle_timeout"],
+                                                                                  f"{where}.idle_timeout"),
+        max_connect_attempts=None if attempts is None else _positive(attempts, f"{where}.max_connect_attempts"),
+        access_logs=items(raw, "access_logs", where, _access_log),
+    )
+
+
+def _weighted(value: Any, where: str, clusters: set[str]) -> WeightedCluster:
+    raw = mapping(value, where, ("name", "weight"), ("name", "weight"))
+    if raw["name"] not in clusters:
+        raise ConfigError(f"{where}.name", f"unknown cluster {raw['name']!r}")
+    return WeightedCluster(raw["name"], _positive(raw["weight"], f"{where}.weight"))
+
+
+def _access_log(value: Any, where: str) -> AccessLog:
+    raw = mapping(value, where, ("path", "format"), ("path",))
+    fmt = raw.get("format")
+    return AccessLog(parse_text(raw["path"], f"{where}.path"),
+                     None if fmt is None else parse_text(fmt, f"{where}.format"))
+
+
+def _positive(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 0xFFFFFFFF:
+        raise ConfigError(where, f"{short(value)} is not a positive whole number")
+    return value
+
+
+MATCH_KEYS = ("ports", "destinations", "sources", "direction", "source_ports", "direct_sources", "source_type",
+              "transport_protocol")
+
+
+def _match(value: Any, where: str) -> Match:
+    m = mapping({} if value is None else value, where, MATCH_KEYS)
+    return Match(
+        ports=tuple(sorted(set(items(m, "ports", where, parse_port)))),
+        destinations=items(m, "destinations", where, parse_network),
+        sources=items(m, "sources", where, parse_network),
+        direction=parse_choice(DIRECTIONS)(m.get("direction", "any"), f"{where}.direction"),
+        source_ports=tuple(sorted(set(items(m, "source_ports", where, parse_port)))),
+        direct_sources=items(m, "direct_sources", where, parse_network),
+        source_type=parse_choice(SOURCE_TYPES)(m.get("source_type", "any"), f"{where}.source_type"),
+        transport_protocol=parse_choice(TRANSPORT_PROTOCOLS)(m.get("transport_protocol", ""),
+                                                             f"{where}.transport_protocol"),
+    )
+
+
+CLUSTER_KEYS = ("name", "endpoints", "kind", "lb_policy", "connect_timeout", "mark", "source_address",
+                "max_connections")
+
+
+def _cluster(value: Any, where: str) -> Cluster:
+    raw = mapping(value, where, CLUSTER_KEYS, ("name",))
+    name = parse_name(raw["name"], f"{where}.name")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{where}.name", f"{name!r} is the name of one of the proxy's own "
+                                           f"(reserved: {', '.join(RESERVED_NAMES)})")
+    kind = parse_choice(CLUSTER_KINDS)(raw.get("kind", "static"), f"{where}.kind")
+    endpoints = items(raw, "endpoints", where, parse_endpoint)
+    if kind == "original_dst" and endpoints:
+        raise ConfigError(f"{where}.endpoints", "a cluster of kind original_dst has no endpoints of its own")
+    if kind == "static" and raw.get("endpoints") is None:
+        raise ConfigError(f"{where}.endpoints", "is required (an empty list: every connection is reset)")
+    limit = raw.get("max_connections")
+    return Cluster(
+        name=name, endpoints=endpoints, kind=kind,
+        lb_policy=parse_choice(LB_POLICIES)(raw.get("lb_policy", "round_robin"), f"{where}.lb_policy"),
+        connect_timeout=parse_duration(raw.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), f"{where}.connect_timeout"),
+        mark=parse_mark(raw["mark"], f"{where}.mark") if raw.get("mark") is not None else None,
+        source_address=None if raw.get("source_address") is None else parse_address(raw["source_address"],
+                                                                                      f"{where}.source_address"),
+        max_connections=None if limit is None else _positive(limit, f"{where}.max_connections"),
+    )
+
+
+# --- ambiguity -------------------------------------------------------------------------------
+
+def check_ambiguous(chains: tuple[Chain, ...], where: str = "chains") -> None:
+    """Two chains that match the same connections are an error.
 
     Like Envoy, compare the chains' match criteria element by element: a chain
     listing ports [80, 443] collides with another listing [443] when the rest
@@ -205,62 +340,24 @@ def check_ambiguous(chains: tuple[Chain, ...]) -> None:
     Each criterion is indexed on its own (element -> the chains naming it), so
     the check costs the sum of the lists' lengths, never their product.
     """
-    seen: dict[tuple[str, str, object], set[int]] = {}  # (direction, criterion, element) -> chains
+    seen: dict[tuple[str, object], set[int]] = {}  # (criterion, element) -> chains naming it
     for i, chain in enumerate(chains):
-        m = chain.match
-        criteria = (("port", m.ports), ("dst", m.destinations), ("src", m.sources))
         same: set[int] | None = None
-        for criterion, elements in criteria:
-            keys = [(m.direction, criterion, e) for e in elements or (None,)]
+        for criterion, elements in _criteria(chain.match):
+            keys = [(criterion, e) for e in elements or (None,)]
             sharing = set().union(*(seen.get(key, ()) for key in keys))
             same = sharing if same is None else same & sharing
             for key in keys:
                 seen.setdefault(key, set()).add(i)
         if same:
             j = max(same)
-            raise ConfigError(f"chains[{i}].match", f"matches the same connections as chains[{j}] "
-                              f"({chains[j].name!r}); two chains with the same match are ambiguous")
+            raise ConfigError(f"{where}[{i}].match", f"matches the same connections as {where}[{j}] "
+                                                     f"({chains[j].name!r}); two chains with the same match are "
+                                                     "ambiguous")
 
 
-# --- putting the sources together ----------------------------------------------------
-
-def load(path: str | None = None, *, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> Config:
-    """Build the effective Config: built-in < file < environment < flags."""
-    config = Config()
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ConfigError("", f"cannot read config: {exc.strerror}", source=path) from None
-        data, lines = _read_yaml(text, path)
-        try:
-            config = _build({} if data is None else data)
-        except ConfigError as exc:
-            raise ConfigError(exc.where, exc.message, source=path, line=_line_for(exc.where, lines)) from None
-    overrides: dict[str, Any] = {}
-    for var, key in ENVIRONMENT.items():
-        value = (os.environ if env is None else env).get(var)
-        if value not in (None, ""):
-            overrides[key] = SETTINGS[key](value, var)
-    for key, value in (flags or {}).items():
-        if value is not None:
-            overrides[key] = SETTINGS[key](value, "--" + key.replace("_", "-"))
-    config = dataclasses.replace(config, **overrides)
-    _check_listeners(config)
-    return config
-
-
-def from_data(data: Any) -> Config:
-    """A Config from plain data as `Config.to_dict()` writes it (how a worker
-    gets its supervisor's effective configuration, see control/worker.py)."""
-    config = _build(data)
-    _check_listeners(config)
-    return config
-
-
-def _check_listeners(config: Config) -> None:
-    for i, plain in enumerate(config.plain_listeners):
-        if plain.port == config.port:
-            raise ConfigError(f"plain_listeners[{i}].port", f"{plain.port} is the redirected port itself")
+def _criteria(m: Match) -> tuple[tuple[str, tuple[object, ...]], ...]:
+    """Every criterion of a match as a list of elements (a single value is a list of one)."""
+    return (("port", m.ports), ("dst", m.destinations), ("src", m.sources), ("direction", (m.direction,)),
+            ("source_port", m.source_ports), ("direct_src", m.direct_sources), ("source_type", (m.source_type,)),
+            ("transport", (m.transport_protocol,)))

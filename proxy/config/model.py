@@ -50,48 +50,123 @@ class Endpoint(NamedTuple):
         return hostport(self.host, self.port)
 
 
+LB_POLICIES = ("round_robin", "random", "least_request")
+CLUSTER_KINDS = ("static", "original_dst")
+SOURCE_TYPES = ("any", "local", "external")  # Envoy's ANY, SAME_IP_OR_LOOPBACK, EXTERNAL
+TRANSPORT_PROTOCOLS = ("", "raw_buffer")  # without a TLS inspector every connection is raw_buffer
+
+# Names the proxy gives things of its own; a configured chain or cluster may not take them.
+ORIGINAL_DST = "original_dst"  # the cluster of `action: original` (Envoy's ORIGINAL_DST type)
+RESERVED_NAMES = ("passthrough", "blackhole", ORIGINAL_DST)
+
+
 @dataclass(frozen=True)
 class Cluster:
-    """A named set of static endpoints, used round robin."""
+    """A named set of upstream endpoints (Envoy's STATIC cluster), or a
+    cluster whose one endpoint is each connection's original destination
+    (kind original_dst: Envoy's ORIGINAL_DST, Istio's PassthroughCluster)."""
 
     name: str
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Endpoint, ...]  # none: every connection is reset (Istio's BlackHoleCluster)
+    kind: str = "static"  # with original_dst, endpoints is empty
+    lb_policy: str = "round_robin"
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     mark: int | None = None  # overrides Config.mark for this cluster's sockets
+    source_address: str | None = None  # bind the upstream sockets to this address
+    max_connections: int | None = None  # the circuit breaker (Envoy's default threshold is 1024)
 
 
 @dataclass(frozen=True)
 class Match:
-    """What a chain matches on; an empty tuple / "any" matches everything."""
+    """What a chain matches on; an empty tuple / "any" / "" matches everything.
+    Each criterion is Envoy's FilterChainMatch field of the same meaning
+    (datapath/chains.py has the precedence), but for `direction`, which is ours."""
 
-    ports: tuple[int, ...] = ()
-    destinations: tuple[IPNetwork, ...] = ()
-    sources: tuple[IPNetwork, ...] = ()
+    ports: tuple[int, ...] = ()  # destination_port (Envoy takes one per chain; we take a list)
+    destinations: tuple[IPNetwork, ...] = ()  # prefix_ranges
+    sources: tuple[IPNetwork, ...] = ()  # source_prefix_ranges
     direction: str = "any"
+    source_ports: tuple[int, ...] = ()
+    direct_sources: tuple[IPNetwork, ...] = ()  # direct_source_prefix_ranges
+    source_type: str = "any"
+    transport_protocol: str = ""
+
+
+class WeightedCluster(NamedTuple):
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class AccessLog:
+    """One access log of a chain (Envoy's file access logger): `format` is an
+    Envoy format string (%START_TIME% ...), or None for Envoy's default."""
+
+    path: str
+    format: str | None = None
 
 
 @dataclass(frozen=True)
 class Chain:
+    """A filter chain: what it matches, and where its connections go (Envoy's tcp_proxy)."""
+
     name: str
     match: Match = field(default_factory=Match)
-    action: str = "original"
-    cluster: str | None = None
+    action: str = "original"  # original | cluster | reject
+    cluster: str | None = None  # action cluster: the cluster (or the first of `weighted`)
+    weighted: tuple[WeightedCluster, ...] = ()  # action cluster: pick one by weight per connection
+    stat_prefix: str | None = None  # tcp_proxy's stats, tcp.<stat_prefix>.*
+    idle_timeout: float | None = None  # None: Config.idle_timeout
+    max_connect_attempts: int | None = None  # None: every endpoint of the cluster once
+    access_logs: tuple[AccessLog, ...] = ()
+
+
+# The chain a connection gets when no configured chain matches it. Istio calls
+# the same thing PassthroughCluster; Envoy, the default filter chain.
+PASSTHROUGH = Chain(name="passthrough", action="original")
+BLACKHOLE = Chain(name="blackhole", action="reject")
 
 
 @dataclass(frozen=True)
-class PlainListener:
-    """An extra listener for proxy-aware apps: no original destination, one cluster."""
+class Listener:
+    """A logical listener (Envoy's Listener): where it listens, and its filter chains.
+
+    The redirected port is a listener with `original_dst` (it reads
+    SO_ORIGINAL_DST; chains match on that destination). A plain listener for
+    proxy-aware apps has none, and one chain to its cluster.
+    """
 
     name: str
-    address: str
-    port: int
-    cluster: str
+    addresses: tuple[Endpoint, ...]  # the first names its stats
+    chains: tuple[Chain, ...] = ()
+    default_chain: Chain | None = None  # None: a connection no chain matches is closed
+    original_dst: bool = False  # Envoy's original_dst listener filter
+    hand_off: bool = False  # Envoy's use_original_dst: to the listener of the original destination
+    bind: bool = True  # Envoy's bind_to_port: false for one that only takes hand-offs
+    direction: str = "any"  # Envoy's traffic_direction; any: told by the original destination
+    v4_on_v6: bool = False  # "::" takes IPv4 too (Envoy's ipv4_compat)
+
+
+def redirect_listener(port: int = DEFAULT_PORT, addresses: tuple[str, ...] = ("::",),
+                      chains: tuple[Chain, ...] = (), default_action: str = "original") -> Listener:
+    """The redirected port as the short form of our YAML writes it (port, addresses, chains)."""
+    return Listener(
+        name="redirect", addresses=tuple(Endpoint(a, port) for a in addresses), chains=chains,
+        default_chain=PASSTHROUGH if default_action == "original" else BLACKHOLE, original_dst=True,
+        v4_on_v6="::" in addresses and "0.0.0.0" not in addresses,
+    )
+
+
+def plain_listener(name: str, address: str, port: int, cluster: str) -> Listener:
+    """A plain listener as our YAML's plain_listeners write it: every connection to `cluster`."""
+    return Listener(name=name, addresses=(Endpoint(address, port),),
+                    default_chain=Chain(name=f"plain.{name}", action="cluster", cluster=cluster))
 
 
 @dataclass(frozen=True)
 class Config:
-    port: int = DEFAULT_PORT
-    addresses: tuple[str, ...] = ("::",)
+    listeners: tuple[Listener, ...] = (redirect_listener(),)
+    clusters: tuple[Cluster, ...] = ()
     mark: int | None = None
     cgroup: str | None = None
     loop: str = "uvloop"
@@ -102,13 +177,9 @@ class Config:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    splice: str = "auto"  # bulk directions move by splice(2) (proxy/splice.py), or never
-    default_action: str = "original"
-    clusters: tuple[Cluster, ...] = ()
-    chains: tuple[Chain, ...] = ()
-    plain_listeners: tuple[PlainListener, ...] = ()
-    # The admin API (proxy/admin.py); port 0 turns it off. A non-loopback
-    # address needs admin_allow_remote: the API is unauthenticated and can stop the proxy.
+    splice: str = "auto"  # bulk directions move by splice(2) (datapath/splice.py), or never
+    # The admin API (proxy/admin); port 0 turns it off. A non-loopback address
+    # needs admin_allow_remote: the API is unauthenticated and can stop the proxy.
     admin_address: str = DEFAULT_ADMIN_ADDRESS
     admin_port: int = DEFAULT_ADMIN_PORT
     admin_allow_remote: bool = False
@@ -116,20 +187,36 @@ class Config:
     def cluster(self, name: str) -> Cluster:
         return next(c for c in self.clusters if c.name == name)
 
+    @property
+    def redirect(self) -> Listener | None:
+        """The first listener of redirected traffic (the one ISTIO_PROXY_PORT names)."""
+        return next((listener for listener in self.listeners if listener.original_dst), None)
+
     def to_dict(self) -> dict[str, Any]:
-        """The effective configuration as plain data (what `check` prints)."""
+        """The effective configuration as plain data (what `check` prints; load reads it back)."""
         plain: dict[str, Any] = _plain(self)
         return plain
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, top: bool = True) -> Any:
+    """Plain data for `value`; below the top level, fields at their default are left out."""
     if isinstance(value, Endpoint):
         return str(value)
+    if isinstance(value, WeightedCluster):
+        return {"name": value.name, "weight": value.weight}
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), False) for f in dataclasses.fields(value)
+                if top or not _is_default(f, getattr(value, f.name))}
     if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, False) for v in value]
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return str(value)
     return value
 
+
+def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return False

@@ -179,8 +179,6 @@ def parse_addresses(value: Any, where: str) -> tuple[str, ...]:
 
 # Top-level settings that flags and env vars may also set: name -> parser.
 SETTINGS: dict[str, Callable[[Any, str], Any]] = {
-    "port": parse_port,
-    "addresses": parse_addresses,
     "mark": parse_mark,
     "cgroup": parse_text,
     "loop": parse_choice(LOOPS),
@@ -192,10 +190,17 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
     "splice": parse_splice,
-    "default_action": parse_choice(("original", "reject")),
     "admin_address": parse_address,
     "admin_port": parse_admin_port,
     "admin_allow_remote": parse_bool,
+}
+
+# The short form of the redirected listener (with `chains` and `plain_listeners`):
+# settings too, but they make a listener rather than set a field of Config.
+SHORT_FORM: dict[str, Callable[[Any, str], Any]] = {
+    "port": parse_port,
+    "addresses": parse_addresses,
+    "default_action": parse_choice(("original", "reject")),
 }
 
 # Settings whose absence means "off": `mark: null` in a file is the same as no mark.

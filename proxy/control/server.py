@@ -82,12 +82,15 @@ class Proxy(Runner):
         assert shared is not None  # made by _open
         sockets = self.sockets if self.sockets is not None else open_listen_sockets(config)
         self.sockets = sockets
-        plain_by_name = {p.name: p for p in config.plain_listeners}
-        first = next(b.sock.getsockname()[:2] for b in sockets if b.plain is None)
-        self.redirect = Listener(shared, loop, address=first)
+        firsts: dict[int, tuple[str, int]] = {}  # a listener's stats are named by its first bound address
+        for index, sock in sockets:
+            firsts.setdefault(index, sock.getsockname()[:2])
+        listeners = [Listener(shared, loop, spec, firsts.get(i)) for i, spec in enumerate(config.listeners)]
+        redirect = config.redirect
+        self.redirect = next((lr for lr in listeners if lr.spec is redirect), listeners[0] if listeners else None)
         while sockets:
-            plain, sock = sockets[0]
-            listener = Listener(shared, loop, plain_by_name[plain]) if plain is not None else self.redirect
+            index, sock = sockets[0]
+            listener = listeners[index]
             server = await loop.create_server(listener.protocol, sock=sock, backlog=BACKLOG)
             sockets.pop(0)
             self.servers.append(server)

@@ -1,8 +1,8 @@
-"""The listening sockets: the redirected port on each address, and the plain listeners.
+"""The listening sockets: every address of every listener that binds.
 
-Redirect sockets and plain listeners are kept apart by kind (`Bound.plain`),
-never by a name they could share: a plain listener may be called anything,
-"0.0.0.0" included, and still never takes the redirected port's traffic.
+Each socket is tagged with the index of its listener in the configuration
+(`Bound.listener`), never with a name or an address that two listeners
+could share.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import socket
 from typing import NamedTuple
 
-from ..config import Config
+from ..config import Config, Endpoint
 from .lifecycle import StartupError
 
 log = logging.getLogger("proxy.server")
@@ -21,9 +21,9 @@ BACKLOG = 4096
 
 
 class Bound(NamedTuple):
-    """One listening socket: of the redirected port (plain is None), or of a plain listener."""
+    """One listening socket, and which listener of the configuration it is for."""
 
-    plain: str | None  # the plain listener's name
+    listener: int  # its index in Config.listeners
     sock: socket.socket
 
 
@@ -47,29 +47,29 @@ def bind(address: str, port: int, dual_stack: bool, reuse_port: bool = False) ->
 
 
 def open_listen_sockets(config: Config, reuse_port: bool = False) -> list[Bound]:
-    """Bind the redirected port on every configured address (IPv4 and IPv6),
-    and every plain listener; the redirect sockets come first."""
+    """Bind every address of every listener that binds, in the configuration's order."""
     sockets: list[Bound] = []
     try:
-        addresses = config.addresses
-        dual = "::" in addresses and "0.0.0.0" not in addresses
-        for address in addresses:
-            try:
-                sockets.append(Bound(None, bind(address, config.port, dual and address == "::", reuse_port)))
-            except OSError as exc:
-                if address == "::" and addresses == ("::",) and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                    log.warning("no IPv6 here (%s); listening on IPv4 only", exc.strerror)
-                    sockets.append(Bound(None, bind("0.0.0.0", config.port, False, reuse_port)))
-                else:
-                    raise StartupError(f"listener: cannot bind {address} port {config.port}: {exc.strerror}") from None
-        for plain in config.plain_listeners:
-            try:
-                sockets.append(Bound(plain.name, bind(plain.address, plain.port, False, reuse_port)))
-            except OSError as exc:
-                raise StartupError(f"plain listener {plain.name}: cannot bind {plain.address} "
-                                   f"port {plain.port}: {exc.strerror}") from None
+        for index, listener in enumerate(config.listeners):
+            if not listener.bind:
+                continue
+            for address in listener.addresses:
+                try:
+                    sock = bind(address.host, address.port, listener.v4_on_v6 and address.host == "::", reuse_port)
+                except OSError as exc:
+                    if not _ipv6_missing(listener.addresses, exc):
+                        raise StartupError(f"listener {listener.name}: cannot bind {address}: {exc.strerror}") from None
+                    log.warning("no IPv6 here (%s); listener %s listens on IPv4 only", exc.strerror, listener.name)
+                    sock = bind("0.0.0.0", address.port, False, reuse_port)
+                sockets.append(Bound(index, sock))
     except BaseException:
         for bound in sockets:
             bound.sock.close()
         raise
     return sockets
+
+
+def _ipv6_missing(addresses: tuple[Endpoint, ...], exc: OSError) -> bool:
+    """A listener on "::" alone, in a kernel without IPv6: it takes IPv4 instead."""
+    return (len(addresses) == 1 and addresses[0].host == "::"
+            and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL))

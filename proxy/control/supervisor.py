@@ -176,7 +176,7 @@ class Supervisor(Runner):
             for _ in range(n):
                 shares.append(open_listen_sockets(config, reuse_port=True))
             for bound in shares[0]:
-                name = bound.plain if bound.plain is not None else "redirect"
+                name = config.listeners[bound.listener].name
                 self.listeners.setdefault(name, []).append(bound.sock.getsockname()[:2])
             for index, share in enumerate(shares):
                 worker = await _spawn(config, index, n, share)
@@ -269,5 +269,5 @@ async def _spawn(config: Config, index: int, count: int, share: list[Bound]) -> 
     worker = WorkerProcess(index, proc)
     await worker.connect(ours)
     worker.send({"op": "start", "index": index, "count": count, "config": config.to_dict(),
-                 "listeners": [[bound.plain, bound.sock.fileno()] for bound in share]})
+                 "listeners": [[bound.listener, bound.sock.fileno()] for bound in share]})
     return worker

@@ -36,7 +36,7 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
         start, pending = read_first(control)
         config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
         index, count = int(start["index"]), int(start["count"])
-        sockets = [Bound(plain, socket.socket(fileno=fd)) for plain, fd in start["listeners"]]
+        sockets = [Bound(int(index), socket.socket(fileno=fd)) for index, fd in start["listeners"]]
     except OSError as exc:
         raise BadStart(f"--control {control_fd}: {exc.strerror} (workers are started by the proxy itself, "
                        "see --concurrency)") from None

@@ -12,8 +12,12 @@ file that holds each step (read them in this order):
     -> relay                    bytes both ways until both sides end                   (relay.py, splice.py)
     -> ended                    counters, access log                                   (here, stats.py, accesslog.py)
 
-A plain listener (loopback, for proxy-aware apps) skips the first four steps:
-it has no original destination and always goes to its one cluster.
+A listener without the original destination (a plain listener on loopback,
+for proxy-aware apps) skips the first three steps: its chains match on the
+address it was dialled at. A listener with `hand_off` (Envoy's
+use_original_dst) gives a redirected connection to the listener bound to its
+original destination, if there is one, which then decides as if it had
+accepted it (Istio's virtualOutbound listener and its per-service ones).
 
 Every per-connection failure is contained here: it ends that connection,
 is logged once with the connection id, counted, and written to the access
@@ -23,6 +27,7 @@ Stat names (Envoy's where the meaning is the same; upstream.py makes the cluster
 
     listener.<address>.downstream_cx_{total,active,destroy,rx_bytes_total,tx_bytes_total}
     listener.<address>.{loop_guard_refused,resource_exhaustion}      (ours)
+    listener.<address>.no_filter_chain_match
     splice.{pumps_total,pumps_active,unavailable}                     (ours)
     chain.<name>.{cx_total,rejected}, direction.<inbound|outbound>.cx_total   (ours)
 
@@ -40,7 +45,8 @@ import time
 from collections import Counter
 from sys import intern
 
-from ..config import Chain, Config, Endpoint, PlainListener
+from ..config import Config, Endpoint
+from ..config import Listener as ListenerSpec
 from .accesslog import AccessLog
 from .chains import ChainTable
 from .localaddrs import LocalAddresses
@@ -50,11 +56,6 @@ from .stats import Names, Stats, stat_address
 from .upstream import EXHAUSTION, Connector, OwnSockets
 
 log = logging.getLogger("proxy.listener")
-
-# The chain a connection gets when no configured chain matches it. Istio calls
-# the same thing PassthroughCluster; Envoy, the default filter chain.
-PASSTHROUGH = Chain(name="passthrough", action="original")
-BLACKHOLE = Chain(name="blackhole", action="reject")
 
 LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_destroy",
                   "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion")
@@ -80,10 +81,10 @@ class Shared:
         self.listener_stats: dict[str, Names] = {}  # listener name -> its stats
         self.exhaustion_logged = float("-inf")
         self.connector = Connector(config, stats, self.own, loop, self._connect_exhaustion)
-        self.table = ChainTable(config.chains)
-        self.default_chain = PASSTHROUGH if config.default_action == "original" else BLACKHOLE
+        self.by_address: dict[tuple[str, int], Listener] = {}  # every listener's addresses, for hand-offs
+        chains = [c for spec in config.listeners for c in (*spec.chains, spec.default_chain) if c is not None]
         self.chain_stats = {c.name: Names(f"chain.{c.name}.", ("cx_total", "rejected") if c.action == "reject"
-                                          else ("cx_total",)) for c in (*config.chains, self.default_chain)}
+                                          else ("cx_total",)) for c in chains}
         self.direction_stats = {d: f"direction.{d}.cx_total" for d in ("inbound", "outbound")}
         self.splice_stats = Names("splice.", SPLICE_STATS)
         # every configured chain and direction is listed in /stats from the start
@@ -100,6 +101,18 @@ class Shared:
         if now - self.exhaustion_logged >= EXHAUSTION_LOG_INTERVAL:
             self.exhaustion_logged = now
             log.warning("%s", message)
+
+    def listener_for(self, host: str, port: int) -> Listener | None:
+        """The listener of an address, as Envoy hands a connection off: the one
+        bound to exactly that address, else a wildcard one on the same port."""
+        found = self.by_address.get((host, port))
+        if found is None:
+            found = self.by_address.get(("::" if ":" in host else "0.0.0.0", port))
+        if found is None and ":" not in host:
+            wildcard = self.by_address.get(("::", port))
+            if wildcard is not None and wildcard.spec.v4_on_v6:
+                found = wildcard
+        return found
 
     def _connect_exhaustion(self, relay: Relay, message: str) -> None:
         """The connector could not open a socket for `relay`: its listener counts it."""
@@ -125,22 +138,27 @@ class Shared:
 
 
 class Listener:
-    """One logical listener: the redirected port, or a plain listener (a relay.Owner)."""
+    """One logical listener (config.Listener), on any number of sockets (a relay.Owner)."""
 
-    def __init__(self, shared: Shared, loop: asyncio.AbstractEventLoop, plain: PlainListener | None = None,
+    def __init__(self, shared: Shared, loop: asyncio.AbstractEventLoop, spec: ListenerSpec,
                  address: tuple[str, int] | None = None):
-        """`address`: the first address it listens on, which names its stats (as in Envoy)."""
-        self.shared = shared
-        self.loop = loop
-        self.plain = plain
-        self.name = plain.name if plain else "redirect"
+        """`address`: the first address it listens on, which names its stats (as
+        in Envoy); its first configured address if not given."""
+        self.shared, self.loop, self.spec = shared, loop, spec
+        self.name = spec.name
         self.splice = shared.config.splice == "auto"  # relay.Relay asks, per bulk direction
-        self.port = plain.port if plain else shared.config.port
+        self.port = spec.addresses[0].port
+        self.table = ChainTable(spec.chains)
         if address is None:
-            address = (plain.address, plain.port) if plain else (shared.config.addresses[0], self.port)
-        self.names = Names(f"listener.{stat_address(*address)}.", LISTENER_STATS if plain else REDIRECT_STATS)
+            address = spec.addresses[0]
+        stats = REDIRECT_STATS if spec.original_dst else LISTENER_STATS
+        if spec.default_chain is None:
+            stats = (*stats, "no_filter_chain_match")
+        self.names = Names(f"listener.{stat_address(*address)}.", stats)
         shared.listener_stats[self.name] = self.names
         shared.stats.declare(*self.names.all)
+        for endpoint in spec.addresses:
+            shared.by_address[endpoint.host, endpoint.port] = self
 
     def protocol(self) -> asyncio.Protocol:
         """Protocol factory for loop.create_server: one Relay per connection."""
@@ -149,65 +167,95 @@ class Listener:
     # accept -> decision ---------------------------------------------------------
     def accepted(self, relay: Relay) -> None:
         """Decide about one accepted connection; nothing in here reaches the loop."""
-        shared, stats = self.shared, self.shared.stats
-        shared.live[relay.id] = relay
-        stats.inc(self.names.downstream_cx_total)
-        stats.inc(self.names.downstream_cx_active)
-        relay.listener = self.name
+        self.shared.live[relay.id] = relay
         try:
             self._decide(relay)
         except Exception:  # a bug: this connection ends, the proxy goes on
             log.exception("conn=%d failed while accepting", relay.id)
             relay.close("error", reset=True)
 
+    def _count(self, relay: Relay) -> None:
+        """The connection is this listener's (also one handed to it)."""
+        relay.owner, relay.listener = self, self.name
+        self.shared.stats.inc(self.names.downstream_cx_total)
+        self.shared.stats.inc(self.names.downstream_cx_active)
+
     def _decide(self, relay: Relay) -> None:
         shared, stats = self.shared, self.shared.stats
         transport = relay.downstream.transport
         peer = transport.get_extra_info("peername")
         if peer is None:  # reset before we could even ask who it was
+            self._count(relay)
             relay.close("downstream_reset", reset=True)
             return
         # interned: a pod sees the same few addresses over and over, and an
         # idle connection should not keep its own copy of each
         src, src_port = intern(unmapped(peer[0])), peer[1]
         relay.source = Endpoint(src, src_port)
-        if self.plain is not None:
-            relay.direction, relay.chain = "outbound", f"plain:{self.name}"
-            shared.connector.to_cluster(relay, self.plain.cluster)
+        if not self.spec.original_dst:
+            self._count(relay)
+            if self.table.chains:  # they match on the address it was dialled at
+                host, port = transport.get_extra_info("sockname")[:2]
+                relay.destination = Endpoint(intern(unmapped(host)), port)
+            self._route(relay, src, src_port, "outbound" if self.spec.direction == "any" else self.spec.direction)
             return
         try:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
             orig = original_dst(transport.get_extra_info("socket"), ipv4=":" not in src)
         except OSError as exc:
+            self._count(relay)
             self._refuse(relay, "error", f"cannot read the original destination: {exc}")
             return
         if orig is None:  # no conntrack entry at all
+            self._count(relay)
             self._refuse_direct(relay)
             return
         dst, dst_port = orig
-        relay.destination = destination = Endpoint(intern(dst), dst_port)
+        relay.destination = Endpoint(intern(dst), dst_port)
         if (src, src_port, dst, dst_port) in shared.own:  # one of our own upstream sockets
+            self._count(relay)
             stats.inc(self.names.loop_guard_refused)
             self._refuse(relay, "loop_guard", LOOP_HINT)
             return
         if dst_port == self.port and (dst in shared.local or _is_loopback(dst)):
             # conntrack saw it, but nothing rewrote it: it came to our own port
+            self._count(relay)
             stats.inc(self.names.loop_guard_refused)
             self._refuse_direct(relay)
             return
-        direction = "inbound" if dst in shared.local else "outbound"
+        decider = self
+        if self.spec.hand_off:
+            target = shared.listener_for(dst, dst_port)
+            if target is not None:
+                decider = target
+        decider._count(relay)
+        direction = decider.spec.direction
+        if direction == "any":
+            direction = "inbound" if dst in shared.local else "outbound"
+        decider._route(relay, src, src_port, direction)
+
+    def _route(self, relay: Relay, src: str, src_port: int, direction: str) -> None:
+        """The chain, then the upstream (or the end) of a connection this listener decides about."""
+        shared, stats = self.shared, self.shared.stats
         relay.direction = direction
         stats.inc(shared.direction_stats[direction])
-        chain = shared.table.lookup(dst, dst_port, src, direction) or shared.default_chain
+        destination = relay.destination
+        chain = None
+        if destination is not None and self.table.chains:
+            chain = self.table.lookup(destination.host, destination.port, src, direction, src_port)
+        if chain is None:
+            chain = self.spec.default_chain
+        if chain is None:  # Envoy: no filter chain, the connection is closed
+            stats.inc(self.names.no_filter_chain_match)
+            relay.close("no_filter_chain_match")
+            return
         relay.chain = chain.name
         names = shared.chain_stats[chain.name]
         stats.inc(names.cx_total)
         if chain.action == "reject":
             stats.inc(names.rejected)
             relay.close("rejected", reset=True)
-        elif chain.cluster is not None:  # action cluster (config.load makes sure of the pair)
-            shared.connector.to_cluster(relay, chain.cluster)
         else:
-            shared.connector.to_original(relay, destination)
+            shared.connector.forward(relay, chain)
 
     def _refuse(self, relay: Relay, reason: str, why: str) -> None:
         log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, relay.source or "-",
@@ -247,7 +295,7 @@ class Listener:
         shared.live.pop(relay.id, None)
         up = relay.upstream
         if up is not None:
-            shared.own.discard(up.key)
+            shared.connector.release(up)
         names = self.names
         stats.dec(names.downstream_cx_active)
         stats.inc(names.downstream_cx_destroy)

@@ -38,9 +38,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from sys import intern
-from typing import Any
+from typing import Any, cast
 
-from ..config import Cluster, Config, Endpoint
+from ..config import ORIGINAL_DST, Chain, Config, Endpoint
+from .balance import LeastRequest, attempts, pick_weighted, policy_for
 from .relay import Relay, Upstream
 from .sockopts import set_mark, unmapped
 from .stats import Names, Stats
@@ -53,12 +54,10 @@ EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
-# The cluster of connections that go to their original destination (Envoy's
-# ORIGINAL_DST cluster type; Istio's PassthroughCluster).
-ORIGINAL_DST = "original_dst"
 
 CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_connect_fail",
-                 "upstream_cx_connect_timeout", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total")
+                 "upstream_cx_connect_timeout", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total",
+                 "upstream_cx_none_healthy", "upstream_cx_overflow")
 
 
 class MarkDenied(Exception):
@@ -87,29 +86,21 @@ class OwnSockets:
         self._keys.add(key)
         return key
 
-    def discard(self, key: OwnKey) -> None:
-        self._keys.discard(key)
+    def discard(self, key: OwnKey) -> bool:
+        """Forget `key`; whether it was there."""
+        if key in self._keys:
+            self._keys.remove(key)
+            return True
+        return False
 
     def __contains__(self, key: OwnKey) -> bool:
         return key in self._keys
 
 
-class RoundRobin:
-    """Endpoint order for one cluster: each call starts one further along."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self._next = 0
-
-    def order(self) -> list[Endpoint]:
-        eps = self.cluster.endpoints
-        start = self._next % len(eps)
-        self._next = start + 1
-        return list(eps[start:] + eps[:start])
-
-
-def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[socket.socket, OwnKey]:
-    """A socket whose connect() to `endpoint` has begun, and its loop-guard key.
+def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets,
+                source: str | None = None) -> tuple[socket.socket, OwnKey]:
+    """A socket whose connect() to `endpoint` has begun, and its loop-guard key;
+    `source`: the address to connect from (Envoy's upstream_bind_config).
 
     Raises MarkDenied, or OSError for what fails at once (EMFILE, ENETUNREACH, ...).
     """
@@ -120,6 +111,8 @@ def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets) -> tuple[
                 set_mark(sock, mark)
             except PermissionError as exc:
                 raise MarkDenied(f"setsockopt(SO_MARK {mark:#x}): {exc.strerror}") from None
+        if source is not None:
+            sock.bind((source, 0))
         err = sock.connect_ex((endpoint.host, endpoint.port))
         if err != errno.EINPROGRESS and err != 0:
             raise OSError(err, errno.errorcode.get(err, "error"))
@@ -182,6 +175,9 @@ class Route:
     names: Names  # its stats: "cluster.<name>.upstream_cx_total", ...
     timeout: float  # per attempt
     mark: int | None
+    kind: str  # static, or original_dst: its one endpoint is each connection's original destination
+    source: str | None  # the address upstream sockets are bound to
+    limit: int | None  # the circuit breaker: at most this many connections open (or opening)
 
 
 class Attempts:
@@ -201,34 +197,52 @@ class Connector:
         """`note_exhaustion(relay, message)`: no socket for `relay`, for want of descriptors or
         memory (counted and logged by the caller)."""
         self.stats, self.own, self.loop, self.note_exhaustion = stats, own, loop, note_exhaustion
-        self.balancers = {c.name: RoundRobin(c) for c in config.clusters}
+        self.policies = {c.name: policy_for(c) for c in config.clusters if c.kind == "static"}
         self.routes = {c.name: Route(Names(f"cluster.{c.name}.", CLUSTER_STATS), c.connect_timeout,
-                                     c.mark if c.mark is not None else config.mark) for c in config.clusters}
+                                     c.mark if c.mark is not None else config.mark, c.kind, c.source_address,
+                                     c.max_connections) for c in config.clusters}
         self.routes[ORIGINAL_DST] = Route(Names(f"cluster.{ORIGINAL_DST}.", CLUSTER_STATS),
-                                          config.connect_timeout, config.mark)
+                                          config.connect_timeout, config.mark, "original_dst", None, None)
+        self.opening = dict.fromkeys(self.routes, 0)  # per cluster: sockets open or opening (the breaker)
         for route in self.routes.values():
             stats.declare(*route.names.all)
         for cluster in config.clusters:  # /clusters lists every configured endpoint from the start
             for endpoint in cluster.endpoints:
                 stats.host(cluster.name, endpoint)
 
-    def to_cluster(self, relay: Relay, cluster: str) -> None:
-        """Connect `relay` to one of `cluster`'s endpoints, round robin."""
-        self._next(relay, Attempts(cluster, self.routes[cluster], self.balancers[cluster].order()))
-
-    def to_original(self, relay: Relay, destination: Endpoint) -> None:
-        """Connect `relay` to where its client was going."""
-        self._next(relay, Attempts(ORIGINAL_DST, self.routes[ORIGINAL_DST], [destination]))
+    def forward(self, relay: Relay, chain: Chain) -> None:
+        """Connect `relay` upstream as its chain says (action cluster, or original)."""
+        if chain.action == "original":
+            cluster = ORIGINAL_DST
+        else:
+            cluster = pick_weighted(chain.weighted) if chain.weighted else cast(str, chain.cluster)
+        relay.cluster = cluster
+        route = self.routes[cluster]
+        if route.kind == "original_dst":
+            if relay.destination is None:  # a listener that never learns one
+                relay.close("no_original_destination", reset=True)
+                return
+            endpoints = [relay.destination]
+        else:
+            endpoints = self.policies[cluster].order()
+        if not endpoints:  # Envoy: no healthy upstream; Istio's BlackHoleCluster
+            self.stats.inc(route.names.upstream_cx_none_healthy)
+            relay.close("no_healthy_upstream", reset=True)
+            return
+        self._next(relay, Attempts(cluster, route, attempts(endpoints, chain.max_connect_attempts)))
 
     def _next(self, relay: Relay, attempts: Attempts) -> None:
         """Start connecting to the next endpoint; give up when none is left."""
-        relay.cluster = attempts.cluster
         route, left = attempts.route, attempts.left
         while left:
+            if route.limit is not None and self.opening[attempts.cluster] >= route.limit:
+                self.stats.inc(route.names.upstream_cx_overflow)  # Envoy's circuit breaker
+                relay.close("upstream_overflow", reset=True)
+                return
             endpoint = left.pop(0)
             self.stats.inc(route.names.upstream_cx_total)  # each attempt counts, as in Envoy
             try:
-                sock, key = open_socket(endpoint, route.mark, self.own)
+                sock, key = open_socket(endpoint, route.mark, self.own, route.source)
             except MarkDenied as exc:  # the privilege went away after start-up?
                 log.error("conn=%d privilege: %s", relay.id, exc)
                 relay.close("error", reset=True)
@@ -243,11 +257,17 @@ class Connector:
                 if not left:
                     self._gave_up(relay, endpoint, exc.strerror or str(exc), timed_out=False)
                 continue
+            self.opening[attempts.cluster] += 1
             up = Upstream(relay, endpoint, key, sock, attempts)
             relay.attach(up, timeout=route.timeout)
             start(self.loop.create_connection(lambda: up, sock=sock), sock,  # noqa: B023 (the loop ends here)
                   partial(relay.start_failed, up))
             return
+
+    def release(self, up: Upstream) -> None:
+        """An attempt's socket is done with (failed, or its connection ended): once per attempt."""
+        if self.own.discard(up.key):
+            self.opening[up.attempts.cluster] -= 1
 
     def connected(self, relay: Relay, up: Upstream) -> None:
         """The relay confirmed its upstream: count it as an open connection."""
@@ -258,10 +278,13 @@ class Connector:
         host["cx_active"] += 1
         host["rq_total"] += 1  # Envoy's TCP pool counts each connection as a request too
         host["rq_active"] += 1
+        policy = self.policies.get(up.attempts.cluster)
+        if isinstance(policy, LeastRequest):
+            policy.opened(up.endpoint)
 
     def failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
         """One attempt failed: the next endpoint, or the end of the connection."""
-        self.own.discard(up.key)
+        self.release(up)
         self._count_failure(up.attempts.cluster, up.endpoint, timed_out)
         if up.attempts.left:
             self._next(relay, up.attempts)
@@ -270,16 +293,19 @@ class Connector:
 
     def closed(self, relay: Relay, up: Upstream, sent: int, received: int) -> None:
         """A connected upstream is gone: `sent` and `received` bytes in all."""
-        stats, names = self.stats, up.attempts.route.names
+        stats, names, cluster = self.stats, up.attempts.route.names, up.attempts.cluster
         stats.dec(names.upstream_cx_active)
         stats.inc(names.upstream_cx_destroy)
         stats.inc(names.upstream_cx_tx_bytes_total, sent)
         stats.inc(names.upstream_cx_rx_bytes_total, received)
-        host = stats.host(up.attempts.cluster, up.endpoint)
+        host = stats.host(cluster, up.endpoint)
         host["cx_active"] -= 1
         host["rq_active"] -= 1
-        if up.attempts.cluster == ORIGINAL_DST and not host["cx_active"]:
-            stats.drop_host(ORIGINAL_DST, up.endpoint)  # Envoy too forgets idle original destinations
+        if up.attempts.route.kind == "original_dst" and not host["cx_active"]:
+            stats.drop_host(cluster, up.endpoint)  # Envoy too forgets idle original destinations
+        policy = self.policies.get(cluster)
+        if isinstance(policy, LeastRequest):
+            policy.closed(up.endpoint)
 
     def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
         """No endpoint is left: the client gets a RST (the end reason is the last attempt's)."""
@@ -289,13 +315,14 @@ class Connector:
     def _count_failure(self, cluster: str, endpoint: Endpoint, timed_out: bool) -> None:
         """As in Envoy: a failed attempt is an upstream_cx_connect_fail, and one
         that timed out an upstream_cx_connect_timeout too."""
-        stats, names = self.stats, self.routes[cluster].names
+        route = self.routes[cluster]
+        stats, names = self.stats, route.names
         stats.inc(names.upstream_cx_connect_fail)
         if timed_out:
             stats.inc(names.upstream_cx_connect_timeout)
         # Original destinations are not remembered when they fail (there is
         # no bound on how many a client can try); the cluster's stats count them.
-        if cluster != ORIGINAL_DST:
+        if route.kind != "original_dst":
             host = stats.host(cluster, endpoint)
             host["cx_total"] += 1
             host["cx_connect_fail"] += 1

@@ -263,7 +263,7 @@ def test_port_in_use_is_one_clear_line(world):
     try:
         proc = w.pod.exec(*setpriv_argv(), PYTHON, "-m", "proxy", "run", check=False)
         assert proc.returncode == 1
-        assert "cannot bind :: port 5001: Address already in use" in proc.stderr
+        assert "listener redirect: cannot bind [::]:5001: Address already in use" in proc.stderr
         assert "Traceback" not in proc.stderr
     finally:
         blocker.close()
@@ -279,7 +279,7 @@ def test_plain_listener_goes_straight_to_its_cluster(uid_world, tmp_path):
         with w.pod.connect(("127.0.0.1", 15080)) as c:  # loopback: never redirected
             assert recv_line(c).startswith("backend ")
         entry = proxy.access(listener="local-backend")
-        assert entry["chain"] == "plain:local-backend" and entry["upstream"] == "198.51.100.20:8080"
+        assert entry["chain"] == "plain.local-backend" and entry["upstream"] == "198.51.100.20:8080"
     finally:
         proxy.stop()
         srv.close()

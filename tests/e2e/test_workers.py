@@ -165,7 +165,7 @@ def test_a_port_held_by_another_proxy_is_a_start_up_error(uid_world):
         second.proc.wait(20)
         assert second.proc.returncode == 1
         errors = [e["msg"] for e in second.lines if e.get("level") == "error"]
-        assert errors == ["listener: cannot bind :: port 5001: Address already in use"], errors
+        assert errors == ["listener redirect: cannot bind [::]:5001: Address already in use"], errors
         second.stop(verbose=False)
         assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n")  # the first one still serves
     finally:

@@ -13,7 +13,7 @@ ENTRIES = [
      "destination": "198.51.100.10:80", "direction": "outbound", "chain": "passthrough", "cluster": "original_dst",
      "upstream": "198.51.100.10:80", "bytes_up": 1048576, "bytes_down": 512, "end": "done", "duration_ms": 12.345},
     {"id": 8, "start": 1796111402.0, "listener": "local-web", "source": "[2001:db8::1]:40000",
-     "destination": "-", "direction": "outbound", "chain": "plain:local-web", "cluster": None,
+     "destination": "-", "direction": "outbound", "chain": "plain.local-web", "cluster": None,
      "upstream": None, "bytes_up": 0, "bytes_down": 0, "end": "connect_failed", "duration_ms": 0.0},
 ]
 

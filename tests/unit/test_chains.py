@@ -19,12 +19,14 @@ ip = ipaddress.ip_address
 net = ipaddress.ip_network
 
 
-def chain(name, ports=(), dst=(), src=(), direction="any"):
-    return Chain(name=name, match=Match(tuple(ports), tuple(map(net, dst)), tuple(map(net, src)), direction))
+def chain(name, ports=(), dst=(), src=(), direction="any", sports=(), direct=(), stype="any", transport=""):
+    return Chain(name=name, match=Match(tuple(ports), tuple(map(net, dst)), tuple(map(net, src)), direction,
+                                        tuple(sports), tuple(map(net, direct)), stype, transport))
 
 
-def conn(dst="198.51.100.10", port=80, src="192.0.2.1", direction="outbound"):
-    return Connection(ip(dst), port, ip(src), direction)
+def conn(dst="198.51.100.10", port=80, src="192.0.2.1", direction="outbound", sport=40000):
+    local = src == dst or src.startswith("127.") or src == "::1"
+    return Connection(ip(dst), port, ip(src), direction, sport, local)
 
 
 def pick(chains, c):
@@ -87,8 +89,32 @@ def test_empty_table_matches_nothing():
 
 def test_specificity_scores():
     c = chain("x", ports=[80], dst=["198.51.100.0/24"])
-    assert specificity(c, conn()) == (1, 25, 0, 0)
+    assert specificity(c, conn()) == (1, 25, 0, 0, 0, 0, 0, 0)
     assert specificity(c, conn(port=81))[0] == NO_MATCH
+
+
+def test_a_source_port_is_tried_before_any_source_port():
+    chains = [chain("any-port", src=["192.0.2.0/24"]), chain("one-port", src=["192.0.2.0/24"], sports=[40000])]
+    assert pick(chains, conn(sport=40000)) == "one-port"
+    assert pick(chains, conn(sport=40001)) == "any-port"  # Envoy falls back to port 0 within the source leaf
+
+
+def test_source_type_local_or_external_beats_any_without_falling_back():
+    chains = [chain("any"), chain("local", stype="local")]
+    assert pick(chains, conn(src="127.0.0.1")) == "local"
+    assert pick(chains, conn(src="198.51.100.10", dst="198.51.100.10")) == "local"  # from the address it dialled
+    assert pick(chains, conn(src="192.0.2.1")) == "any"
+    # a local connection with only an "external" chain and "any": any
+    assert pick([chain("any"), chain("ext", stype="external")], conn(src="127.0.0.1")) == "any"
+
+
+def test_transport_protocol_raw_buffer_beats_any():
+    assert pick([chain("any"), chain("raw", transport="raw_buffer")], conn()) == "raw"
+
+
+def test_direct_source_comes_before_source_type_and_source():
+    chains = [chain("by-source", src=["192.0.2.0/25"]), chain("by-direct", direct=["192.0.2.0/24"])]
+    assert pick(chains, conn(src="192.0.2.1")) == "by-direct"
 
 
 @pytest.mark.parametrize("a, b", [
@@ -136,13 +162,19 @@ chain_spec = st.fixed_dictionaries({
     "dst": st.lists(st.sampled_from(PREFIXES), max_size=2, unique=True),
     "src": st.lists(st.sampled_from(SOURCES), max_size=1, unique=True),
     "direction": st.sampled_from(["any", "inbound", "outbound"]),
+}, optional={
+    "sports": st.lists(st.sampled_from([40000, 40001]), max_size=1, unique=True),
+    "direct": st.lists(st.sampled_from(SOURCES), max_size=1, unique=True),
+    "stype": st.sampled_from(["any", "local", "external"]),
+    "transport": st.sampled_from(["", "raw_buffer"]),
 })
 conn_spec = st.builds(
     conn,
     dst=st.sampled_from(["198.51.100.10", "198.51.100.70", "203.0.113.9", "192.0.2.77", "2001:db8:2::5", "2001:db8:9::1"]),
     port=st.sampled_from([80, 443, 8080, 9999]),
-    src=st.sampled_from(["192.0.2.1", "192.0.2.200", "2001:db8:1::1"]),
+    src=st.sampled_from(["192.0.2.1", "192.0.2.200", "2001:db8:1::1", "127.0.0.1", "198.51.100.10"]),
     direction=st.sampled_from(["inbound", "outbound"]),
+    sport=st.sampled_from([40000, 40001, 40002]),
 )
 
 
@@ -159,7 +191,7 @@ def test_table_agrees_with_reference(specs, c):
     assert got == reference(chains, c)
     assert got == select(chains, c)
     for _ in range(2):  # the string form agrees, also when answered from memory
-        assert table.lookup(str(c.dst), c.dst_port, str(c.src), c.direction) == got
+        assert table.lookup(str(c.dst), c.dst_port, str(c.src), c.direction, c.src_port) == got
     if got is not None:  # whatever wins really matches the connection
         assert NO_MATCH not in specificity(got, c)
 
@@ -178,13 +210,14 @@ def test_lookup_memory_is_bounded_and_stays_right():
 # --- ambiguity: the indexed check agrees with the element-by-element definition -------
 
 def ambiguous_pair(chains):
-    """By definition: some (port, destination, source, direction) element tuple
-    is named by two chains (an empty list names the element None)."""
+    """By definition: some tuple of one element per criterion is named by two
+    chains (an empty list names the element None)."""
     owners = {}
     for i, ch in enumerate(chains):
         m = ch.match
-        for key in itertools.product(m.ports or (None,), m.destinations or (None,), m.sources or (None,)):
-            owners.setdefault((*key, m.direction), set()).add(i)
+        lists = (m.ports, m.destinations, m.sources, m.source_ports, m.direct_sources)
+        for key in itertools.product(*(values or (None,) for values in lists)):
+            owners.setdefault((*key, m.direction, m.source_type, m.transport_protocol), set()).add(i)
     return any(len(who) > 1 for who in owners.values())
 
 

@@ -40,29 +40,36 @@ plain_listeners:
 """
 
 
+def port(c: cfg.Config) -> int:
+    return c.redirect.addresses[0].port
+
+
 def test_defaults_without_a_file():
     c = cfg.load(None, env={})
-    assert (c.port, c.addresses, c.mark, c.loop, c.log_format) == (5001, ("::",), None, "uvloop", "text")
-    assert c.idle_timeout == 3600 and c.connect_timeout == 5 and c.default_action == "original"
-    assert c.chains == () and c.clusters == ()
+    assert (c.redirect.addresses, c.mark, c.loop, c.log_format) == ((cfg.Endpoint("::", 5001),), None, "uvloop", "text")
+    assert c.redirect.v4_on_v6  # "::" alone takes IPv4 too
+    assert c.idle_timeout == 3600 and c.connect_timeout == 5 and c.redirect.default_chain == cfg.PASSTHROUGH
+    assert c.redirect.chains == () and c.clusters == () and len(c.listeners) == 1
 
 
 def test_a_full_file(tmp_path):
     c = cfg.load(write(tmp_path, GOOD), env={})
-    assert c.port == 15001 and c.mark == 2 and c.idle_timeout == 1800
+    assert port(c) == 15001 and c.mark == 2 and c.idle_timeout == 1800
     web = c.cluster("web")
     assert [str(e) for e in web.endpoints] == ["198.51.100.20:8080", "[2001:db8:2::20]:8080"]
     assert web.connect_timeout == 0.25
-    assert c.chains[0].action == "cluster" and c.chains[1].action == "reject"
-    assert c.plain_listeners[0].address == "127.0.0.1"
+    assert c.redirect.chains[0].action == "cluster" and c.redirect.chains[1].action == "reject"
+    plain = c.listeners[1]
+    assert plain.name == "local-web" and plain.addresses == (cfg.Endpoint("127.0.0.1", 15080),)
+    assert not plain.original_dst and plain.default_chain.cluster == "web"
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     path = write(tmp_path, "port: 6000\nmark: 0x3\n")
-    assert cfg.load(None, env={}).port == 5001
-    assert cfg.load(path, env={}).port == 6000
-    assert cfg.load(path, env={"ISTIO_PROXY_PORT": "7000"}).port == 7000
-    assert cfg.load(path, env={"ISTIO_PROXY_PORT": "7000"}, flags={"port": "8000"}).port == 8000
+    assert port(cfg.load(None, env={})) == 5001
+    assert port(cfg.load(path, env={})) == 6000
+    assert port(cfg.load(path, env={"ISTIO_PROXY_PORT": "7000"})) == 7000
+    assert port(cfg.load(path, env={"ISTIO_PROXY_PORT": "7000"}, flags={"port": "8000"})) == 8000
     assert cfg.load(path, env={"ISTIO_SO_MARK": "0x10"}).mark == 0x10
     assert cfg.load(path, env={"ISTIO_SO_MARK": ""}).mark == 3  # empty means unset
 
@@ -71,7 +78,7 @@ def test_check_prints_the_effective_config(tmp_path):
     path = write(tmp_path, GOOD)
     out = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", path, "--port", "9000"],
                          capture_output=True, text=True, check=True).stdout
-    assert "port: 9000" in out and "idle_timeout: 1800.0" in out and "198.51.100.20:8080" in out
+    assert "'[::]:9000'" in out and "idle_timeout: 1800.0" in out and "198.51.100.20:8080" in out
     # what check prints is itself a valid config, equal to the effective one
     again = cfg.load(write(tmp_path, out, "effective.yaml"), env={})
     assert again == cfg.load(path, env={}, flags={"port": 9000})
@@ -121,7 +128,19 @@ BAD = [
     ("chains:\n  - name: a\n    match: {direction: sideways}\n", r"chains\[0\].match.direction: 'sideways' is not one of"),
     ("chains:\n  - name: a\n    match: {port: [80]}\n", r"chains\[0\].match.port: unknown key"),
     ("chains:\n  - name: a\n    match: {ports: 80}\n", r"chains\[0\].match.ports: expected a list, got int"),
-    ("clusters:\n  - name: c\n    endpoints: []\n", r"clusters\[0\].endpoints: needs at least one endpoint"),
+    ("clusters:\n  - name: c\n", r"proxy.yaml:2: clusters\[0\].endpoints: is required \(an empty list: every connection is reset\)"),
+    ("clusters:\n  - name: original_dst\n    endpoints: []\n", r"clusters\[0\].name: 'original_dst' is the name of one of the proxy's own"),
+    ("chains:\n  - name: passthrough\n", r"chains\[0\].name: 'passthrough' is the name of one of the proxy's own"),
+    ("clusters:\n  - name: c\n    kind: original_dst\n    endpoints: ['198.51.100.1:80']\n", r"clusters\[0\].endpoints: a cluster of kind original_dst has no endpoints"),
+    ("clusters:\n  - name: c\n    endpoints: []\n    lb_policy: maglev\n", r"clusters\[0\].lb_policy: 'maglev' is not one of round_robin, random, least_request"),
+    ("chains:\n  - name: a\n    weighted: [{name: nope, weight: 1}]\n", r"chains\[0\].weighted\[0\].name: unknown cluster 'nope'"),
+    ("clusters:\n  - name: c\n    endpoints: []\nchains:\n  - name: a\n    weighted: [{name: c, weight: 0}]\n", r"chains\[0\].weighted\[0\].weight: 0 is not a positive whole number"),
+    ("chains:\n  - name: a\n    max_connect_attempts: -1\n", r"chains\[0\].max_connect_attempts: -1 is not a positive"),
+    ("port: 5001\nlisteners: []\n", r"proxy.yaml:1: port: belongs to the short form; with `listeners`, write it in its listener"),
+    ("listeners:\n  - name: a\n    addresses: ['127.0.0.1:80']\n  - name: b\n    addresses: ['127.0.0.1:80']\n", r"proxy.yaml:5: listeners\[1\].addresses: 127.0.0.1:80 is bound by listeners\[0\] \('a'\) too"),
+    ("listeners:\n  - name: a\n    addresses: ['127.0.0.1:80']\n    default_chain: {name: d, match: {ports: [80]}}\n", r"listeners\[0\].default_chain.match: a default chain takes what no chain matched"),
+    ("listeners:\n  - name: a\n    addresses: []\n", r"listeners\[0\].addresses: needs at least one address"),
+    ("chains:\n  - name: a\n    match: {source_type: remote}\n", r"chains\[0\].match.source_type: 'remote' is not one of any, local, external"),
     ("clusters:\n  - name: c\n    endpoints: ['2001:db8::1:80']\n", r"write an IPv6 endpoint as \[ADDRESS\]:PORT"),
     ("clusters:\n  - name: c\n    endpoints: ['web.example:80']\n", r"clusters\[0\].endpoints\[0\]: 'web.example' is not an IP address"),
     ("clusters:\n  - name: c\n    endpoints: ['198.51.100.1:80']\n  - name: c\n    endpoints: ['198.51.100.1:81']\n",
@@ -213,3 +232,61 @@ def test_a_worker_without_a_proper_start_message_says_so_in_one_line(message, re
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"sidecar-proxy worker: --control {fd}: not a start message")
     assert reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+LONG = """\
+clusters:
+  - name: web
+    endpoints: ["198.51.100.20:8080", "198.51.100.21:8080"]
+    lb_policy: least_request
+    source_address: 192.0.2.1
+    max_connections: 100
+  - name: canary
+    endpoints: ["198.51.100.30:8080"]
+  - name: passthrough-cluster
+    kind: original_dst
+  - name: black-hole
+    endpoints: []
+listeners:
+  - name: outbound
+    addresses: ["0.0.0.0:15001"]
+    original_dst: true
+    hand_off: true
+    direction: outbound
+    chains:
+      - name: split
+        match: {ports: [80], source_ports: [40000], source_type: local, transport_protocol: raw_buffer}
+        weighted: [{name: web, weight: 9}, {name: canary, weight: 1}]
+        stat_prefix: split
+        idle_timeout: 10s
+        max_connect_attempts: 3
+        access_logs: [{path: /dev/null, format: "%START_TIME% %UPSTREAM_HOST%\\n"}]
+      - name: nowhere
+        match: {ports: [25]}
+        cluster: black-hole
+    default_chain: {name: out-default, cluster: passthrough-cluster}
+  - name: svc-8080
+    addresses: ["0.0.0.0:8080"]
+    bind: false
+    chains:
+      - name: svc
+        cluster: web
+"""
+
+
+def test_the_long_form_says_what_an_envoy_bootstrap_can_and_reads_back(tmp_path):
+    c = cfg.load(write(tmp_path, LONG), env={})
+    out, svc = c.listeners
+    assert out.hand_off and out.original_dst and out.direction == "outbound" and not svc.bind
+    split = out.chains[0]
+    assert [w.name for w in split.weighted] == ["web", "canary"] and split.cluster == "web"
+    assert split.max_connect_attempts == 3 and split.idle_timeout == 10 and split.stat_prefix == "split"
+    assert split.match.source_type == "local" and split.match.source_ports == (40000,)
+    assert c.cluster("web").lb_policy == "least_request" and c.cluster("web").max_connections == 100
+    assert c.cluster("black-hole").endpoints == () and c.cluster("passthrough-cluster").kind == "original_dst"
+    assert cfg.from_data(c.to_dict()) == c  # a worker gets exactly this
+
+
+def test_the_short_form_port_cannot_move_a_long_form_listener(tmp_path):
+    with pytest.raises(cfg.ConfigError, match=r"^ISTIO_PROXY_PORT: ISTIO_PROXY_PORT sets the short form's port, but"):
+        cfg.load(write(tmp_path, LONG), env={"ISTIO_PROXY_PORT": "5001"})

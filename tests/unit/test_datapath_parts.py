@@ -13,9 +13,10 @@ import pytest
 
 from proxy.config import Cluster, Endpoint
 from proxy.datapath import sockopts
+from proxy.datapath.balance import RoundRobin
 from proxy.datapath.localaddrs import NLMSG_DONE, RTM_NEWADDR, dump_addresses, parse_addr_dump
 from proxy.datapath.relay import close_idle, idle_sweep_interval
-from proxy.datapath.upstream import OwnSockets, RoundRobin, open_socket
+from proxy.datapath.upstream import OwnSockets, open_socket
 
 # --- sockopts --------------------------------------------------------------------------
 
@@ -100,9 +101,9 @@ def test_an_upstream_socket_is_registered_before_its_handshake():
             assert key in own  # known to the loop guard at once
             host, port = sock.getsockname()[:2]
             assert key == (host, port, endpoint.host, endpoint.port)
-            own.discard(key)
+            assert own.discard(key)
             assert key not in own
-            own.discard(key)  # twice is fine
+            assert not own.discard(key)  # twice is fine, and says it was gone
         finally:
             sock.close()
 

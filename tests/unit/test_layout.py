@@ -128,7 +128,7 @@ def test_the_runtime_image_leaves_the_tools_out_and_still_runs(tmp_path):
     assert (root / "proxy" / "datapath" / "relay.py").is_file()
     check = subprocess.run([sys.executable, "-m", "proxy", "check"], cwd=root, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    assert "port: 5001" in check.stdout
+    assert "'[::]:5001'" in check.stdout
     for tool in ("inject", "demo", "services"):
         out = subprocess.run([sys.executable, "-m", "proxy", tool, "-f", "app.yaml"], cwd=root,
                              capture_output=True, text=True)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.config import Cluster, Config, Endpoint, PlainListener
+from proxy.config import Cluster, Config, Endpoint, plain_listener
 from proxy.datapath.accesslog import AccessLog
 from proxy.datapath.listener import Listener, Shared
 from proxy.datapath.localaddrs import LocalAddresses
@@ -106,10 +106,10 @@ async def world(endpoints: list[Endpoint | socket.socket], splice: str = "off",
     eps = tuple(Endpoint(*e.getsockname()) if isinstance(e, socket.socket) else e for e in endpoints)
     config = Config(splice=splice, access_log="off",
                     clusters=(Cluster("backend", eps, connect_timeout=connect_timeout),),
-                    plain_listeners=(PlainListener("front", "127.0.0.1", 1, "backend"),))
+                    listeners=(plain_listener("front", "127.0.0.1", 1, "backend"),))
     local = LocalAddresses()
     shared = Shared(config, Stats(), AccessLog("off", "text"), local, loop)
-    listener = Listener(shared, loop, config.plain_listeners[0])
+    listener = Listener(shared, loop, config.listeners[0])
     server = await loop.create_server(listener.protocol, "127.0.0.1", 0)
     try:
         yield World(shared, server.sockets[0].getsockname()[:2], backends)
