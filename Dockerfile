@@ -7,14 +7,39 @@
 # the tag's multi-platform index (what the builder actually pulls), so a rebuild
 # gets the same bytes. To move to a newer release, change both; the digest is
 # what `docker buildx imagetools inspect IMAGE:TAG` prints as "Digest".
+#
+# Both bases are build arguments, so the images also build without a registry:
+# tests/e2e/test_pods.py builds them on local Debian bookworm minbase images with
+#   podman build --network host --build-arg PYTHON_BASE=... --build-arg INIT_BASE=... --target proxy|init .
+# The "local Debian base:" line above each ARG says what that test makes for it
+# (it reads the line: debootstrap's minbase, + these packages); the rest of the
+# comment is what the stages assume of any base.
+
+# PYTHON_BASE, for the builder and the proxy stages. It must have:
+#   - `python` (3.11+) on PATH, with the venv module and ensurepip: the official
+#     image's is /usr/local/bin/python, Debian's /usr/bin/python (python-is-python3);
+#     the venv links to whichever it is, so both stages use the same base;
+#   - groupadd and useradd (Debian's passwd package; every Debian-based image).
+# local Debian base: minbase + python3 python3-venv python-is-python3
+ARG PYTHON_BASE=python:3.12.11-slim-bookworm@sha256:519591d6871b7bc437060736b9f7456b8731f1499a57e22e6c285135ae657bf7
+# INIT_BASE, for the init stage: a POSIX /bin/sh and either apk (Alpine: the
+# packages iptables, ip6tables, iptables-legacy) or apt-get (Debian: iptables,
+# which has both backends and ip6tables).
+# local Debian base: minbase
+ARG INIT_BASE=alpine:3.22.2@sha256:4b7ce07002c69e8f3d704a9c5d6fd3053be500b7f1c69fc0d80990c2ad8dd412
 
 # --- builder: the package and its dependencies in a venv -----------------------------
 # Same base as the proxy stage: the venv's interpreter is a link to the base's
 # python, so both stages must have the same one at the same path.
-FROM python:3.12.11-slim-bookworm@sha256:519591d6871b7bc437060736b9f7456b8731f1499a57e22e6c285135ae657bf7 AS builder
+FROM ${PYTHON_BASE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip's own variable, for this stage only (an ARG, so no image keeps it): a
+# build whose TLS is intercepted passes the path of a CA bundle it mounts,
+#   --volume BUNDLE:BUNDLE:ro --build-arg PIP_CERT=BUNDLE
+# Unset by default, and then pip uses its own bundle.
+ARG PIP_CERT
 
 # uvloop and PyYAML ship binary wheels for amd64 and arm64, so no compiler is
 # needed; a platform without wheels would need build tools here, never below.
@@ -23,11 +48,16 @@ WORKDIR /src
 # README.md* : the package metadata reads README.md when it is there.
 COPY pyproject.toml README.md* ./
 COPY proxy ./proxy
+# The package's data files are the rule scripts (for `sidecar-proxy demo`
+# outside a checkout), so setuptools needs them to build; the proxy never
+# runs them (they are the init image's), so they leave the venv right after.
+COPY iptables ./iptables
 RUN /usr/local/sidecar-proxy/bin/pip install --no-cache-dir . \
-    && /usr/local/sidecar-proxy/bin/pip uninstall --yes pip
+    && /usr/local/sidecar-proxy/bin/pip uninstall --yes pip \
+    && rm -rf /usr/local/sidecar-proxy/share/sidecar-proxy
 
 # --- proxy: what runs in the pod -------------------------------------------------------
-FROM python:3.12.11-slim-bookworm@sha256:519591d6871b7bc437060736b9f7456b8731f1499a57e22e6c285135ae657bf7 AS proxy
+FROM ${PYTHON_BASE} AS proxy
 
 LABEL org.opencontainers.image.title="sidecar-proxy" \
       org.opencontainers.image.description="Transparent TCP proxy for the redirected port (5001) of a service-mesh sidecar" \
@@ -72,16 +102,27 @@ CMD ["run"]
 # iptables-legacy the other; which one a node needs is redirect.sh's choice)
 # and the project's POSIX sh scripts. It runs as root with NET_ADMIN (and
 # NET_RAW, which the legacy backend needs) and exits.
-FROM alpine:3.22.2@sha256:4b7ce07002c69e8f3d704a9c5d6fd3053be500b7f1c69fc0d80990c2ad8dd412 AS init
+FROM ${INIT_BASE} AS init
 
 LABEL org.opencontainers.image.title="sidecar-proxy-init" \
       org.opencontainers.image.description="Installs the iptables redirect to the sidecar proxy, once, at pod start" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# Package versions are fixed by the pinned Alpine release; pinning apk
-# versions too breaks the build whenever Alpine ships a security fix.
-# hadolint ignore=DL3018
-RUN apk add --no-cache iptables ip6tables iptables-legacy
+# Package versions are fixed by the pinned release of the base; pinning apk
+# or apt versions too breaks the build whenever it ships a security fix.
+# Alpine (the default base) or Debian (a local base): whichever package
+# manager is there; Debian's iptables package has both backends.
+# hadolint ignore=DL3008,DL3018
+RUN if command -v apk >/dev/null; then \
+        apk add --no-cache iptables ip6tables iptables-legacy; \
+    elif command -v apt-get >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends iptables \
+        && apt-get clean \
+        && rm -rf /var/lib/apt/lists/*; \
+    else \
+        echo "INIT_BASE has neither apk nor apt-get" >&2; exit 1; \
+    fi
 
 COPY iptables/ /usr/local/lib/sidecar-proxy/iptables/
 

@@ -125,7 +125,10 @@ def init_container(options: Options) -> dict:
         mounts.append({"name": "sidecar-proxy-cgroup", "mountPath": CGROUP_MOUNT})
         # redirect.sh hands the new cgroup's tasks/cgroup.procs to the
         # proxy's UID: chown to another owner needs CAP_CHOWN, even for root.
-        capabilities.append("CHOWN")
+        # And it creates the cgroup in the hierarchy's root, which the kernel
+        # makes dr-xr-xr-x: without CAP_DAC_OVERRIDE, root gets EACCES there
+        # (found by tests/e2e/test_pods.py, in a real pod).
+        capabilities += ["CHOWN", "DAC_OVERRIDE"]
     if options.method == "explicit":
         args += ["--services", f"{SERVICES_MOUNT}/services"]
         mounts.append({"name": "sidecar-proxy-services", "mountPath": SERVICES_MOUNT, "readOnly": True})

@@ -64,8 +64,13 @@ class Stage:
         return found[-1]
 
 
+GLOBAL_ARGS: dict[str, str] = {}  # ARG NAME=DEFAULT before the first FROM
+
+
 def parse(text: str) -> list[Stage]:
-    """Instructions grouped by stage; comment lines vanish, `\\` continues a line."""
+    """Instructions grouped by stage; comment lines vanish, `\\` continues a line.
+    A FROM's ${ARG} is replaced by the default of the ARG before the first FROM
+    (what a build without --build-arg uses), and stored in GLOBAL_ARGS."""
     stages: list[Stage] = []
     pending, start = "", 0
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -80,8 +85,12 @@ def parse(text: str) -> list[Stage]:
         keyword, _, rest = (pending + line).partition(" ")
         pending = ""
         ins = Instruction(keyword.upper(), rest.strip(), start)
+        if ins.keyword == "ARG" and not stages:
+            name, _, default = ins.rest.partition("=")
+            GLOBAL_ARGS[name] = default
+            continue
         if ins.keyword == "FROM":
-            words = ins.rest.split()
+            words = re.sub(r"\$\{(\w+)\}", lambda m: GLOBAL_ARGS[m[1]], ins.rest).split()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
             stages.append(Stage(words[0], name))
         else:
@@ -126,6 +135,25 @@ def test_two_targets_and_a_builder():
     assert list(STAGES) == ["builder", "proxy", "init"]
 
 
+def test_bases_are_build_arguments_with_pinned_defaults():
+    """PYTHON_BASE and INIT_BASE, so a build without a registry can give local
+    bases (tests/e2e/test_pods.py); every FROM names one of them."""
+    assert set(GLOBAL_ARGS) == {"PYTHON_BASE", "INIT_BASE"}
+    froms = re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert froms == ["${PYTHON_BASE}", "${PYTHON_BASE}", "${INIT_BASE}"]
+
+
+def test_each_base_argument_says_what_a_local_debian_base_needs():
+    """The line the pod tests read to make their bases (see tests/pods.py)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from pods import base_needs
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    needs = base_needs(DOCKERFILE)
+    assert needs == {"PYTHON_BASE": ("python3", "python3-venv", "python-is-python3"), "INIT_BASE": ()}
+
+
 @pytest.mark.parametrize("stage", ["builder", "proxy", "init"])
 def test_base_images_are_pinned_by_version_and_digest(stage):
     base = STAGES[stage].base
@@ -141,6 +169,17 @@ def test_proxy_is_slim_python_built_in_another_stage():
     assert STAGES["builder"].base == STAGES["proxy"].base
     copies = [c.rest for c in STAGES["proxy"].all("COPY")]
     assert copies == ["--from=builder /usr/local/sidecar-proxy /usr/local/sidecar-proxy"]
+    # the builder has what setuptools needs (the rule scripts are data files
+    # of the package), and removes those before the venv is copied
+    assert [c.rest for c in STAGES["builder"].all("COPY")] == \
+        ["pyproject.toml README.md* ./", "proxy ./proxy", "iptables ./iptables"]
+    install = STAGES["builder"].last("RUN").rest
+    assert "rm -rf /usr/local/sidecar-proxy/share/sidecar-proxy" in install
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert all(p.startswith("iptables/") for paths in data_files.values() for p in paths)
+    # the CA bundle a build may pass for pip is an ARG of the builder alone
+    assert [a.rest for a in STAGES["builder"].all("ARG")] == ["PIP_CERT"]
+    assert not STAGES["proxy"].all("ARG") and not STAGES["init"].all("ARG")
     installs = " ".join(r.rest for r in STAGES["proxy"].all("RUN"))
     assert "pip" not in installs and "apt-get" not in installs, "the proxy stage installs nothing"
 
@@ -216,7 +255,10 @@ def test_init_image_is_sh_iptables_and_the_scripts():
     init = STAGES["init"]
     assert init.base.startswith("alpine:")
     [install] = init.all("RUN")
-    assert install.rest.split() == ["apk", "add", "--no-cache", "iptables", "ip6tables", "iptables-legacy"]
+    # Alpine's packages (the default base), or Debian's (a local base)
+    assert "apk add --no-cache iptables ip6tables iptables-legacy;" in install.rest
+    assert "apt-get install -y --no-install-recommends iptables " in install.rest
+    assert "rm -rf /var/lib/apt/lists/*" in install.rest
     [copy] = init.all("COPY")
     source, destination = copy.rest.split()
     assert source == "iptables/"

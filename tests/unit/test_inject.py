@@ -192,8 +192,9 @@ def test_cgroup_method_shares_one_cgroup_directory_per_pod(inject):
     init, proxy = container(spec, INIT), container(spec, PROXY)
     directory = "/run/sidecar-proxy/net_cls/sidecar-proxy-$(POD_UID)"
     assert init["args"] == ["--method", "cgroup", "--cgroup-dir", directory]
-    # redirect.sh chowns the cgroup's tasks/cgroup.procs to the proxy's UID.
-    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW", "CHOWN"]
+    # redirect.sh creates the cgroup in the hierarchy's read-only (0555) root
+    # and chowns its tasks/cgroup.procs to the proxy's UID.
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW", "CHOWN", "DAC_OVERRIDE"]
     assert proxy["args"] == ["run", "--cgroup", directory]
     mount = {"name": "sidecar-proxy-cgroup", "mountPath": "/run/sidecar-proxy/net_cls"}
     assert mount in init["volumeMounts"] and proxy["volumeMounts"] == [mount]

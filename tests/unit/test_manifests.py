@@ -127,7 +127,7 @@ def sidecar_errors(obj: dict) -> list[str]:
     if "127.0.0.1:15000/ready" not in " ".join(proxy["readinessProbe"]["exec"]["command"]):
         errors.append("proxy readiness probe does not ask /ready on 15000")
     if (i["runAsUser"], i["runAsNonRoot"]) != (0, False) \
-            or not set(i["capabilities"]["add"]) <= {"NET_ADMIN", "NET_RAW", "CHOWN"}:
+            or not set(i["capabilities"]["add"]) <= {"NET_ADMIN", "NET_RAW", "CHOWN", "DAC_OVERRIDE"}:
         errors.append(f"init step identity {i}")
     return errors
 
