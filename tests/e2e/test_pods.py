@@ -33,19 +33,18 @@ import hashlib
 import json
 import os
 import random
-import socket
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pods
 import pytest
 import yaml
-
-import pods
 from pods import APP_IMAGE, INIT_IMAGE, PROXY_IMAGE, Node, Podman
 from support import Server, digest_sink, echo, recv_line
 
@@ -358,9 +357,9 @@ DEPLOY_IMAGES = {"sidecar-proxy:0.1.0": PROXY_IMAGE, "sidecar-proxy-init:0.1.0":
 
 
 def http_get(ns, url: str) -> str:
-    with ns.entered():  # the socket is made in the node's namespace
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return reply.read().decode()
+    # the socket is made in the node's namespace
+    with ns.entered(), urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 @pytest.mark.parametrize("example, method", [("sidecar-uid.yaml", "uid"), ("sidecar-mark.yaml", "mark")])
@@ -383,7 +382,7 @@ def test_deploy_example(podman, images, node, example, method):
     try:
         names = pods.create_pods(podman, deployment)
         assert len(names) == len(ECHO_PODS) == docs[0]["spec"]["replicas"]
-        for name, address in zip(names, ECHO_PODS):
+        for name, address in zip(names, ECHO_PODS, strict=True):
             started.append(pods.start_pod(podman, name, node, address, address.replace("192.0.2.", "2001:db8:1::")))
         for pod in started:
             wait_ready(pod)
@@ -391,7 +390,7 @@ def test_deploy_example(podman, images, node, example, method):
             assert_init_ran_once(podman, pod)
         # through the Service from the node: kube-proxy's DNAT, then each
         # replica's inbound capture; agnhost sees its proxy, not the node
-        for pod, address in zip(started, ECHO_PODS):
+        for pod, address in zip(started, ECHO_PODS, strict=True):
             assert http_get(node.ns, f"http://{SERVICE_VIP}/echo?msg=through-{pod.name}") == f"through-{pod.name}"
             seen = http_get(node.ns, f"http://{address}:{target}/clientip").rpartition(":")[0]
             assert seen in (address, "127.0.0.1"), f"{pod.name}'s app saw {seen}: not through its proxy"

@@ -26,7 +26,7 @@ import urllib.parse
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/healthz":
             body = "ok"
