@@ -423,7 +423,7 @@ class AttachedNetNs(NetNs):
     the pod's, held by its infra container. Deleting the name leaves the
     namespace to its holder."""
 
-    def __init__(self, name: str, pid: int) -> None:  # noqa: super().__init__ would make a new one
+    def __init__(self, name: str, pid: int) -> None:  # no super().__init__(): it would make a new namespace
         self.name = name
         self.path = f"/run/netns/{name}"
         run(["ip", "netns", "attach", name, str(pid)])

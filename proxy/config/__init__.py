@@ -10,6 +10,8 @@ The rest of the proxy imports from here, never from the modules inside.
 """
 
 from .load import check_ambiguous, from_data, load
+from .logformat import DEFAULT as ENVOY_LOG_FORMAT
+from .logformat import compile_format
 from .model import (
     BLACKHOLE,
     DEFAULT_ADMIN_PORT,
@@ -40,9 +42,38 @@ from .model import (
 from .values import SETTINGS, SHORT_FORM, ConfigError, parse_duration
 
 __all__ = [
-    "BLACKHOLE", "DEFAULT_ADMIN_PORT", "DEFAULT_MARK", "DEFAULT_PORT", "DIRECTIONS", "LOG_FORMATS", "LOG_LEVELS",
-    "LOOPS", "NET_CLS_ID", "ORIGINAL_DST", "PASSTHROUGH", "PROXY_UID", "SETTINGS", "SHORT_FORM", "SPLICE_MODES",
-    "AccessLog", "Chain", "Cluster", "Config", "ConfigError", "Endpoint", "IPNetwork", "Listener", "Match",
-    "WeightedCluster", "check_ambiguous", "from_data", "hostport", "load", "parse_duration", "plain_listener",
+    "BLACKHOLE",
+    "DEFAULT_ADMIN_PORT",
+    "DEFAULT_MARK",
+    "DEFAULT_PORT",
+    "DIRECTIONS",
+    "ENVOY_LOG_FORMAT",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "LOOPS",
+    "NET_CLS_ID",
+    "ORIGINAL_DST",
+    "PASSTHROUGH",
+    "PROXY_UID",
+    "SETTINGS",
+    "SHORT_FORM",
+    "SPLICE_MODES",
+    "AccessLog",
+    "Chain",
+    "Cluster",
+    "Config",
+    "ConfigError",
+    "Endpoint",
+    "IPNetwork",
+    "Listener",
+    "Match",
+    "WeightedCluster",
+    "check_ambiguous",
+    "compile_format",
+    "from_data",
+    "hostport",
+    "load",
+    "parse_duration",
+    "plain_listener",
     "redirect_listener",
 ]

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from .logformat import compile_format
 from .model import (
     ACTIONS,
     BLACKHOLE,
@@ -252,8 +253,8 @@ def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
         name=name, match=_match(raw.get("match"), f"{where}.match"), action=action, cluster=cluster,
         weighted=weighted,
         stat_prefix=None if raw.get("stat_prefix") is None else parse_text(raw["stat_prefix"], f"{where}.stat_prefix"),
-        idle_timeout=None if raw.get("idle_timeout") is None else parse_duration(raw["idle_timeout"],
-                                                                                  f"{where}.idle_timeout"),
+        idle_timeout=None if raw.get("idle_timeout") is None else _chain_idle(raw["idle_timeout"],
+                                                                               f"{where}.idle_timeout"),
         max_connect_attempts=None if attempts is None else _positive(attempts, f"{where}.max_connect_attempts"),
         access_logs=items(raw, "access_logs", where, _access_log),
     )
@@ -269,8 +270,20 @@ def _weighted(value: Any, where: str, clusters: set[str]) -> WeightedCluster:
 def _access_log(value: Any, where: str) -> AccessLog:
     raw = mapping(value, where, ("path", "format"), ("path",))
     fmt = raw.get("format")
-    return AccessLog(parse_text(raw["path"], f"{where}.path"),
-                     None if fmt is None else parse_text(fmt, f"{where}.format"))
+    if fmt is not None:
+        fmt = parse_text(fmt, f"{where}.format")
+        try:
+            compile_format(fmt)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.format", str(exc)) from None
+    return AccessLog(parse_text(raw["path"], f"{where}.path"), fmt)
+
+
+def _chain_idle(value: Any, where: str) -> float:
+    """A chain's idle timeout; 0 turns it off, as in Envoy's tcp_proxy."""
+    if value in (0, "0", "0s"):
+        return 0.0
+    return parse_duration(value, where)
 
 
 def _positive(value: Any, where: str) -> int:

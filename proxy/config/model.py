@@ -116,7 +116,7 @@ class Chain:
     cluster: str | None = None  # action cluster: the cluster (or the first of `weighted`)
     weighted: tuple[WeightedCluster, ...] = ()  # action cluster: pick one by weight per connection
     stat_prefix: str | None = None  # tcp_proxy's stats, tcp.<stat_prefix>.*
-    idle_timeout: float | None = None  # None: Config.idle_timeout
+    idle_timeout: float | None = None  # None: Config.idle_timeout; 0: never (Envoy's 0s)
     max_connect_attempts: int | None = None  # None: every endpoint of the cluster once
     access_logs: tuple[AccessLog, ...] = ()
 

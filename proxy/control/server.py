@@ -114,16 +114,17 @@ class Proxy(Runner):
         if self.local is not None:
             self.local.close(loop)
         if self.shared is not None:
-            self.shared.access_log.close()
+            self.shared.close()
 
     # while running --------------------------------------------------------------------------
     async def _sweep_idle(self) -> None:
         """Close connections quiet for idle_timeout: one timer for all of them."""
-        timeout, shared = self.config.idle_timeout, self.shared
+        shared = self.shared
         assert shared is not None  # made by _open, before this task
+        interval = idle_sweep_interval(shared.shortest_idle_timeout)
         while True:
-            await asyncio.sleep(idle_sweep_interval(timeout))
-            close_idle(list(shared.live.values()), timeout)
+            await asyncio.sleep(interval)
+            close_idle(list(shared.live.values()))
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """asyncio reports EMFILE on accept here, once per attempt, with a

@@ -23,6 +23,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO, cast
 
 _STOP = object()
@@ -78,9 +79,10 @@ def _chunks(lines: list[str], size: int) -> list[str]:
 class AccessLog:
     """Writes access-log entries to a stream from a background thread."""
 
-    def __init__(self, target: str, fmt: str) -> None:
+    def __init__(self, target: str, fmt: str | Callable[[Entry], str]) -> None:
+        """`fmt`: text or json (ours), or a function of an entry (an Envoy format: config.logformat)."""
         self.enabled = target != "off"
-        self._format = format_json if fmt == "json" else format_text
+        self._format = fmt if callable(fmt) else format_json if fmt == "json" else format_text
         self._queue: queue.SimpleQueue[list[str] | object] = queue.SimpleQueue()  # batches of lines, or _STOP
         self._pending: list[str] = []  # lines formatted, not yet handed to the thread
         self._loop: asyncio.AbstractEventLoop | None = None

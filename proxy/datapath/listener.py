@@ -30,6 +30,7 @@ Stat names (Envoy's where the meaning is the same; upstream.py makes the cluster
     listener.<address>.no_filter_chain_match
     splice.{pumps_total,pumps_active,unavailable}                     (ours)
     chain.<name>.{cx_total,rejected}, direction.<inbound|outbound>.cx_total   (ours)
+    tcp.<stat_prefix>.*   Envoy's tcp_proxy stats, for chains with a stat_prefix (TCP_STATS)
 
 <address> is Envoy's form of the listener's first address, `[__]_5001` for
 [::]:5001, `0.0.0.0_5001`, `127.0.0.1_15080`.
@@ -41,11 +42,14 @@ import asyncio
 import errno
 import itertools
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from sys import intern
+from typing import Any
 
-from ..config import Config, Endpoint
+from ..config import ENVOY_LOG_FORMAT, Config, Endpoint, compile_format, hostport
 from ..config import Listener as ListenerSpec
 from .accesslog import AccessLog
 from .chains import ChainTable
@@ -61,6 +65,13 @@ LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_
                   "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion")
 REDIRECT_STATS = (*LISTENER_STATS, "loop_guard_refused")
 SPLICE_STATS = ("pumps_total", "pumps_active", "unavailable")
+# Envoy's tcp_proxy stats, all of them (the ones we never move stay 0, as they do
+# in Envoy for what a chain does not use: no route and the flush counters are
+# for configurations we refuse, the duration limit for one we do not take).
+TCP_STATS = ("downstream_cx_total", "downstream_cx_no_route", "downstream_cx_tx_bytes_total",
+             "downstream_cx_tx_bytes_buffered", "downstream_cx_rx_bytes_total", "downstream_cx_rx_bytes_buffered",
+             "downstream_flow_control_paused_reading_total", "downstream_flow_control_resumed_reading_total",
+             "idle_timeout", "max_downstream_connection_duration", "upstream_flush_total", "upstream_flush_active")
 
 LOOP_HINT = ("the proxy's own upstream connection was redirected back to it: "
              "the rules do not exempt the proxy (check that it runs as the UID, "
@@ -85,6 +96,18 @@ class Shared:
         chains = [c for spec in config.listeners for c in (*spec.chains, spec.default_chain) if c is not None]
         self.chain_stats = {c.name: Names(f"chain.{c.name}.", ("cx_total", "rejected") if c.action == "reject"
                                           else ("cx_total",)) for c in chains}
+        # per chain: its tcp_proxy stats (chains may share a prefix, and then the stats), its idle
+        # timeout (inf: none), and its own access logs (one writer per file and format)
+        by_prefix = {p: Names(f"tcp.{p}.", TCP_STATS) for p in {c.stat_prefix for c in chains} if p}
+        self.tcp_stats = {c.name: by_prefix[c.stat_prefix] for c in chains if c.stat_prefix}
+        self.idle_timeouts = {c.name: _idle(c.idle_timeout, config.idle_timeout) for c in chains}
+        self.shortest_idle_timeout = min((config.idle_timeout, *self.idle_timeouts.values()))
+        writers = {(log.path, log.format): AccessLog(log.path, _rendering(log.format))
+                   for c in chains for log in c.access_logs}
+        self.chain_logs = {c.name: tuple(writers[log.path, log.format] for log in c.access_logs)
+                           for c in chains if c.access_logs}
+        for names in by_prefix.values():
+            stats.declare(*names.all)
         self.direction_stats = {d: f"direction.{d}.cx_total" for d in ("inbound", "outbound")}
         self.splice_stats = Names("splice.", SPLICE_STATS)
         # every configured chain and direction is listed in /stats from the start
@@ -93,6 +116,13 @@ class Shared:
         stats.declare(*self.direction_stats.values())
         if config.splice == "auto":
             stats.declare(*self.splice_stats.all)
+
+    def close(self) -> None:
+        """Write out and close every access log."""
+        self.access_log.close()
+        for logs in self.chain_logs.values():
+            for log_ in logs:
+                log_.close()
 
     def note_exhaustion(self, names: Names, message: str) -> None:
         """Out of descriptors or memory: count every time, log once a second."""
@@ -134,6 +164,13 @@ class Shared:
                 cluster = upstream.attempts.route.names
                 counts[cluster.upstream_cx_tx_bytes_total] += up
                 counts[cluster.upstream_cx_rx_bytes_total] += down
+            tcp = self.tcp_stats.get(relay.chain)
+            if tcp is not None:
+                counts[tcp.downstream_cx_rx_bytes_total] += up
+                counts[tcp.downstream_cx_tx_bytes_total] += down
+                counts[tcp.downstream_cx_tx_bytes_buffered] += _buffered(relay.downstream.transport)
+                if upstream is not None:
+                    counts[tcp.downstream_cx_rx_bytes_buffered] += _buffered(upstream.transport)
         return counts
 
 
@@ -177,6 +214,7 @@ class Listener:
     def _count(self, relay: Relay) -> None:
         """The connection is this listener's (also one handed to it)."""
         relay.owner, relay.listener = self, self.name
+        relay.idle_timeout = self.shared.config.idle_timeout
         self.shared.stats.inc(self.names.downstream_cx_total)
         self.shared.stats.inc(self.names.downstream_cx_active)
 
@@ -249,8 +287,12 @@ class Listener:
             relay.close("no_filter_chain_match")
             return
         relay.chain = chain.name
+        relay.idle_timeout = shared.idle_timeouts[chain.name]
         names = shared.chain_stats[chain.name]
         stats.inc(names.cx_total)
+        tcp = shared.tcp_stats.get(chain.name)
+        if tcp is not None:
+            stats.inc(tcp.downstream_cx_total)
         if chain.action == "reject":
             stats.inc(names.rejected)
             relay.close("rejected", reset=True)
@@ -274,6 +316,12 @@ class Listener:
         self.shared.connector.failed(relay, up, timed_out, reason)
 
     # bulk ---------------------------------------------------------------------------
+    def flow(self, relay: Relay, paused: bool) -> None:
+        tcp = self.shared.tcp_stats.get(relay.chain)
+        if tcp is not None:
+            self.shared.stats.inc(tcp.downstream_flow_control_paused_reading_total if paused
+                                  else tcp.downstream_flow_control_resumed_reading_total)
+
     def pumped(self, change: int) -> None:
         """A splice pump started (+1) or stopped (-1)."""
         names, stats = self.shared.splice_stats, self.shared.stats
@@ -304,12 +352,40 @@ class Listener:
         stats.inc(names.downstream_cx_tx_bytes_total, received)
         if (confirmed := relay.confirmed) is not None:
             shared.connector.closed(relay, confirmed, sent, received)
-        if shared.access_log.enabled:
+        tcp = shared.tcp_stats.get(relay.chain)
+        if tcp is not None:
+            stats.inc(tcp.downstream_cx_rx_bytes_total, sent)
+            stats.inc(tcp.downstream_cx_tx_bytes_total, received)
+            if relay.end == "idle_timeout":
+                stats.inc(tcp.idle_timeout)
+        chain_logs = shared.chain_logs.get(relay.chain, ())
+        if shared.access_log.enabled or chain_logs:
             entry = relay.describe()
             entry.update(bytes_up=sent, bytes_down=received, end=relay.end or "done",
                          duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
             shared.access_log.write(entry)
+            if chain_logs:
+                entry["upstream_local"] = hostport(*confirmed.key[:2]) if confirmed is not None else None
+                for chain_log in chain_logs:
+                    chain_log.write(entry)
 
 
 def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host == "::1"
+
+
+def _idle(chain_timeout: float | None, default: float) -> float:
+    """A chain's idle timeout in seconds: its own, or the proxy's; 0 is never (inf)."""
+    if chain_timeout is None:
+        return default
+    return chain_timeout or math.inf
+
+
+def _rendering(fmt: str | None) -> Callable[[dict[str, Any]], str]:
+    """An Envoy format (or Envoy's default) as an access-log formatter: one line per connection."""
+    render = compile_format(fmt if fmt is not None else ENVOY_LOG_FORMAT)
+    return lambda entry: render(entry).removesuffix("\n")
+
+
+def _buffered(transport: asyncio.Transport | None) -> int:
+    return transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0

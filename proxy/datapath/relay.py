@@ -63,9 +63,10 @@ once, when both sockets are closed. The relay never learns more of the
 attempts than whether another may follow (`Upstream.attempts`).
 
 Idle timeout: one sweep for the whole process (`close_idle`, run by the
-server every eighth of the timeout, and at least once a second) compares each
-connection's byte counters with what it saw last time; a connection whose
-counters have not moved for a timeout is closed. The per-chunk path pays
+server every eighth of the shortest timeout, and at least once a second)
+compares each connection's byte counters with what it saw last time; a
+connection whose counters have not moved for its timeout (its chain's, or
+the proxy's) is closed. The per-chunk path pays
 nothing for it (no clock read, no timer reset), and one timer in all
 instead of one per connection keeps an idle connection small; the price is
 that idleness is noticed up to one sweep interval late.
@@ -79,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import math
 import socket
 import time
 from collections.abc import Iterable
@@ -136,6 +138,9 @@ class Owner(Protocol):
 
     def connect_failed(self, relay: Relay, up: Upstream, timed_out: bool, reason: str) -> None:
         """The current attempt failed: attach the next, or close the relay."""
+
+    def flow(self, relay: Relay, paused: bool) -> None:
+        """Reading the client stopped (or started again) because the upstream cannot keep up."""
 
     def pumped(self, change: int) -> None:
         """A splice pump started (+1) or stopped (-1)."""
@@ -275,19 +280,25 @@ class Upstream(Side):
         self.relay.half_closed(self)
         return True
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.relaying:  # not the pause that waits for the handshake: see confirm()
+            self.relay.owner.flow(self.relay, paused=True)
+
     def resume_writing(self) -> None:
         if not self.relaying:
             self.paused = False
             self.relay.confirm(self)  # resumes the client
             return
         super().resume_writing()
+        self.relay.owner.flow(self.relay, paused=False)
 
 
 class Relay:
     """One proxied connection: its two sides, counters and how it ended."""
 
     __slots__ = ("id", "owner", "downstream", "upstream", "held", "deadline",
-                 "last_active", "bytes_seen", "end", "started", "_ended",
+                 "last_active", "bytes_seen", "idle_timeout", "end", "started", "_ended",
                  # what the connection is, for the access log and the admin API;
                  # plain fields rather than a dict: an idle connection stays small
                  "listener", "source", "destination", "direction", "chain", "cluster")
@@ -301,6 +312,7 @@ class Relay:
         self.deadline: asyncio.TimerHandle | None = None  # the connect timeout of the attempt
         self.last_active = self.started = _monotonic()  # kept by close_idle
         self.bytes_seen = 0  # both directions' counters at the last sweep
+        self.idle_timeout = math.inf  # seconds without a byte before close_idle closes it (set by the owner)
         self.end: str | None = None  # why it ended: done, idle_timeout, *_reset, ...
         self._ended = False
         self.listener = "-"
@@ -574,12 +586,12 @@ def _text(addr: Endpoint | None) -> str:
 
 
 def idle_sweep_interval(timeout: float) -> float:
-    """How often to sweep: an eighth of the timeout, and at least once a second."""
+    """How often to sweep: an eighth of the (shortest) timeout, and at least once a second."""
     return min(timeout / 8, 1.0)
 
 
-def close_idle(relays: Iterable[Relay], timeout: float, now: float | None = None) -> int:
-    """Close every connection quiet for `timeout` seconds; how many.
+def close_idle(relays: Iterable[Relay], now: float | None = None) -> int:
+    """Close every connection quiet for its idle_timeout; how many.
 
     The first time, gracefully (as Envoy's idle timeout); a connection still
     there a timeout later is stuck flushing to a peer that does not read, and
@@ -591,7 +603,7 @@ def close_idle(relays: Iterable[Relay], timeout: float, now: float | None = None
         moved = relay.bytes_from_downstream + relay.bytes_from_upstream
         if moved != relay.bytes_seen:  # bytes flowed since the last sweep
             relay.bytes_seen, relay.last_active = moved, now
-        elif now - relay.last_active >= timeout:
+        elif now - relay.last_active >= relay.idle_timeout:
             quiet.append(relay)
     for relay in quiet:
         stuck = relay.end is not None

@@ -39,8 +39,8 @@ def stat_address(host: str, port: int) -> str:
 
 
 def is_gauge(name: str) -> bool:
-    """Envoy's gauges among our names: everything counting what is open now."""
-    return name.endswith("_active")
+    """Envoy's gauges among our names: everything counting what is open or held now."""
+    return name.endswith(("_active", "_buffered"))
 
 
 class Names:

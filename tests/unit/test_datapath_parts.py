@@ -137,6 +137,7 @@ class Quiet:
     def __init__(self) -> None:
         self.bytes_from_downstream = self.bytes_from_upstream = 0
         self.bytes_seen, self.last_active, self.end = 0, 0.0, None
+        self.idle_timeout = 10
         self.closes: list[tuple[str, bool]] = []
 
     def close(self, reason: str, *, reset: bool = False) -> None:
@@ -146,12 +147,12 @@ class Quiet:
 
 def test_idle_connections_close_gracefully_then_reset_if_stuck():
     busy, quiet = Quiet(), Quiet()
-    assert close_idle([busy, quiet], timeout=10, now=5) == 0
+    assert close_idle([busy, quiet], now=5) == 0
     busy.bytes_from_upstream = 100  # moved since the last sweep: its clock restarts
-    assert close_idle([busy, quiet], timeout=10, now=11) == 1
+    assert close_idle([busy, quiet], now=11) == 1
     assert quiet.closes == [("idle_timeout", False)] and busy.closes == []
     busy.bytes_from_downstream = 5
-    assert close_idle([busy, quiet], timeout=10, now=21) == 1  # still there a timeout later: stuck
+    assert close_idle([busy, quiet], now=21) == 1  # still there a timeout later: stuck
     assert quiet.closes[-1] == ("idle_timeout", True)
     assert busy.closes == []
 

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from proxy.config import AccessLog as LogSpec
 from proxy.config import Cluster, Config, Endpoint, plain_listener
 from proxy.datapath.accesslog import AccessLog
 from proxy.datapath.listener import Listener, Shared
 from proxy.datapath.localaddrs import LocalAddresses
-from proxy.datapath.relay import WRITE_HIGH_WATER, Relay
+from proxy.datapath.relay import WRITE_HIGH_WATER, Relay, close_idle
 from proxy.datapath.stats import Stats
 
 STEP = 5.0  # seconds any one step may take before the test fails
@@ -100,13 +103,15 @@ class World:
 
 @contextlib.asynccontextmanager
 async def world(endpoints: list[Endpoint | socket.socket], splice: str = "off",
-                connect_timeout: float = 5.0) -> AsyncIterator[World]:
+                connect_timeout: float = 5.0, **chain: Any) -> AsyncIterator[World]:
+    """`chain`: more of the front listener's chain (stat_prefix, idle_timeout, access_logs)."""
     loop = asyncio.get_running_loop()
     backends = [e for e in endpoints if isinstance(e, socket.socket)]
     eps = tuple(Endpoint(*e.getsockname()) if isinstance(e, socket.socket) else e for e in endpoints)
+    front = plain_listener("front", "127.0.0.1", 1, "backend")
+    front = dataclasses.replace(front, default_chain=dataclasses.replace(front.default_chain, **chain))
     config = Config(splice=splice, access_log="off",
-                    clusters=(Cluster("backend", eps, connect_timeout=connect_timeout),),
-                    listeners=(plain_listener("front", "127.0.0.1", 1, "backend"),))
+                    clusters=(Cluster("backend", eps, connect_timeout=connect_timeout),), listeners=(front,))
     local = LocalAddresses()
     shared = Shared(config, Stats(), AccessLog("off", "text"), local, loop)
     listener = Listener(shared, loop, config.listeners[0])
@@ -118,6 +123,7 @@ async def world(endpoints: list[Endpoint | socket.socket], splice: str = "off",
         for relay in list(shared.live.values()):
             relay.close("test_over", reset=True)
         await asyncio.sleep(0.01)
+        shared.close()
         for b in backends:
             b.close()
 
@@ -349,3 +355,43 @@ def test_a_connection_to_nowhere_is_refused_at_once_not_hung():
     sock.setblocking(False)
     assert sock.connect_ex(("127.0.0.1", closed_port())) in (errno.EINPROGRESS, errno.ECONNREFUSED)
     sock.close()
+
+
+# --- a chain's own settings: tcp_proxy stats, idle timeout, access log ----------------------
+
+def test_a_chains_stat_prefix_idle_timeout_and_access_log(run, tmp_path):
+    log_path = tmp_path / "tcp.log"
+    fmt = "%DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%\n"
+
+    async def scenario():
+        async with world([listening()], stat_prefix="front_tcp", idle_timeout=0.3,
+                         access_logs=(LogSpec(str(log_path), fmt),)) as w:
+            reader, writer = await w.client()
+            backend = await w.accept()
+            writer.write(b"12345")
+            assert await recv_exactly(backend, 5) == b"12345"
+            await asyncio.get_running_loop().sock_sendall(backend, b"abc")
+            assert await asyncio.wait_for(reader.readexactly(3), STEP) == b"abc"
+            relay = w.relay()
+            assert relay.idle_timeout == 0.3 and w.stats["tcp.front_tcp.downstream_cx_total"] == 1
+            live = w.shared.live_counts()
+            assert live["tcp.front_tcp.downstream_cx_rx_bytes_total"] == 5
+            assert live["tcp.front_tcp.downstream_cx_tx_bytes_total"] == 3
+            assert close_idle(list(w.shared.live.values())) == 0  # a sweep notes the bytes that moved
+            await asyncio.sleep(0.4)
+            assert close_idle(list(w.shared.live.values())) == 1  # quiet longer than its chain allows
+            assert await asyncio.wait_for(reader.read(), STEP) == b""
+            await w.until(lambda: not w.shared.live, "the relay ended")
+            assert w.stats["tcp.front_tcp.idle_timeout"] == 1
+            assert w.stats["tcp.front_tcp.downstream_cx_rx_bytes_total"] == 5
+            client = writer.get_extra_info("sockname")
+            writer.close()
+            backend.close()
+            return client
+
+    client = run(scenario())
+    line = log_path.read_text()
+    assert line.endswith("\n") and line.count("\n") == 1
+    source, upstream, received, sent, flags = line.split()
+    assert source == f"{client[0]}:{client[1]}" and (received, sent, flags) == ("5", "3", "-")
+    assert upstream.startswith("127.0.0.1:")

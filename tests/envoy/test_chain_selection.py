@@ -1,0 +1,286 @@
+"""Filter-chain selection, side by side with real Envoy on the same connections.
+
+Generated listeners of a dozen filter chains (destination port, destination
+prefixes, transport protocol, direct source, source type, source prefixes,
+source ports) get the same few hundred connections, each from a chosen
+source address and port to a chosen destination, through the project's own
+redirect rules, first to real Envoy 1.40 and then to the proxy, each as UID
+1337 in a fresh pod. Each chain writes the connections it took to an access
+log with Envoy's %FILTER_CHAIN_NAME%; the two logs must name the same chain
+for every connection. The generator is seeded, so a difference is
+reproducible; the seed and the chains are in the failure message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from envoyproc import EnvoyProcess, validate
+
+from proxy import config as cfg
+from proxy.demo.netns import PodWorld, ThreadedServer
+from proxy.demo.sandbox import ProxyProcess
+
+pytestmark = pytest.mark.netns
+
+REDIRECT = Path(__file__).resolve().parents[2] / "iptables" / "redirect.sh"
+PORT = 15001  # the listener both proxies take the redirected connections on
+SINK = ("198.51.100.250", 7)  # every chain's upstream: a server in the remote that closes when the client does
+LOG_FORMAT = "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %FILTER_CHAIN_NAME%\n"
+
+SOURCES = ["192.0.2.1", "192.0.2.10", "192.0.2.11", "192.0.2.129", "2001:db8:1::1", "2001:db8:1::10",
+           "2001:db8:1::8000"]
+DESTINATIONS = ["198.51.100.10", "198.51.100.70", "198.51.100.130", "203.0.113.9", "2001:db8:2::10",
+                "2001:db8:2::8000", "192.0.2.1"]  # the last: the pod's own address, a local connection from it
+PORTS = [80, 443, 8080, 9000]
+SOURCE_PORTS = [41000, 41001]
+DST_PREFIXES = ["198.51.100.0/24", "198.51.100.0/26", "198.51.100.64/26", "198.51.100.128/25", "0.0.0.0/0",
+                "2001:db8:2::/64", "2001:db8:2::/112", "192.0.2.1/32", "203.0.113.0/24"]
+SRC_PREFIXES = ["192.0.2.0/24", "192.0.2.0/28", "192.0.2.128/25", "2001:db8:1::/64", "2001:db8:1::/112"]
+CHAINS = 12
+CASES = 320
+
+
+@dataclass(frozen=True)
+class Case:
+    src: str
+    sport: int  # 0: any
+    dst: str
+    dport: int
+
+
+def generate_chains(rng: random.Random) -> list[dict]:
+    """CHAINS filter_chain_match dicts that no two can match the same connection (Envoy refuses those)."""
+    while True:
+        chains = [_chain_match(rng) for _ in range(CHAINS)]
+        model = tuple(cfg.Chain(f"c{i}", _as_match(m), action="cluster", cluster="sink")
+                      for i, m in enumerate(chains))
+        try:
+            cfg.check_ambiguous(model)
+        except cfg.ConfigError:
+            continue
+        return chains
+
+
+def _chain_match(rng: random.Random) -> dict:
+    """One to three criteria, so that the connections below can meet them."""
+    criteria = {
+        "destination_port": lambda: rng.choice(PORTS),
+        "prefix_ranges": lambda: [_cidr(p) for p in rng.sample(DST_PREFIXES, rng.choice([1, 1, 2]))],
+        "transport_protocol": lambda: "raw_buffer",
+        "direct_source_prefix_ranges": lambda: [_cidr(rng.choice(SRC_PREFIXES))],
+        "source_type": lambda: rng.choice(["SAME_IP_OR_LOOPBACK", "EXTERNAL"]),
+        "source_prefix_ranges": lambda: [_cidr(rng.choice(SRC_PREFIXES))],
+        "source_ports": lambda: [rng.choice(SOURCE_PORTS)],
+    }
+    weights = [6, 6, 1, 1, 2, 3, 2]
+    chosen: set[str] = set()
+    while len(chosen) < rng.choice([1, 2, 2, 3]):
+        chosen.add(rng.choices(list(criteria), weights)[0])
+    return {key: criteria[key]() for key in criteria if key in chosen}
+
+
+def _cidr(prefix: str) -> dict:
+    net = ipaddress.ip_network(prefix)
+    return {"address_prefix": str(net.network_address), "prefix_len": net.prefixlen}
+
+
+def _nets(ranges: list[dict]) -> tuple[cfg.IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(f"{r['address_prefix']}/{r['prefix_len']}") for r in ranges)
+
+
+def _as_match(m: dict) -> cfg.Match:
+    source_type = {"SAME_IP_OR_LOOPBACK": "local", "EXTERNAL": "external"}.get(m.get("source_type", ""), "any")
+    return cfg.Match(ports=(m["destination_port"],) if "destination_port" in m else (),
+                     destinations=_nets(m.get("prefix_ranges", [])), sources=_nets(m.get("source_prefix_ranges", [])),
+                     source_ports=tuple(m.get("source_ports", [])),
+                     direct_sources=_nets(m.get("direct_source_prefix_ranges", [])), source_type=source_type,
+                     transport_protocol=m.get("transport_protocol", ""))
+
+
+def generate_cases(rng: random.Random, chains: list[dict]) -> list[Case]:
+    """Half of the connections aimed at a chain's criteria (so they reach many chains
+    and the places where chains compete), half anywhere."""
+    cases, taken = [], set()
+    while len(cases) < CASES:
+        aim = rng.choice(chains) if rng.random() < 0.5 else {}
+        src = _within(rng, aim.get("source_prefix_ranges"), SOURCES)
+        dst = _within(rng, aim.get("prefix_ranges"), [d for d in DESTINATIONS if (":" in d) == (":" in src)])
+        if (":" in dst) != (":" in src) or (dst == "192.0.2.1" and src != "192.0.2.1"):
+            continue  # one family; a local connection to the pod's own address comes from that address
+        sport = aim["source_ports"][0] if "source_ports" in aim else (
+            rng.choice(SOURCE_PORTS) if rng.random() < 0.2 else 0)
+        case = Case(src, sport, dst, aim.get("destination_port") or rng.choice(PORTS))
+        if sport and (src, sport, dst, case.dport) in taken:
+            continue  # the same four-tuple twice would meet its own TIME_WAIT
+        taken.add((src, sport, dst, case.dport))
+        cases.append(case)
+    return cases
+
+
+def _within(rng: random.Random, ranges: list[dict] | None, pool: list[str]) -> str:
+    """An address of `pool` inside one of `ranges` if there is one, else any of the pool."""
+    if ranges:
+        inside = [a for a in pool if any(ipaddress.ip_address(a) in n for n in _nets(ranges))]
+        if inside:
+            return rng.choice(inside)
+    return rng.choice(pool)
+
+
+def envoy_bootstrap(chains: list[dict], log_path: str) -> dict:
+    def tcp(name: str) -> list[dict]:
+        return [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": name, "cluster": "sink",
+            "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": log_path, "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}}}}]}}]
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtual",
+                "address": {"socket_address": {"address": "::", "port_value": PORT, "ipv4_compat": True}},
+                "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+                "filter_chains": [{"name": f"c{i}", "filter_chain_match": m, "filters": tcp(f"c{i}")}
+                                  for i, m in enumerate(chains)],
+                "default_filter_chain": {"name": "default", "filters": tcp("default")},
+            }],
+            "clusters": [{"name": "sink", "type": "STATIC", "connect_timeout": "2s", "load_assignment": {
+                "cluster_name": "sink", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": SINK[0], "port_value": SINK[1]}}}}]}]}}],
+        },
+    }
+
+
+def proxy_config(chains: list[dict], log_path: str) -> dict:
+    """The same listener in the proxy's own long form (until the proxy reads the bootstrap itself)."""
+    logs = [{"path": log_path, "format": LOG_FORMAT}]
+
+    def ours(i: int, m: dict) -> dict:
+        match = _as_match(m)
+        spec: dict = {"ports": list(match.ports), "destinations": [str(n) for n in match.destinations],
+                      "sources": [str(n) for n in match.sources], "source_ports": list(match.source_ports),
+                      "direct_sources": [str(n) for n in match.direct_sources], "source_type": match.source_type,
+                      "transport_protocol": match.transport_protocol}
+        return {"name": f"c{i}", "match": spec, "cluster": "sink", "stat_prefix": f"c{i}", "access_logs": logs}
+
+    return {"access_log": "off", "clusters": [{"name": "sink", "endpoints": [f"{SINK[0]}:{SINK[1]}"]}],
+            "listeners": [{"name": "virtual", "addresses": [f"[::]:{PORT}"], "v4_on_v6": True, "original_dst": True,
+                           "chains": [ours(i, m) for i, m in enumerate(chains)],
+                           "default_chain": {"name": "default", "cluster": "sink", "access_logs": logs}}]}
+
+
+def drain(conn: socket.socket) -> None:
+    while conn.recv(65536):
+        pass
+
+
+def run_cases(world: PodWorld, cases: list[Case]) -> dict[tuple[str, int], str]:
+    """Make every connection; the source each one had (it names the connection in the logs)."""
+    sources = {}
+    for case in cases:
+        sock = world.pod.socket(socket.AF_INET6 if ":" in case.dst else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a fixed port still in TIME_WAIT
+            sock.settimeout(5)
+            sock.bind((case.src, case.sport))
+            sock.connect((case.dst, case.dport))
+        except OSError as exc:
+            sock.close()
+            raise AssertionError(f"{case}: {exc}") from None
+        with sock:
+            sources[case] = sock.getsockname()[:2]
+            sock.shutdown(socket.SHUT_WR)
+            drain(sock)
+    return sources
+
+
+def chains_taken(log_path: str, expected: int, timeout: float = 20.0) -> dict[tuple[str, int], str]:
+    """source -> chain name, from the access log of one run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = Path(log_path).read_text().splitlines() if Path(log_path).exists() else []
+        if len(lines) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    taken = {}
+    for line in lines:
+        source, _, chain = line.split()
+        host, _, port = source.rpartition(":")
+        host = host.strip("[]").removeprefix("::ffff:")
+        taken[host, int(port)] = chain
+    return taken
+
+
+def a_world() -> PodWorld:
+    world = PodWorld()
+    try:
+        for address in SOURCES:
+            if address not in (world.POD_V4, world.POD_V6):
+                world.pod.ip(*(("-6",) if ":" in address else ()), "addr", "add",
+                             f"{address}/{64 if ':' in address else 24}", "dev", "eth0",
+                             *(("nodad",) if ":" in address else ()))
+        world.pod.exec("sh", str(REDIRECT), "--method", "uid", "--proxy-port", str(PORT))
+    except BaseException:
+        world.close()
+        raise
+    return world
+
+
+def side(kind: str, chains: list[dict], cases: list[Case]) -> dict[Case, str]:
+    """Every case's chain, as one proxy (real Envoy, or ours) chose it."""
+    logdir = tempfile.mkdtemp(prefix=f"scp-chains-{kind}-")  # pytest's own are private to root
+    os.chmod(logdir, 0o777)
+    log_path = os.path.join(logdir, "chains.log")
+    world = a_world()
+    server = ThreadedServer(world.remote, SINK, drain)
+    try:
+        if kind == "envoy":
+            runner = EnvoyProcess(world.pod, envoy_bootstrap(chains, log_path))
+        else:
+            runner = ProxyProcess(world.pod, config=proxy_config(chains, log_path), access_log=False)
+        try:
+            sources = run_cases(world, cases)
+            taken = chains_taken(log_path, len(cases))
+        finally:
+            runner.stop()
+        return {case: taken.get(tuple(source), "(no log line)") for case, source in sources.items()}
+    finally:
+        server.close()
+        world.close()
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_proxy_picks_the_chain_envoy_picks(seed, tmp_path, netns_prerequisites):
+    rng = random.Random(seed)
+    chains = generate_chains(rng)
+    cases = generate_cases(rng, chains)
+    bootstrap = tmp_path / "bootstrap.yaml"
+    bootstrap.write_text(yaml.safe_dump(envoy_bootstrap(chains, "/dev/null")))
+    verdict = validate(str(bootstrap))
+    assert verdict.returncode == 0, f"Envoy refuses chains we accept (seed {seed}): {verdict.stderr[-800:]}"
+
+    envoy = side("envoy", chains, cases)
+    ours = side("proxy", chains, cases)
+
+    assert "(no log line)" not in envoy.values(), "Envoy logged every connection"
+    differ = [(case, envoy[case], ours[case]) for case in cases if envoy[case] != ours[case]]
+    described = "\n".join(f"  {c}: envoy {e}, proxy {o}" for c, e, o in differ[:20])
+    chains_text = "\n".join(f"  c{i}: {m}" for i, m in enumerate(chains))
+    assert not differ, (f"seed {seed}: {len(differ)} of {len(cases)} connections took another chain\n"
+                        f"{described}\nchains:\n{chains_text}")
+    reached = set(envoy.values())
+    assert len(reached) >= CHAINS // 2, f"the cases reach only {sorted(reached)}"  # a test of many chains
