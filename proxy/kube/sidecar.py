@@ -60,6 +60,7 @@ CGROUP_ROOT = "/sys/fs/cgroup/net_cls"  # on the node (cgroup v1)
 CGROUP_MOUNT = "/run/sidecar-proxy/net_cls"  # in both containers
 SERVICES_CONFIGMAP = "sidecar-proxy-services"
 SERVICES_MOUNT = "/etc/sidecar-proxy"
+PROXY_CONFIG_KEY = "proxy.yaml"  # explicit: the ConfigMap holds the proxy's config and its services file
 
 READY_URL = f"http://127.0.0.1:{ADMIN_PORT}/ready"
 # The probes run in the proxy's container and ask the admin API on loopback:
@@ -183,6 +184,12 @@ def proxy_container(options: Options) -> dict:
     if options.method == "cgroup":
         args += ["--cgroup", cgroup_dir()]
         mounts.append({"name": "sidecar-proxy-cgroup", "mountPath": CGROUP_MOUNT})
+    if options.method == "explicit":
+        # The chains that send the listed services to their clusters: with no
+        # bypass rule, a proxy that dialled a listed address itself would be
+        # captured again. The services file beside it is made from it.
+        args += ["--config", f"{SERVICES_MOUNT}/{PROXY_CONFIG_KEY}"]
+        mounts.append({"name": "sidecar-proxy-services", "mountPath": SERVICES_MOUNT, "readOnly": True})
     container = {
         "name": PROXY_NAME,
         "image": options.image,

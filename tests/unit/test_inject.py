@@ -212,7 +212,11 @@ def test_explicit_method_reads_the_services_file_from_a_configmap(inject):
     mount = {"name": "sidecar-proxy-services", "mountPath": "/etc/sidecar-proxy", "readOnly": True}
     assert mount in init["volumeMounts"]
     assert {"name": "sidecar-proxy-services", "configMap": {"name": "web-services"}} in spec["volumes"]
-    assert container(spec, PROXY)["args"] == ["run"]
+    # the proxy reads the chains the services file was made from: with no bypass
+    # rule, it must never dial a listed service itself
+    proxy = container(spec, PROXY)
+    assert proxy["args"] == ["run", "--config", "/etc/sidecar-proxy/proxy.yaml"]
+    assert proxy["volumeMounts"] == [mount]
 
 
 # --- the contracts with the other halves: redirect.sh and `sidecar-proxy run` -----------
