@@ -58,6 +58,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-port", metavar="N", help="admin API port (default 15000, Istio's; 0 turns it off)")
     parser.add_argument("--admin-allow-remote", action="store_true", default=None,
                         help="allow a non-loopback admin address (the API is unauthenticated and can stop the proxy)")
+    parser.add_argument("--admin-hosts", metavar="NAMES",
+                        help="host names a request's Host may carry besides the admin address and localhost "
+                             "(comma-separated)")
 
 
 def load_config(args: argparse.Namespace) -> cfg.Config:

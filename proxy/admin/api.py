@@ -36,12 +36,15 @@ from ..control.lifecycle import Lifecycle, StartupError, State
 from ..control.sockets import bind
 from ..datapath.snapshot import Snapshot
 from ..datapath.stats import is_gauge
+from . import guard
 from . import statsfmt as fmt
 
 log = logging.getLogger("proxy.admin")
 
 Handler = Callable[[web.Request, Lifecycle], Awaitable[web.Response]]
 
+REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send a whole request (and idle between them)
+BODY_LIMIT = 64 * 1024  # no endpoint reads a body; a big one is refused
 CONNECTIONS_LIMIT = 1000  # /connections lists at most this many unless ?limit= says otherwise
 
 
@@ -249,14 +252,21 @@ def build_app(proxy: Lifecycle) -> web.Application:
         except web.HTTPNotFound:
             return _text("invalid path. " + usage(), 404)
 
+    hosts = guard.allowed_hosts(proxy.config.admin_address, proxy.config.admin_hosts)
+
     def route(handler: Handler, mutates: bool):
         async def serve(request: web.Request) -> web.Response:
+            refused = guard.refusal(request.headers, mutates or request.method != "GET", hosts,
+                                    request.transport.get_extra_info("sockname")[1] if request.transport else 0)
+            if refused is not None:
+                log.warning("admin: %s %s refused: %s", request.method, request.path, refused.removeprefix("403: "))
+                return _text(refused + "\n", 403)
             if mutates and request.method != "POST":
                 return _text(f"Method {request.method} not allowed, POST required.", 405)
             return await handler(request, proxy)
         return serve
 
-    app = web.Application(middlewares=[errors])
+    app = web.Application(middlewares=[errors], client_max_size=BODY_LIMIT)
     for path, (handler, mutates, _) in ENDPOINTS.items():
         app.router.add_route("*", path, route(handler, mutates))
     return app
@@ -288,7 +298,10 @@ async def start_admin(proxy: Lifecycle) -> AdminServer:
         sock = bind(address, port, False)
     except OSError as exc:
         raise StartupError(f"admin: cannot bind {address} port {port}: {exc.strerror}") from None
-    runner = web.AppRunner(build_app(proxy), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    # keepalive_timeout also bounds the wait for a new connection's first request:
+    # a client that trickles its headers (slowloris) is closed after it
+    runner = web.AppRunner(build_app(proxy), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                           keepalive_timeout=REQUEST_TIMEOUT)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()

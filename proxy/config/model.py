@@ -183,6 +183,7 @@ class Config:
     admin_address: str = DEFAULT_ADMIN_ADDRESS
     admin_port: int = DEFAULT_ADMIN_PORT
     admin_allow_remote: bool = False
+    admin_hosts: tuple[str, ...] = ()  # names a request's Host may carry besides the address and localhost
 
     def cluster(self, name: str) -> Cluster:
         return next(c for c in self.clusters if c.name == name)

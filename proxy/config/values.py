@@ -166,6 +166,17 @@ def parse_bool(value: Any, where: str) -> bool:
     raise ConfigError(where, f"{value!r} is not a boolean (true or false)")
 
 
+def parse_names(value: Any, where: str) -> tuple[str, ...]:
+    """Host names: a list, or comma-separated in a string (a flag)."""
+    items = value.split(",") if isinstance(value, str) else as_list(value, where)
+    names = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9.:_-]+", item.strip()):
+            raise ConfigError(f"{where}[{i}]", f"{short(item)} is not a host name")
+        names.append(item.strip())
+    return tuple(names)
+
+
 def parse_admin_port(value: Any, where: str) -> int:
     return parse_port(value, where, allow_zero=True)
 
@@ -193,6 +204,7 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "admin_address": parse_address,
     "admin_port": parse_admin_port,
     "admin_allow_remote": parse_bool,
+    "admin_hosts": parse_names,
 }
 
 # The short form of the redirected listener (with `chains` and `plain_listeners`):

@@ -178,7 +178,7 @@ def _probe(**timing: int) -> dict:
 
 def proxy_container(options: Options) -> dict:
     args = ["run"]
-    mounts = []
+    mounts: list[dict] = []
     if options.method == "mark":
         args += ["--mark", "$(ISTIO_SO_MARK)"]
     if options.method == "cgroup":

@@ -496,3 +496,96 @@ def test_admin_page_shows_connections_live_in_chromium(uid_world, tmp_path):
         assert proxy.stop() == 0
         for srv in servers:
             srv.close()
+
+
+# --- web pages cannot drive the admin API (cross-site requests, DNS rebinding, slowloris) --------
+
+EVIL_PAGE = """<!doctype html><html><body>
+<form id="quit" method="POST" action="http://127.0.0.1:15000/quitquitquit" target="a"></form>
+<form id="fail" method="POST" action="http://127.0.0.1:15000/healthcheck/fail" target="b"></form>
+<iframe name="a"></iframe><iframe name="b"></iframe>
+<script>document.getElementById("quit").submit(); document.getElementById("fail").submit();</script>
+</body></html>"""
+
+
+def serve_page(html: str):
+    """A handler that answers any request with `html` (a page on another origin)."""
+    def handler(conn: socket.socket) -> None:
+        conn.recv(65536)
+        body = html.encode()
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return handler
+
+
+def test_a_page_on_another_origin_cannot_stop_the_proxy_or_fail_its_health(uid_world, tmp_path):
+    """A form POST from http://127.0.0.1:8081 (another origin, even the same site) in a real
+    Chromium gets 403 and changes nothing; so does a request naming a foreign Host."""
+    from playwright.sync_api import sync_playwright
+
+    w = uid_world
+    proxy = ProxyProcess(w.pod)
+    page_server = Server(w.pod, ("127.0.0.1", 8081), serve_page(EVIL_PAGE))
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=chromium_in(w.pod, tmp_path), headless=True,
+                args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                answers = []
+                page.on("response", lambda r: answers.append((r.url, r.status)) if ":15000/" in r.url else None)
+                page.goto("http://127.0.0.1:8081/")
+                deadline = time.monotonic() + 10
+                while len(answers) < 2 and time.monotonic() < deadline:
+                    page.wait_for_timeout(100)
+            finally:
+                browser.close()
+        assert sorted(answers) == [("http://127.0.0.1:15000/healthcheck/fail", 403),
+                                   ("http://127.0.0.1:15000/quitquitquit", 403)], answers
+        assert proxy.alive(), "a page stopped the proxy"
+        assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n"), "a page failed the health check"
+
+        # DNS rebinding: the page's own name in Host, even for a read
+        for method, path in (("GET", "/config_dump"), ("POST", "/quitquitquit")):
+            with w.pod.connect(ADMIN, timeout=10) as s:
+                s.sendall(f"{method} {path} HTTP/1.0\r\nHost: rebind.example:15000\r\n\r\n".encode())
+                reply = recv_all(s).decode()
+            assert reply.startswith(("HTTP/1.0 403", "HTTP/1.1 403")), reply[:200]
+            assert "Host 'rebind.example:15000' is not this admin API" in reply
+        assert proxy.alive()
+        assert any("refused" in line.get("msg", "") and "rebind.example" in line.get("msg", "")
+                   for line in proxy.lines)
+    finally:
+        page_server.close()
+        assert proxy.stop() == 0
+
+
+def test_a_client_that_trickles_its_request_is_closed(uid_world):
+    """Slowloris: connections that never finish their request headers do not stay open."""
+    w = uid_world
+    proxy = ProxyProcess(w.pod)
+    trickling = []
+    try:
+        for _ in range(50):
+            s = w.pod.connect(ADMIN, timeout=30)
+            s.sendall(b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+            trickling.append(s)
+        for s in trickling:
+            s.settimeout(30)  # the server's limit is 10s: three times that is "stayed open"
+            s.sendall(b"X-Slow: 1\r\n")  # still trickling
+        closed_by_server = 0
+        for s in trickling:
+            try:
+                while s.recv(4096):
+                    pass
+                closed_by_server += 1  # EOF
+            except TimeoutError:
+                pass  # still open after 30s
+            except ConnectionResetError:
+                closed_by_server += 1
+        assert closed_by_server == 50
+        assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n")
+    finally:
+        for s in trickling:
+            s.close()
+        proxy.stop()

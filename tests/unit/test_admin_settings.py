@@ -43,4 +43,4 @@ def test_bad_values_name_the_field(tmp_path, text, message):
 
 def test_config_dump_carries_the_admin_settings():
     assert {k: v for k, v in cfg.Config().to_dict().items() if k.startswith("admin_")} == {
-        "admin_address": "127.0.0.1", "admin_port": 15000, "admin_allow_remote": False}
+        "admin_address": "127.0.0.1", "admin_port": 15000, "admin_allow_remote": False, "admin_hosts": []}
