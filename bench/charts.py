@@ -13,8 +13,8 @@ from .subjects import Subject
 from .workloads import Workload
 
 COLOURS = {"direct": "#555555", "proxy-uvloop": "#1f77b4", "proxy-uvloop-c2": "#08306b", "proxy-uvloop-copy": "#9ecae1",
-           "proxy-asyncio": "#6baed6", "socat": "#9467bd", "haproxy": "#d62728", "haproxy-splice": "#ff9896",
-           "pproxy": "#2ca02c"}
+           "proxy-asyncio": "#6baed6", "envoy": "#ff7f0e", "envoy-c2": "#a05000", "socat": "#9467bd",
+           "haproxy": "#d62728", "haproxy-splice": "#ff9896", "pproxy": "#2ca02c"}
 
 
 def _bars(ax, groups: list[str], subjects: list[str], cells, ylabel: str, title: str) -> None:

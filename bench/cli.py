@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from . import charts, report
 from .profile import profile_connections, py_spy, resummarise
 from .rules import RuleScaling
 from .runner import FAILURES, measure
-from .subjects import SUBJECTS, Subject
+from .subjects import SUBJECTS, Subject, envoy_binary
 from .workloads import Workload, workloads
 from .world import HERE, PYTHON, ROOT, BenchWorld, signals_raise
 
@@ -155,9 +156,14 @@ def versions() -> dict:
     except (OSError, StopIteration):
         pass
     git = first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    envoy = envoy_binary()
+    # "<path>  version: <commit>/1.40.0/Clean/RELEASE/BoringSSL"
+    envoy_line = first_line([envoy, "--version"]) if envoy else None
+    found = re.search(r"version: \S+?/(\d[\w.-]*)/", envoy_line or "")
+    envoy_version = found.group(1) if found else envoy_line
     return {"python": platform.python_version(), "uvloop": dist("uvloop"), "pproxy": dist("pproxy"),
-            "haproxy": first_line(["haproxy", "-v"]), "socat": socat, "kernel": platform.release(),
-            "cpus": os.cpu_count(), "sidecar_proxy_git": git}
+            "haproxy": first_line(["haproxy", "-v"]), "socat": socat, "envoy": envoy_version,
+            "kernel": platform.release(), "cpus": os.cpu_count(), "sidecar_proxy_git": git}
 
 
 def describe(value: float | None, label: str) -> str:
@@ -320,7 +326,8 @@ def markdown(doc, summary, rat, subjects, loads, goals, rule_steps, profile) -> 
     v = meta["versions"]
     parts = [f"# sidecar-proxy benchmark{' (quick)' if meta['quick'] else ''}\n",
              (f"{meta['started']}, {meta['duration_s'] / 60:.1f} min; {v['cpus']} CPUs, kernel {v['kernel']}, "
-              f"Python {v['python']}, uvloop {v['uvloop']}; {v['haproxy']}; {v['socat']}; pproxy {v['pproxy']}; "
+              f"Python {v['python']}, uvloop {v['uvloop']}; Envoy {v.get('envoy')}; {v['haproxy']}; {v['socat']}; "
+              f"pproxy {v['pproxy']}; "
               f"medians of {meta['repetitions']} repetition(s), subjects interleaved, each started fresh.\n")]
     if doc["runs"]:
         parts += ["## Subjects against the physical limit and the peers\n",

