@@ -14,11 +14,12 @@ set -eu
 
 VENV="${SIDECAR_PROXY_VENV:-/opt/sidecar-proxy/venv}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-# the proxy and its tests; socat and haproxy are benchmark peers; chromium
-# renders the admin page in the browser test; podman (with runc: crun does not
-# start on every cgroup set-up) builds the images and plays the manifests on
-# Debian bases that debootstrap makes (tests/e2e/test_pods.py)
-APT_PACKAGES="iptables nftables iproute2 util-linux procps shellcheck busybox socat haproxy chromium python3-venv python3-pip podman runc debootstrap"
+# the proxy and its tests; socat and haproxy are benchmark peers; linux-perf
+# counts the benchmark's system calls; chromium renders the admin page in the
+# browser test; podman (with runc: crun does not start on every cgroup set-up)
+# builds the images and plays the manifests on Debian bases that debootstrap
+# makes (tests/e2e/test_pods.py)
+APT_PACKAGES="iptables nftables iproute2 util-linux procps shellcheck busybox socat haproxy linux-perf chromium python3-venv python3-pip podman runc debootstrap"
 
 say() { printf 'run.sh: %s\n' "$*" >&2; }
 
@@ -31,7 +32,7 @@ need_root() {
 
 install_system_packages() {
   missing=""
-  for tool in ip iptables nft setpriv shellcheck busybox socat haproxy chromium podman runc debootstrap; do
+  for tool in ip iptables nft setpriv shellcheck busybox socat haproxy perf chromium podman runc debootstrap; do
     command -v "$tool" >/dev/null 2>&1 || missing="yes"
   done
   /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="yes"

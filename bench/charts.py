@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from . import syscalls
 from .subjects import Subject
 from .workloads import Workload
 
@@ -46,7 +47,7 @@ def _cells(summary: dict, key: str):
 
 
 def draw(summary: dict, subjects: list[Subject], workloads: list[Workload], rules: list[dict] | None,
-         profile: dict | None, out_dir: str, subtitle: str) -> list[str]:
+         profile: dict | None, out_dir: str, subtitle: str, calls: dict | None = None) -> list[str]:
     names = [s.name for s in subjects]
     relays = [s.name for s in subjects if s.kind != "direct"]
     by_kind = {}
@@ -130,6 +131,9 @@ def draw(summary: dict, subjects: list[Subject], workloads: list[Workload], rule
             ax.legend(fontsize=8)
         save(fig, "rules.png", legend=False)
 
+    if calls:
+        save(_syscalls(calls, [n for n in names if n in calls]), "syscalls.png", legend=False)
+
     if profile and profile.get("self"):
         top = profile["self"][:15][::-1]
         fig, ax = plt.subplots(figsize=(12, 5.5))
@@ -140,3 +144,32 @@ def draw(summary: dict, subjects: list[Subject], workloads: list[Workload], rule
         ax.grid(axis="x", alpha=0.3)
         save(fig, "profile.png", legend=False)
     return paths
+
+
+def _syscalls(calls: dict, names: list[str], top: int = 15):
+    """Per connection, one bar per subject: system calls stacked by name (the most
+    frequent `top`, then the rest), and CPU stacked as user and system."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.9 + 0.55 * len(names) + 2.2), width_ratios=(3, 2))
+    labels = ["direct (app server)" if n == "direct" else n for n in names][::-1]
+    order = names[::-1]
+    shown = syscalls.shown_calls(calls)[:top]
+    colours = plt.get_cmap("tab20").colors
+    left = [0.0] * len(order)
+    for i, call in enumerate([*shown, "other"]):
+        widths = [(syscalls.other_calls(calls[n], shown) if call == "other"
+                   else calls[n]["syscalls"].get(call, 0.0)) for n in order]
+        axes[0].barh(labels, widths, left=left, label=call, color="#bbbbbb" if call == "other" else colours[i % 20])
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    axes[0].set_xlabel("system calls per connection (less is better)")
+    axes[0].set_title("System calls per connection, by name")
+    axes[0].legend(fontsize=8, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    user = [calls[n]["user_us"] for n in order]
+    system = [calls[n]["system_us"] for n in order]
+    axes[1].barh(labels, user, label="user", color="#1f77b4")
+    axes[1].barh(labels, system, left=user, label="system", color="#ff7f0e")
+    axes[1].set_xlabel("CPU µs per connection (less is better)")
+    axes[1].set_title("CPU per connection")
+    axes[1].legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    return fig

@@ -1,7 +1,8 @@
 """`python -m bench`: the whole benchmark, one command.
 
-    sudo python -m bench              # ~15 minutes: every subject x workload, 3 repetitions,
-                                      # then rule scaling; results in bench/results/
+    sudo python -m bench              # ~20 minutes: every subject x workload, 3 repetitions,
+                                      # then rule scaling and system calls per connection;
+                                      # results in bench/results/
     sudo python -m bench --quick      # seconds: the same, tiny and once (CI keeps it working)
     sudo python -m bench --profile    # also profile the proxy's connection path (py-spy)
 
@@ -26,7 +27,7 @@ import time
 
 from proxy.demo.sandbox import setpriv_argv
 
-from . import charts, report
+from . import charts, report, syscalls
 from .profile import profile_connections, py_spy, resummarise
 from .rules import RuleScaling
 from .runner import FAILURES, measure
@@ -35,7 +36,7 @@ from .workloads import Workload, workloads
 from .world import HERE, PYTHON, ROOT, BenchWorld, signals_raise
 
 REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-restore", "nft", "setpriv", "prlimit")
-PARTS = ("matrix", "rules", "profile")
+PARTS = ("matrix", "rules", "syscalls", "profile")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,9 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions of every measurement (default 3; --quick 1)")
     p.add_argument("--subjects", help="comma-separated subset of: " + ",".join(s.name for s in SUBJECTS))
     p.add_argument("--workloads", help="comma-separated subset of the workload names")
-    p.add_argument("--parts", default="matrix,rules",
-                   help="what to run, of: matrix (subjects x workloads), rules (rule scaling), profile "
-                        "(default matrix,rules)")
+    p.add_argument("--parts", default="matrix,rules,syscalls",
+                   help="what to run, of: matrix (subjects x workloads), rules (rule scaling), syscalls "
+                        "(system calls, CPU and context switches per connection; perf), profile "
+                        "(default matrix,rules,syscalls)")
     p.add_argument("--profile", action="store_true", help="add the profile part (py-spy)")
     p.add_argument("--out", help="output directory (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--seed", type=int, default=0, help="rotation of the subject order (default 0)")
@@ -88,6 +90,10 @@ def preflight(subjects: list[Subject], parts: list[str]) -> None:
         problems += [f"{m} (for {s.name})" for m in s.missing()]
     if "profile" in parts and py_spy() is None:
         problems.append("py-spy (for --profile; pip install py-spy)")
+    if "syscalls" in parts:
+        why = syscalls.perf_can_count()
+        if why:
+            problems.append(f"{why} (for --parts syscalls)")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -98,7 +104,7 @@ def preflight(subjects: list[Subject], parts: list[str]) -> None:
         problems.append(f"UID 1337 cannot run {PYTHON} with the proxy installed")
     if problems:
         raise SystemExit("bench: missing: " + "; ".join(problems)
-                         + " (apt: socat haproxy nftables iptables iproute2 util-linux; "
+                         + " (apt: socat haproxy nftables iptables iproute2 util-linux linux-perf; "
                            "pip: the project's bench extra)")
 
 
@@ -187,10 +193,18 @@ def run(args: argparse.Namespace) -> int:
     rules_plan = []
     if "rules" in args.parts:
         rules_plan = [(n, v) for n in rule_counts for v in ("iptables", "nft-set")]
+    syscall_subjects = [s for s in subjects if s.name in syscalls.SUBJECTS]
+    syscalls_plan = []
+    if "syscalls" in args.parts:
+        for rep in range(args.reps):
+            k = (rep + args.seed) % max(1, len(syscall_subjects))
+            syscalls_plan += [(rep, s) for s in syscall_subjects[k:] + syscall_subjects[:k]]
+    count = syscalls.connections(args.quick)
     profile_seconds = 2 if args.quick else 6
     # (progress key, seconds expected before any was timed) of every step, in order
     steps = [(w.name, w.estimate) for _, _, w, _ in plan]
     steps += [("rules", 2.0 if args.quick else 8.0)] * len(rules_plan)
+    steps += [("syscalls", 3.0 if args.quick else 15.0)] * len(syscalls_plan)
     steps += [("profile", 2 * profile_seconds + 8.0)] * ("profile" in args.parts)
     progress = Progress(len(steps))
 
@@ -200,10 +214,12 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.datetime.now(datetime.UTC)
     runs: list[dict] = []
     rule_steps: list[dict] = []
+    syscall_runs: list[dict] = []
     profile = None
     failures: list[str] = []
     log(f"{len(subjects)} subjects x {len(loads)} workloads x {args.reps} repetition(s)"
-        f"{', rule scaling' if rules_plan else ''}{', profile' if 'profile' in args.parts else ''}; "
+        f"{', rule scaling' if rules_plan else ''}{', system calls' if syscalls_plan else ''}"
+        f"{', profile' if 'profile' in args.parts else ''}; "
         f"results in {args.out}")
     world = None
     with signals_raise():
@@ -242,6 +258,20 @@ def run(args: argparse.Namespace) -> int:
                         failures.append(f"rules {n} {variant}: {exc}")
                         outcome = f"FAILED: {exc}"
                     progress.end("rules", t, outcome)
+            for rep, s in syscalls_plan:
+                t = progress.begin(f"rep {rep + 1}/{args.reps} syscalls · {s.name}", eta())
+                record = {"subject": s.name, "rep": rep}
+                try:
+                    record.update(syscalls.measure(world, s, count))
+                    outcome = (f"{record['syscalls_total']:.1f} system calls, "
+                               f"{record['user_us'] + record['system_us']:.0f} µs CPU, "
+                               f"{record['voluntary'] + record['involuntary']:.1f} context switches per connection")
+                except FAILURES as exc:
+                    record.update(failed=True, error=f"{type(exc).__name__}: {exc}")
+                    failures.append(f"syscalls · {s.name}: {exc}")
+                    outcome = f"FAILED: {exc}"
+                syscall_runs.append(record)
+                progress.end("syscalls", t, outcome)
             if "profile" in args.parts:
                 t = progress.begin("profile: proxy-uvloop under conn-32 (py-spy)", eta())
                 try:
@@ -274,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
                                    for m in w.metrics]} for w in loads],
         "runs": runs,
         "rules": rule_steps,
+        "syscalls": ({"connections": count, "clients": syscalls.CLIENTS, "runs": syscall_runs}
+                     if syscalls_plan else None),
         "profile": profile,
         "failures": failures,
     }
@@ -288,9 +320,12 @@ def write_outputs(doc: dict, subjects: list[Subject], loads: list[Workload], out
     """Medians, ratios and targets into `doc`; then latest.json, results.md and the charts."""
     summary = report.aggregate(doc["runs"], subjects, loads)
     rat = report.ratios(summary, subjects, loads)
+    calls = doc.get("syscalls")
+    if calls:
+        calls["summary"] = syscalls.summarise(calls["runs"])
     present = {s.name for s in subjects}
     goals = [t for name in report.TARGET_SUBJECTS if name in present
-             for t in report.targets(summary, rat, loads, subject=name)]
+             for t in report.targets(summary, rat, loads, subject=name, calls=calls and calls["summary"])]
     doc.update(summary=summary, ratios=rat, targets=goals)
     meta = doc["meta"]
     with open(os.path.join(out, "latest.json"), "w") as f:
@@ -300,7 +335,8 @@ def write_outputs(doc: dict, subjects: list[Subject], loads: list[Workload], out
     md = markdown(doc, summary, rat, subjects, loads, goals, doc["rules"], doc["profile"])
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
-    pngs = charts.draw(summary, subjects, loads, doc["rules"], doc["profile"], out, subtitle)
+    pngs = charts.draw(summary, subjects, loads, doc["rules"], doc["profile"], out, subtitle,
+                       calls=calls and calls["summary"])
     print(md)
     log(f"wrote {os.path.join(out, 'latest.json')}, results.md and {len(pngs)} charts "
         f"({meta['duration_s'] / 60:.1f} min of measuring)")
@@ -335,6 +371,11 @@ def markdown(doc, summary, rat, subjects, loads, goals, rule_steps, profile) -> 
     if goals:
         parts += ["## Targets (the proxy as it runs by default, and with two workers)\n",
                   report.markdown_targets(goals)]
+    calls = doc.get("syscalls")
+    if calls and calls["summary"]:
+        parts += ["## System calls, CPU and context switches per connection\n",
+                  report.markdown_syscalls(calls["summary"], [s.name for s in subjects], meta["command"],
+                                           calls["connections"])]
     if rule_steps:
         parts += ["## Rule scaling: the explicit method, iptables rules vs an nftables set\n",
                   ("connect() p50 to the service of the first rule and of the last one; first echo: connect "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from . import syscalls
 from .subjects import Subject
 from .workloads import Metric, Workload
 
@@ -116,8 +117,9 @@ PEERS = ("envoy", "socat", "haproxy", "haproxy-splice", "pproxy")
 ENVOY_OF = {"proxy-uvloop": "envoy", "proxy-uvloop-c2": "envoy-c2"}
 
 
-def targets(summary: dict, rat: dict, workloads: list[Workload], subject: str = "proxy-uvloop") -> list[dict]:
-    """The issues' targets, checked for one subject."""
+def targets(summary: dict, rat: dict, workloads: list[Workload], subject: str = "proxy-uvloop",
+            calls: dict | None = None) -> list[dict]:
+    """The issues' targets, checked for one subject (`calls`: the syscalls part's summary)."""
     out = []
 
     def cell(w, key, name):
@@ -193,6 +195,13 @@ def targets(summary: dict, rat: dict, workloads: list[Workload], subject: str = 
         if w.kind == "conn_rate":
             against(w, "cps", ("haproxy", "haproxy-splice"),
                     f"stretch: conn/s ahead of HAProxy, one thread (the better of the two; {w.name})")
+    extra = syscalls.missing_in(calls or {}, subject, envoy) if envoy else None
+    if extra is not None:
+        out.append({"target": f"no system call per connection that {envoy} does not make",
+                    "met": not extra,
+                    "detail": (", ".join(f"{c} {v:.2f}" for c, v in extra) + f" per connection ({envoy}: < 0.01)"
+                               if extra else f"every call made ≥ {syscalls.SHOWN} times per connection, "
+                                             f"{envoy} makes too")})
     for t in out:
         t["subject"] = subject
     return out
@@ -244,3 +253,32 @@ def markdown_profile(profile: dict, top: int = 12) -> str:
         rows += table(native.get("by_category", []), "own, per kind", 6)
         rows += [""] + table(native["self"], "own")
     return "\n".join(rows) + "\n"
+
+
+def markdown_syscalls(summary: dict, subjects: list[str], command: str, count: int) -> str:
+    """The per-connection table of the syscalls part: figures, then system calls by name."""
+    names = [s for s in subjects if s in summary]
+    head = "| per connection | " + " | ".join("direct (app server)" if n == "direct" else n for n in names) + " |"
+    rows = [head, "|---|" + "---:|" * len(names)]
+
+    def row(label: str, values) -> None:
+        rows.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row("conn/s, the uncounted pass ↑", [fmt(summary[n]["cps"]) for n in names])
+    for key, label in syscalls.FIGURES:
+        row(label, [fmt(summary[n][key]) for n in names])
+    calls = syscalls.shown_calls(summary)
+    for call in calls:
+        row(f"`{call}`", [f"{summary[n]['syscalls'].get(call, 0.0):.2f}" for n in names])
+    row(f"other (each < {syscalls.SHOWN} everywhere, or unnamed)",
+        [f"{syscalls.other_calls(summary[n], calls):.2f}" for n in names])
+    reps = sorted({summary[n]["repetitions"] for n in names})
+    errors = sum(summary[n]["errors"] for n in names)
+    intro = (f"Made by `{command}`. Per connection, medians of {'/'.join(map(str, reps))} repetition(s), each on a "
+             f"fresh subject: {count:,} connections ({syscalls.CLIENTS} clients: connect, 64 B, 64 B, close) with no "
+             f"tracing, for CPU (/proc/PID/stat) and context switches (/proc/PID/task/*/status); then {count:,} "
+             "more with `perf stat` counting, in the subject's processes and threads, the `syscalls:sys_enter_<name>` "
+             "tracepoint of every call `perf trace -s` saw in a warm-up, and `raw_syscalls:sys_enter` (all calls). "
+             "`direct` measures the app server (uvloop): the accepting end alone, no relay. System calls by name, "
+             f"most frequent first; {errors} connection error(s).\n")
+    return intro + "\n" + "\n".join(rows) + "\n"

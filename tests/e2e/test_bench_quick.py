@@ -3,9 +3,10 @@
 It builds its own throwaway pod, runs every subject (this proxy on both loops,
 with two workers and with splicing off; real Envoy with one and two workers;
 socat, HAProxy with and without splicing, pproxy) against every workload once
-with tiny sizes, the rule-scaling experiment and the py-spy profile, and
-writes JSON, markdown and PNG charts. Checked here: that it completes and that
-its output is well formed. Never its timings: this machine is shared and noisy.
+with tiny sizes, the rule-scaling experiment, the system calls per connection
+(perf) and the py-spy profile, and writes JSON, markdown and PNG charts.
+Checked here: that it completes and that its output is well formed. Never its
+timings: this machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SUBJECTS = ["direct", "proxy-uvloop", "proxy-uvloop-c2", "proxy-uvloop-copy", "proxy-asyncio", "envoy", "envoy-c2",
             "socat", "haproxy", "haproxy-splice", "pproxy"]
 PEERS = ("envoy", "socat", "haproxy", "haproxy-splice", "pproxy")  # one worker each
+SYSCALL_SUBJECTS = ["direct", "proxy-uvloop", "proxy-uvloop-c2", "envoy", "envoy-c2", "haproxy"]
 WORKLOADS = ["bulk-up-1", "bulk-up-8", "bulk-down-1", "bulk-down-8", "rr-1", "rr-1-onecpu", "rr-64", "conn-32",
              "idle-200"]
-CHARTS = ["throughput.png", "latency.png", "rates.png", "resources.png", "rules.png", "profile.png"]
+CHARTS = ["throughput.png", "latency.png", "rates.png", "resources.png", "rules.png", "syscalls.png", "profile.png"]
 
 
 def positive(value) -> bool:
@@ -111,6 +113,35 @@ def test_rule_scaling_and_profile_are_measured(quick_run):
     assert (out / profile["files"]["flamegraph"]).read_text().lstrip().startswith("<?xml")
 
 
+def test_system_calls_are_counted_per_connection(quick_run):
+    """The counts are the subject's own: every relay accepts, opens a socket and
+    connects once per connection; the app server (`direct`) accepts and never
+    connects. The CPU and context-switch figures are there (their size is a timing)."""
+    out, _ = quick_run
+    doc = json.loads((out / "latest.json").read_text())
+    part = doc["syscalls"]
+    assert [r["subject"] for r in part["runs"]] and not [r for r in part["runs"] if r.get("failed")]
+    assert sorted(part["summary"]) == sorted(SYSCALL_SUBJECTS)
+    for name, cell in part["summary"].items():
+        calls = cell["syscalls"]
+        assert cell["errors"] == 0, name
+        assert positive(cell["cps"]) and positive(cell["syscalls_total"]), name
+        assert 0.9 <= calls["accept4"] < 3, (name, calls["accept4"])
+        assert cell["syscalls_total"] >= 0.99 * sum(calls.values()), name  # all calls, named or not
+        for key in ("user_us", "system_us", "cpu_us", "voluntary", "involuntary", "syscalls_unnamed"):
+            assert isinstance(cell[key], (int, float)) and math.isfinite(cell[key]) and cell[key] >= 0, (name, key)
+        if name == "direct":
+            assert calls.get("connect", 0) == 0 and calls.get("socket", 0) == 0
+        else:
+            assert 0.9 <= calls["connect"] < 1.5 and 0.9 <= calls["socket"] < 1.5, (name, calls)
+    tables = markdown_tables((out / "results.md").read_text())
+    table = next(t for t in tables if t[0][0] == "per connection")
+    assert table[0][1:] == ["direct (app server)", *SYSCALL_SUBJECTS[1:]]
+    labels = [row[0] for row in table[2:]]
+    assert "`accept4`" in labels and "`connect`" in labels and labels[-1].startswith("other")
+    assert "Made by `python -m bench --quick" in (out / "results.md").read_text()
+
+
 def test_markdown_tables_parse(quick_run):
     out, _ = quick_run
     tables = markdown_tables((out / "results.md").read_text())
@@ -127,7 +158,8 @@ def test_markdown_tables_parse(quick_run):
     against_envoy = {(row[0], row[1]) for row in targets[2:] if "envoy" in row[1]}
     for subject, envoy in (("proxy-uvloop", "envoy"), ("proxy-uvloop-c2", "envoy-c2")):
         assert {(subject, f"conn/s ≥ {envoy} (conn-32)"), (subject, f"CPU per connection ≤ {envoy}'s (conn-32)"),
-                (subject, f"req/s ≥ {envoy}'s (rr-64)")} <= against_envoy
+                (subject, f"req/s ≥ {envoy}'s (rr-64)"),
+                (subject, f"no system call per connection that {envoy} does not make")} <= against_envoy
     assert any(t[0][0] == "services" for t in tables)
 
 
