@@ -59,7 +59,7 @@ def draw(summary: dict, subjects: list[Subject], workloads: list[Workload], rule
         if legend:  # one legend for the figure, below the axes, so it hides no bar
             handles, labels = {}, []
             for ax in fig.axes:
-                for h, lab in zip(*ax.get_legend_handles_labels()):
+                for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
                     if lab not in handles:
                         handles[lab] = h
                         labels.append(lab)
@@ -93,7 +93,7 @@ def draw(summary: dict, subjects: list[Subject], workloads: list[Workload], rule
     rates += [(w.name, "cps", "connections/s") for w in by_kind.get("conn_rate", [])]
     if rates:
         fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False)
-        for ax, (wname, key, unit) in zip(axes[0], rates):
+        for ax, (wname, key, unit) in zip(axes[0], rates, strict=True):
             _bars(ax, [wname], names, _cells(summary, key), f"{unit} (more is better)", wname)
         save(fig, "rates.png")
 

@@ -24,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from proxy.demo.sandbox import setpriv_argv
 
@@ -176,125 +178,156 @@ def describe(value: float | None, label: str) -> str:
     return f"{report.fmt(value)} {label}"
 
 
-def run(args: argparse.Namespace) -> int:
-    subjects = pick(args.subjects, SUBJECTS, "subject")
-    loads: list[Workload] = pick(args.workloads, workloads(args.quick), "workload")
-    preflight(subjects, args.parts)
-    os.makedirs(args.out, exist_ok=True)
+@dataclass
+class Results:
+    """What one run measured, part by part, and what failed."""
 
-    plan = []
+    runs: list[dict] = field(default_factory=list)
+    rules: list[dict] = field(default_factory=list)
+    syscalls: list[dict] = field(default_factory=list)
+    profile: dict | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Step:
+    """One measurement: `work(world)` does it, records its result and returns the line to print.
+
+    A failure (FAILURES) is recorded under `name` and, if given, by `failed(error)`;
+    it never loses the run."""
+
+    key: str  # what progress estimates the duration of steps by
+    estimate: float  # seconds, before any step of the key was timed
+    label: str
+    name: str
+    work: Callable[[BenchWorld], str]
+    failed: Callable[[str], None] | None = None
+
+
+def plan(args: argparse.Namespace, subjects: list[Subject], loads: list[Workload], results: Results) -> list[Step]:
+    """Every step of the run, in order: the matrix, rule scaling, system calls, the profile."""
+    steps: list[Step] = []
     if "matrix" in args.parts:
         for rep in range(args.reps):
             for wi, w in enumerate(loads):
                 k = (rep + wi + args.seed) % len(subjects)
                 for s in subjects[k:] + subjects[:k]:  # rotate: nobody always runs first
-                    plan.append(("matrix", rep, w, s))
-    rule_counts = (1, 10) if args.quick else (1, 100, 1000, 10000)
-    rules_plan = []
+                    steps.append(_matrix_step(args, rep, w, s, results))
     if "rules" in args.parts:
-        rules_plan = [(n, v) for n in rule_counts for v in ("iptables", "nft-set")]
-    syscall_subjects = [s for s in subjects if s.name in syscalls.SUBJECTS]
-    syscalls_plan = []
+        counts = (1, 10) if args.quick else (1, 100, 1000, 10000)
+        scaling: list[RuleScaling] = []  # made with the first step, in the world
+
+        def rule_step(n: int, variant: str) -> Callable[[BenchWorld], str]:
+            def work(world: BenchWorld) -> str:
+                if not scaling:
+                    scaling.append(RuleScaling(world, counts, installs=1 if args.quick else 3,
+                                               samples=20 if args.quick else 1000, seconds=5 if args.quick else 15))
+                step = scaling[0].run_step(n, variant)
+                results.rules.append(step)
+                return (f"install {step['install_s'] * 1000:.0f} ms, connect p50 first "
+                        f"{step['first']['connect_p50_us']:.1f} µs / last {step['last']['connect_p50_us']:.1f} µs")
+            return work
+
+        steps += [Step("rules", 2.0 if args.quick else 8.0, f"rule scaling: {n:,} services · {v}", f"rules {n} {v}",
+                       rule_step(n, v)) for n in counts for v in ("iptables", "nft-set")]
     if "syscalls" in args.parts:
+        chosen = [s for s in subjects if s.name in syscalls.SUBJECTS]
         for rep in range(args.reps):
-            k = (rep + args.seed) % max(1, len(syscall_subjects))
-            syscalls_plan += [(rep, s) for s in syscall_subjects[k:] + syscall_subjects[:k]]
-    count = syscalls.connections(args.quick)
-    profile_seconds = 2 if args.quick else 6
-    # (progress key, seconds expected before any was timed) of every step, in order
-    steps = [(w.name, w.estimate) for _, _, w, _ in plan]
-    steps += [("rules", 2.0 if args.quick else 8.0)] * len(rules_plan)
-    steps += [("syscalls", 3.0 if args.quick else 15.0)] * len(syscalls_plan)
-    steps += [("profile", 2 * profile_seconds + 8.0)] * ("profile" in args.parts)
+            k = (rep + args.seed) % max(1, len(chosen))
+            steps += [_syscalls_step(args, rep, s, results) for s in chosen[k:] + chosen[:k]]
+    if "profile" in args.parts:
+        seconds = 2 if args.quick else 6
+
+        def profile(world: BenchWorld) -> str:
+            results.profile = found = profile_connections(world, args.out, seconds, log)
+            top = found["self"][0] if found["self"] else {"function": "?", "percent": 0}
+            return f"{found['samples']} samples; top: {top['function']} {top['percent']}%"
+
+        steps.append(Step("profile", 2 * seconds + 8.0, "profile: proxy-uvloop under conn-32 (py-spy)", "profile",
+                          profile))
+    return steps
+
+
+def _matrix_step(args: argparse.Namespace, rep: int, w: Workload, s: Subject, results: Results) -> Step:
+    record = {"subject": s.name, "workload": w.name, "rep": rep}
+    results.runs.append(record)
+
+    def work(world: BenchWorld) -> str:
+        started = time.monotonic()
+        result = measure(world, s, w)
+        record.update(result, seconds=round(time.monotonic() - started, 2))
+        outcome = ", ".join(describe(result["metrics"][m.key], m.label) for m in w.metrics
+                            if result["metrics"][m.key] is not None) or "n/a"
+        return outcome + (f"  [{result['errors']} connection errors]" if result["errors"] else "")
+
+    def failed(error: str) -> None:
+        record.update(failed=True, error=error, metrics={m.key: None for m in w.metrics})
+
+    return Step(w.name, w.estimate, f"rep {rep + 1}/{args.reps} {w.name} · {s.name}", f"{w.name} · {s.name}",
+                work, failed)
+
+
+def _syscalls_step(args: argparse.Namespace, rep: int, s: Subject, results: Results) -> Step:
+    record = {"subject": s.name, "rep": rep}
+    results.syscalls.append(record)
+
+    def work(world: BenchWorld) -> str:
+        record.update(syscalls.measure(world, s, syscalls.connections(args.quick)))
+        return (f"{record['syscalls_total']:.1f} system calls, {record['user_us'] + record['system_us']:.0f} µs CPU, "
+                f"{record['voluntary'] + record['involuntary']:.1f} context switches per connection")
+
+    return Step("syscalls", 3.0 if args.quick else 15.0, f"rep {rep + 1}/{args.reps} syscalls · {s.name}",
+                f"syscalls · {s.name}", work, lambda error: record.update(failed=True, error=error))
+
+
+def run(args: argparse.Namespace) -> int:
+    subjects = pick(args.subjects, SUBJECTS, "subject")
+    loads: list[Workload] = pick(args.workloads, workloads(args.quick), "workload")
+    preflight(subjects, args.parts)
+    os.makedirs(args.out, exist_ok=True)
+    results = Results()
+    steps = plan(args, subjects, loads, results)
     progress = Progress(len(steps))
-
-    def eta() -> float:
-        return sum(progress.estimate(key, default) for key, default in steps[progress.done:])
-
     started = datetime.datetime.now(datetime.UTC)
-    runs: list[dict] = []
-    rule_steps: list[dict] = []
-    syscall_runs: list[dict] = []
-    profile = None
-    failures: list[str] = []
-    log(f"{len(subjects)} subjects x {len(loads)} workloads x {args.reps} repetition(s)"
-        f"{', rule scaling' if rules_plan else ''}{', system calls' if syscalls_plan else ''}"
-        f"{', profile' if 'profile' in args.parts else ''}; "
-        f"results in {args.out}")
+    log(f"{len(subjects)} subjects x {len(loads)} workloads x {args.reps} repetition(s), parts "
+        f"{', '.join(args.parts)}; results in {args.out}")
     world = None
     with signals_raise():
         try:
             world = BenchWorld()
-            for _, rep, w, s in plan:
-                t = progress.begin(f"rep {rep + 1}/{args.reps} {w.name} · {s.name}", eta())
-                record = {"subject": s.name, "workload": w.name, "rep": rep}
+            for i, step in enumerate(steps):
+                eta = sum(progress.estimate(later.key, later.estimate) for later in steps[i:])
+                t = progress.begin(step.label, eta)
                 try:
-                    result = measure(world, s, w)
-                    record.update(result)
-                    outcome = ", ".join(describe(result["metrics"][m.key], m.label) for m in w.metrics
-                                        if result["metrics"][m.key] is not None) or "n/a"
-                    if result["errors"]:
-                        outcome += f"  [{result['errors']} connection errors]"
+                    outcome = step.work(world)
                 except FAILURES as exc:  # one failed measurement must not lose the run
-                    record.update(failed=True, error=f"{type(exc).__name__}: {exc}",
-                                  metrics={m.key: None for m in w.metrics})
-                    failures.append(f"{w.name} · {s.name}: {exc}")
+                    results.failures.append(f"{step.name}: {exc}")
+                    if step.failed is not None:
+                        step.failed(f"{type(exc).__name__}: {exc}")
                     outcome = f"FAILED: {exc}"
-                record["seconds"] = round(time.monotonic() - t, 2)
-                runs.append(record)
-                progress.end(w.name, t, outcome)
-            if rules_plan:
-                scaling = RuleScaling(world, rule_counts, installs=1 if args.quick else 3,
-                                      samples=20 if args.quick else 1000, seconds=5 if args.quick else 15)
-                for n, variant in rules_plan:
-                    t = progress.begin(f"rule scaling: {n:,} services · {variant}", eta())
-                    try:
-                        step = scaling.run_step(n, variant)
-                        rule_steps.append(step)
-                        outcome = (f"install {step['install_s'] * 1000:.0f} ms, connect p50 first "
-                                   f"{step['first']['connect_p50_us']:.1f} µs / last "
-                                   f"{step['last']['connect_p50_us']:.1f} µs")
-                    except FAILURES as exc:
-                        failures.append(f"rules {n} {variant}: {exc}")
-                        outcome = f"FAILED: {exc}"
-                    progress.end("rules", t, outcome)
-            for rep, s in syscalls_plan:
-                t = progress.begin(f"rep {rep + 1}/{args.reps} syscalls · {s.name}", eta())
-                record = {"subject": s.name, "rep": rep}
-                try:
-                    record.update(syscalls.measure(world, s, count))
-                    outcome = (f"{record['syscalls_total']:.1f} system calls, "
-                               f"{record['user_us'] + record['system_us']:.0f} µs CPU, "
-                               f"{record['voluntary'] + record['involuntary']:.1f} context switches per connection")
-                except FAILURES as exc:
-                    record.update(failed=True, error=f"{type(exc).__name__}: {exc}")
-                    failures.append(f"syscalls · {s.name}: {exc}")
-                    outcome = f"FAILED: {exc}"
-                syscall_runs.append(record)
-                progress.end("syscalls", t, outcome)
-            if "profile" in args.parts:
-                t = progress.begin("profile: proxy-uvloop under conn-32 (py-spy)", eta())
-                try:
-                    profile = profile_connections(world, args.out, profile_seconds, log)
-                    top = profile["self"][0] if profile["self"] else {"function": "?", "percent": 0}
-                    outcome = f"{profile['samples']} samples; top: {top['function']} {top['percent']}%"
-                except FAILURES as exc:
-                    failures.append(f"profile: {exc}")
-                    outcome = f"FAILED: {exc}"
-                progress.end("profile", t, outcome)
+                progress.end(step.key, t, outcome)
         except KeyboardInterrupt:
             log("interrupted: cleaning up")
             return 130
         finally:
             if world is not None:
                 world.close()
+    write_outputs(document(args, started, subjects, loads, results), subjects, loads, args.out)
+    if results.failures:
+        log(f"{len(results.failures)} failure(s):\n  " + "\n  ".join(results.failures))
+        return 1
+    return 0
 
+
+def document(args: argparse.Namespace, started: datetime.datetime, subjects: list[Subject],
+             loads: list[Workload], results: Results) -> dict:
+    """The run as latest.json holds it."""
     finished = datetime.datetime.now(datetime.UTC)
     meta = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
             "duration_s": round((finished - started).total_seconds(), 1), "quick": args.quick,
             "repetitions": args.reps, "parts": args.parts, "versions": versions(),
             "command": "python -m bench " + " ".join(sys.argv[1:])}
-    doc = {
+    return {
         "meta": meta,
         "subjects": [{"name": s.name, "kind": s.kind, "description": s.description, "peer": s.is_peer}
                      for s in subjects],
@@ -302,18 +335,13 @@ def run(args: argparse.Namespace) -> int:
                        "seconds": w.seconds,
                        "metrics": [{"key": m.key, "label": m.label, "better": m.better, "relay_only": m.relay_only}
                                    for m in w.metrics]} for w in loads],
-        "runs": runs,
-        "rules": rule_steps,
-        "syscalls": ({"connections": count, "clients": syscalls.CLIENTS, "runs": syscall_runs}
-                     if syscalls_plan else None),
-        "profile": profile,
-        "failures": failures,
+        "runs": results.runs,
+        "rules": results.rules,
+        "syscalls": ({"connections": syscalls.connections(args.quick), "clients": syscalls.CLIENTS,
+                      "runs": results.syscalls} if results.syscalls else None),
+        "profile": results.profile,
+        "failures": results.failures,
     }
-    write_outputs(doc, subjects, loads, args.out)
-    if failures:
-        log(f"{len(failures)} failure(s):\n  " + "\n  ".join(failures))
-        return 1
-    return 0
 
 
 def write_outputs(doc: dict, subjects: list[Subject], loads: list[Workload], out: str) -> None:

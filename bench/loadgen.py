@@ -103,7 +103,8 @@ class BulkUp(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if not self.done.done():
-            self.done.set_exception(exc or ConnectionError(f"closed with {self.sent - self.acked} bytes unacknowledged"))
+            unacked = self.sent - self.acked
+            self.done.set_exception(exc or ConnectionError(f"closed with {unacked} bytes unacknowledged"))
 
 
 class BulkDown(asyncio.Protocol):
@@ -135,12 +136,12 @@ async def bulk(spec: dict) -> dict:
     seconds = spec["seconds"]
     start = time.monotonic()
     deadline = start + seconds
-    futures = []
+    futures, opening = [], []  # (the tasks are kept: the loop holds only weak references to them)
     for _ in range(spec["conns"]):
         done = loop.create_future()
         factory = (lambda d=done: BulkUp(deadline, d)) if up else (lambda d=done: BulkDown(int(seconds * 1000), d))
         futures.append(done)
-        loop.create_task(_open(loop, factory, spec["host"], SINK if up else SOURCE, done))
+        opening.append(loop.create_task(_open(loop, factory, spec["host"], SINK if up else SOURCE, done)))
     results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), seconds + 30)
     elapsed = time.monotonic() - start
     total = sum(r for r in results if isinstance(r, int))
@@ -233,8 +234,8 @@ async def rr_rate(spec: dict) -> dict:
     # count only once every connection is up
     state["count"] = 0
     start = time.monotonic()
-    while time.monotonic() - start < spec["seconds"] and state["count"] < spec["max_ops"]:
-        await asyncio.sleep(0.05)
+    while time.monotonic() - start < spec["seconds"] and state["count"] < spec["max_ops"]:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # a look every 50 ms at a counter the protocols bump
     count, elapsed = state["count"], time.monotonic() - start
     state["stop"] = True
     if state["open"]:

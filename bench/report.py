@@ -97,7 +97,8 @@ def markdown_results(summary: dict, rat: dict, subjects: list[Subject], workload
             cells = summary[w.name][m.key]
             entry = rat[w.name][m.key]
             row = [fmt(cells[n]["median"]) if cells.get(n) else "—" for n in names]
-            values.append(f"| {w.title} | {m.label} {m.arrow} | " + " | ".join(row) + f" | {entry['best_peer'] or '—'} |")
+            best = entry["best_peer"] or "—"
+            values.append(f"| {w.title} | {m.label} {m.arrow} | " + " | ".join(row) + f" | {best} |")
             rrow = []
             for n in names:
                 r = entry["subjects"].get(n)

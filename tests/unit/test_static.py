@@ -1,6 +1,7 @@
 """Static checks, part of the suite so CI and the README's test command run them.
 
-ruff with the rule set pyproject.toml chooses (and says why), and mypy:
+ruff on proxy/, tests/ and bench/ with the rule set pyproject.toml chooses (and says
+why), and mypy:
 every module of proxy/, strictly typed in proxy/datapath and proxy/config.
 """
 
@@ -18,7 +19,7 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing():
-    out = run("ruff", "check", "--no-cache", "proxy", "tests")
+    out = run("ruff", "check", "--no-cache", "proxy", "tests", "bench")
     assert out.returncode == 0, out.stdout + out.stderr
 
 
