@@ -298,7 +298,7 @@ class Relay:
     """One proxied connection: its two sides, counters and how it ended."""
 
     __slots__ = ("id", "owner", "downstream", "upstream", "held", "deadline",
-                 "last_active", "bytes_seen", "idle_timeout", "end", "started", "_ended",
+                 "last_active", "bytes_seen", "idle_timeout", "end", "closed_remotely", "started", "_ended",
                  # what the connection is, for the access log and the admin API;
                  # plain fields rather than a dict: an idle connection stays small
                  "listener", "source", "destination", "direction", "chain", "cluster")
@@ -314,6 +314,7 @@ class Relay:
         self.bytes_seen = 0  # both directions' counters at the last sweep
         self.idle_timeout = math.inf  # seconds without a byte before close_idle closes it (set by the owner)
         self.end: str | None = None  # why it ended: done, idle_timeout, *_reset, ...
+        self.closed_remotely = False  # the upstream ended it: its FIN completed the close, or its RST
         self._ended = False
         self.listener = "-"
         self.source: Endpoint | None = None  # the client
@@ -494,7 +495,8 @@ class Relay:
     # events from the sides ------------------------------------------------------
     def half_closed(self, side: Side) -> None:
         peer = side.peer
-        if peer.eof:  # both directions are finished
+        if peer.eof:  # both directions are finished; the upstream's FIN last: it closed it, in Envoy's words
+            self.closed_remotely = side is self.upstream
             self.close("done")
         elif not peer.transport.is_closing():
             peer.transport.write_eof()
@@ -510,6 +512,7 @@ class Relay:
             self.confirm(side)  # it was connected, then reset or closed
         if exc is not None and self.end is None:
             self.end = f"{side.name}_reset"
+            self.closed_remotely = side is self.upstream
         if side.peer is not None:
             side.peer.shut(reset=exc is not None)  # a RST becomes a RST, even mid-flush
         self._maybe_ended()

@@ -57,7 +57,11 @@ _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_connect_fail",
                  "upstream_cx_connect_timeout", "upstream_cx_rx_bytes_total", "upstream_cx_tx_bytes_total",
-                 "upstream_cx_none_healthy", "upstream_cx_overflow")
+                 "upstream_cx_none_healthy", "upstream_cx_overflow",
+                 # who ended a connection: the upstream (its FIN or RST came first) or we; each TCP
+                 # connection is one request in Envoy's TCP pool, hence the _with_active_rq twins
+                 "upstream_cx_destroy_local", "upstream_cx_destroy_remote", "upstream_cx_destroy_with_active_rq",
+                 "upstream_cx_destroy_local_with_active_rq", "upstream_cx_destroy_remote_with_active_rq")
 
 
 class MarkDenied(Exception):
@@ -296,6 +300,13 @@ class Connector:
         stats, names, cluster = self.stats, up.attempts.route.names, up.attempts.cluster
         stats.dec(names.upstream_cx_active)
         stats.inc(names.upstream_cx_destroy)
+        stats.inc(names.upstream_cx_destroy_with_active_rq)
+        if relay.closed_remotely:
+            stats.inc(names.upstream_cx_destroy_remote)
+            stats.inc(names.upstream_cx_destroy_remote_with_active_rq)
+        else:
+            stats.inc(names.upstream_cx_destroy_local)
+            stats.inc(names.upstream_cx_destroy_local_with_active_rq)
         stats.inc(names.upstream_cx_tx_bytes_total, sent)
         stats.inc(names.upstream_cx_rx_bytes_total, received)
         host = stats.host(cluster, up.endpoint)
@@ -318,6 +329,10 @@ class Connector:
         route = self.routes[cluster]
         stats, names = self.stats, route.names
         stats.inc(names.upstream_cx_connect_fail)
+        # a failed attempt is a connection destroyed too, as Envoy counts it: by the upstream's
+        # refusal, or by us at the timeout; no request was active on it
+        stats.inc(names.upstream_cx_destroy)
+        stats.inc(names.upstream_cx_destroy_local if timed_out else names.upstream_cx_destroy_remote)
         if timed_out:
             stats.inc(names.upstream_cx_connect_timeout)
         # Original destinations are not remembered when they fail (there is

@@ -177,6 +177,10 @@ def test_bytes_both_ways_then_half_close_each_way(run):
             names = w.shared.listener_stats["front"]
             assert w.stats[names.downstream_cx_destroy] == 1 and w.stats[names.downstream_cx_active] == 0
             assert w.stats["cluster.backend.upstream_cx_destroy"] == 1
+            # the backend's FIN ended it (the client's came first, but only half-closed it)
+            assert w.stats["cluster.backend.upstream_cx_destroy_remote"] == 1
+            assert w.stats["cluster.backend.upstream_cx_destroy_local"] == 0
+            assert w.stats["cluster.backend.upstream_cx_destroy_with_active_rq"] == 1
             assert w.stats["cluster.backend.upstream_cx_tx_bytes_total"] == 5
             assert w.stats["cluster.backend.upstream_cx_rx_bytes_total"] == 15
             writer.close()
@@ -290,6 +294,7 @@ def test_a_client_reset_resets_the_backend(run):
                     pass
             await w.until(lambda: not w.shared.live, "the relay ended")
             assert relay.end == "downstream_reset"
+            assert w.stats["cluster.backend.upstream_cx_destroy_local"] == 1  # we reset it
             backend.close()
     run(scenario())
 
