@@ -88,6 +88,10 @@ output_rules() {
 	rule SIDECAR_OUTPUT "from loopback" RETURN "from=$fam_lo"
 	why "Nor are connections to it: proxy-aware apps talk to the proxy's loopback listeners there."
 	rule SIDECAR_OUTPUT "to loopback" RETURN "to=$fam_lo"
+	if [ "$1" = 6 ]; then
+		why "Nor are connections to fe80::/10 (IPv6 link-local): such an address names a host only together with its interface (the scope id), and the original destination the proxy reads back carries none, so the proxy could not reach it. They go out directly."
+		rule SIDECAR_OUTPUT "to link-local" RETURN "to=fe80::/10"
+	fi
 	if [ "$inbound" != none ] && method_bypasses_proxy; then
 		why "The app calling its own pod IP (it leaves through lo, to a non-loopback address) goes through the proxy like any inbound connection. The proxy's own connection to the pod IP cannot loop: the bypass above returned it already."
 		rule SIDECAR_OUTPUT "to own pod IP, as inbound" SIDECAR_INBOUND "!to=$fam_lo_net" out=lo

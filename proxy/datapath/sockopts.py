@@ -44,7 +44,10 @@ class SocketLike(Protocol):
     def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None: ...
 
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr
-_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id
+_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id (read apart)
+# sin6_scope_id is in host byte order, unlike the port: its own struct, after the address
+_SCOPE_ID = struct.Struct("=I")
+_SCOPE_ID_OFFSET = 24
 
 
 def unmapped(host: str) -> str:
@@ -56,10 +59,19 @@ def unmapped(host: str) -> str:
 
 
 def parse_sockaddr(raw: bytes) -> tuple[str, int]:
-    """Decode a struct sockaddr_in or sockaddr_in6 into (address, port)."""
+    """Decode a struct sockaddr_in or sockaddr_in6 into (address, port).
+
+    A non-zero IPv6 scope id stays with the address, the way getaddrinfo and
+    connect() read it back ("fe80::1%2"): a link-local address without its
+    interface is a different address, or none. (The kernel fills it in for
+    SO_ORIGINAL_DST only when the accepted socket is bound to an interface,
+    which is why the rules leave link-local destinations alone.)
+    """
     if len(raw) >= _SOCKADDR_IN6.size:
         port, packed = _SOCKADDR_IN6.unpack_from(raw)
-        return socket.inet_ntop(socket.AF_INET6, packed), port
+        host = socket.inet_ntop(socket.AF_INET6, packed)
+        (scope,) = _SCOPE_ID.unpack_from(raw, _SCOPE_ID_OFFSET)
+        return (f"{host}%{scope}" if scope else host), port
     port, packed = _SOCKADDR_IN.unpack_from(raw)
     return socket.inet_ntop(socket.AF_INET, packed), port
 

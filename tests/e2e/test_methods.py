@@ -475,3 +475,37 @@ def test_no_inbound_capture_leaves_the_own_pod_ip_alone(method_prerequisites, wo
         finally:
             proxy.stop()
     assert_cleaned_up(w, m)
+
+
+LINK_LOCAL_PORT = 8443
+POD_LINK_LOCAL, REMOTE_LINK_LOCAL = "fe80::1:1", "fe80::1:2"
+
+
+def test_link_local_destinations_are_not_captured(method_prerequisites, world):
+    """Outbound TCP to fe80::/10 goes out directly (issue 12). Captured, it
+    would reach the proxy with an original destination that has lost its
+    interface (SO_ORIGINAL_DST carries no scope id for it), which the proxy
+    cannot dial: the app's connection failed or hung. Here the app reaches
+    the remote's link-local address on its interface, sees its own
+    link-local source there, and the proxy never hears of it."""
+    w = world
+    w.pod.ip("-6", "addr", "add", f"{POD_LINK_LOCAL}/64", "dev", "eth0", "nodad")
+    w.remote.ip("-6", "addr", "add", f"{REMOTE_LINK_LOCAL}/64", "dev", "eth0", "nodad")
+    m = Method("uid", ["--method", "uid"])
+    script(w, m, "redirect.sh", *m.args)
+    srv = Server(w.remote, ("::", LINK_LOCAL_PORT), identify("link-local"))
+    proxy = ProxyProcess(w.pod)
+    try:
+        with w.pod.entered():
+            eth0 = socket.if_nametoindex("eth0")
+        # a global address on the same port is captured (the proxy is in the path)
+        assert greeting(w.pod, (V6.remote, LINK_LOCAL_PORT)) == f"link-local {V6.pod}"
+        proxy.access(destination=fmt(V6.remote, LINK_LOCAL_PORT))
+        line = greeting(w.pod, (REMOTE_LINK_LOCAL, LINK_LOCAL_PORT, 0, eth0))
+        assert line.split("%")[0] == f"link-local {POD_LINK_LOCAL}", line
+        time.sleep(0.3)
+        assert len(proxy.access_entries()) == 1, "the link-local connection went through the proxy"
+    finally:
+        proxy.stop()
+        srv.close()
+    assert_cleaned_up(w, m)

@@ -29,6 +29,15 @@ def test_sockaddr_in_and_in6_are_decoded():
     assert sockopts.parse_sockaddr(v6) == ("2001:db8::7", 443)
 
 
+def test_a_link_local_original_destination_keeps_its_scope_id():
+    """sin6_scope_id (host byte order) stays with the address, as connect() takes it."""
+    scoped = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 8080) + bytes(4)
+              + socket.inet_pton(socket.AF_INET6, "fe80::1") + struct.pack("=I", 3))
+    assert sockopts.parse_sockaddr(scoped) == ("fe80::1%3", 8080)
+    host, port = sockopts.parse_sockaddr(scoped)
+    assert socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)[0][4][3] == 3
+
+
 def test_a_connection_nobody_redirected_has_no_original_destination():
     """No conntrack entry (ENOENT) is an answer, None, not an error."""
     with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
