@@ -517,7 +517,8 @@ def test_cgroup_classid(ns, backend, net_cls_dir):
         assert_ok(ns.script("cleanup.sh", *args, mounts=True))
         assert ns.save_all() == before
         assert not net_cls_dir.exists(), "cleanup removes the cgroup it created"
-    assert is_net_cls_mount(root), "the hierarchy stays mounted: other cgroups may live there"
+        assert not is_net_cls_mount(root), "and unmounts the hierarchy redirect.sh mounted"
+        assert not root.exists(), "and removes the directory redirect.sh made for it"
 
 
 def test_cgroup_classid_in_a_mounted_hierarchy_and_busy_cleanup(ns, net_cls_dir):
@@ -544,6 +545,7 @@ def test_cgroup_classid_in_a_mounted_hierarchy_and_busy_cleanup(ns, net_cls_dir)
         member.wait()
     assert_ok(ns.script("cleanup.sh", *args, mounts=True))
     assert not net_cls_dir.exists()
+    assert is_net_cls_mount(root), "a mount redirect.sh did not make stays"
     # a cgroup with another classid is not ours: it stays
     net_cls_dir.mkdir()
     (net_cls_dir / "net_cls.classid").write_text("42\n")
@@ -564,6 +566,70 @@ def test_cgroup_set_up_is_undone_when_the_apply_fails(ns, net_cls_dir, tmp_path)
     assert ns.save_all() == before
     assert not is_net_cls_mount(net_cls_dir.parent), "the mount this run made is undone"
     assert not net_cls_dir.parent.exists(), "and so is the directory it made for it"
+
+
+def test_cgroup_mount_on_an_empty_directory_is_undone_by_cleanup(ns, net_cls_dir):
+    """A directory that was there (empty) gets the mount and keeps existing
+    after clean-up; only the mount goes."""
+    root = net_cls_dir.parent
+    root.mkdir()
+    args = ["--method", "cgroup", "--cgroup-dir", str(net_cls_dir)]
+    assert ns.script("redirect.sh", *args, mounts=True).returncode == 0
+    assert is_net_cls_mount(root)
+    dry = ns.script("cleanup.sh", *args, "--dry-run", mounts=True)
+    assert f"# would unmount the net_cls hierarchy redirect.sh mounted on {root}" in dry.stdout
+    assert is_net_cls_mount(root), "a dry run unmounts nothing"
+    assert_ok(ns.script("cleanup.sh", *args, mounts=True))
+    assert not is_net_cls_mount(root) and root.is_dir()
+
+
+@pytest.mark.parametrize("where", ["not empty", "a mount point", "inside cgroup2"])
+def test_cgroup_method_refuses_to_mount_where_it_would_hide_or_misplace(ns, net_cls_dir, where):
+    """Issue 12: the net_cls hierarchy went over whatever directory was the
+    parent of --cgroup-dir, hiding its contents. Now: exit 2, one line,
+    nothing mounted, nothing created, no rules."""
+    root = net_cls_dir.parent
+    cgroup2 = None
+    if where == "not empty":
+        root.mkdir()
+        (root / "precious").write_text("still here\n")
+    elif where == "a mount point":
+        root.mkdir()
+        run(["mount", "-t", "tmpfs", "-o", "size=64k", "scp-rt-tmpfs", str(root)])
+    else:
+        mounts = [mnt for mnt, fstype, _ in cgroup_mounts() if fstype == "cgroup2"]
+        assert mounts, "no cgroup2 file system is mounted"
+        cgroup2 = Path(mounts[0]) / unique("scp-rt-")
+        cgroup2.mkdir()  # a cgroup of ours; --cgroup-dir wants to mount inside it
+        net_cls_dir = cgroup2 / "net_cls" / "sidecar-proxy"
+    try:
+        before = ns.save_all()
+        proc = ns.script("redirect.sh", "--method", "cgroup", "--cgroup-dir", str(net_cls_dir), mounts=True)
+        fragment = {"not empty": "is not empty", "a mount point": "is a mount point (tmpfs)",
+                    "inside cgroup2": "is inside a cgroup2 file system"}[where]
+        assert_one_line_error(proc, 2, "--cgroup-dir", fragment)
+        assert not is_net_cls_mount(net_cls_dir.parent)
+        assert not net_cls_dir.exists()
+        assert ns.save_all() == before
+        if where == "not empty":
+            assert (root / "precious").read_text() == "still here\n"
+        if cgroup2 is not None:
+            assert not net_cls_dir.parent.exists(), "no cgroup was created in the cgroup2 hierarchy"
+    finally:  # also what a script that failed to refuse would have left
+        unmount_all(net_cls_dir.parent)
+        if cgroup2 is not None:
+            for path in (net_cls_dir, net_cls_dir.parent, cgroup2):
+                if path.exists():
+                    path.rmdir()
+
+
+def unmount_all(path: Path) -> None:
+    """Unmount whatever is mounted on path, stacked mounts too."""
+    for _ in range(5):
+        if not any(mnt == str(path) for mnt, _, _ in cgroup_mounts()):
+            return
+        run(["umount", str(path)])
+    raise AssertionError(f"{path} is still mounted")
 
 
 @pytest.fixture
