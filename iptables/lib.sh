@@ -316,6 +316,9 @@ METHODS='uid mark cgroup explicit'
 #   method_output_capture 4|6   rules: the outbound connections to capture
 #   method_bypasses_proxy       succeed if method_output_bypass recognises
 #                               every connection the proxy makes
+#   method_own_traffic CALLBACK `CALLBACK WHAT TERM` for each match term that
+#                               recognises the proxy's connections (what the
+#                               bypass rules match; none for explicit)
 #   method_prepare              set-up outside iptables before the rules go in
 #   method_rollback             undo what method_prepare did in this run
 #   method_cleanup              undo method_prepare of an earlier run (cleanup.sh)
@@ -327,6 +330,7 @@ load_method() {
 }
 method_output_capture() { capture_all_rules "$1"; }
 method_bypasses_proxy() { return 0; }
+method_own_traffic() { :; }
 method_prepare() { :; }
 method_rollback() { :; }
 method_cleanup() { :; }

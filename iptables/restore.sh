@@ -121,6 +121,7 @@ MULTIPORT_MAX=15
 _restore_target() {
 	case "$1" in
 	REDIRECT=*) REPLY="REDIRECT --to-ports ${1#REDIRECT=}" ;;
+	ZONE=*) REPLY="CT --zone-orig ${1#ZONE=}" ;;
 	*) REPLY="$1" ;;
 	esac
 }
@@ -143,7 +144,8 @@ _restore_matches() {
 		out=*) _rm_text="-o $_rm_value" ;;
 		uid=*) _rm_text="-m owner --uid-owner $_rm_value" ;;
 		gid=*) _rm_text="-m owner --gid-owner $_rm_value" ;;
-		mark=*) _rm_text="-m mark --mark $_rm_value" ;;
+		# iptables-save prints marks in hex
+		mark=*) _rm_text="-m mark --mark $(printf '0x%x' "$_rm_value")" ;;
 		classid=*) _rm_text="-m cgroup --cgroup $_rm_value" ;;
 		cgroup-path=*) _rm_text="-m cgroup --path \"$_rm_value\"" ;;
 		ctstate=*) _rm_text="-m conntrack --ctstate $_rm_value" ;;

@@ -12,6 +12,8 @@
 #       2. loopback RETURNs; the app calling its own pod IP -> SIDECAR_INBOUND
 #       3. exclusions RETURN, the captured destinations -> SIDECAR_REDIRECT
 #   SIDECAR_REDIRECT, SIDECAR_IN_REDIRECT    REDIRECT to the proxy port
+#   raw OUTPUT -p tcp -> SIDECAR_PROXY_ZONE  the proxy's own connections get
+#       a conntrack zone of their own (methods with a bypass)
 #   mangle PREROUTING -p tcp -> SIDECAR_DROP_INVALID   (--drop-invalid)
 #
 # Built-in chains get only the jumps (hook), which the renderer puts after
@@ -23,7 +25,9 @@
 #   why TEXT                          the intent of the rules below
 #   rule CHAIN WHAT TARGET [TERM...]  one rule in our CHAIN; WHAT is its
 #                                     comment; TARGET RETURN, DROP, one of
-#                                     our chains, or REDIRECT=PORT
+#                                     our chains, REDIRECT=PORT, or ZONE=N
+#                                     (track the connection in conntrack
+#                                     zone N, original direction only)
 #   rules_per_ports CHAIN PORTS WHAT TARGET
 #                                     TCP to any of the comma-separated
 #                                     PORTS, in as few rules as the backend
@@ -56,6 +60,7 @@ family_rules() {
 	rule SIDECAR_REDIRECT "outbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
 	[ "$inbound" = none ] || inbound_rules
 	output_rules "$1"
+	! method_bypasses_proxy || proxy_zone_rules
 	[ "$drop_invalid" = false ] || drop_invalid_rules
 }
 
@@ -142,6 +147,26 @@ capture_all_rules() {
 _included_cidr_rule() {
 	rule SIDECAR_OUTPUT "included destination $1" SIDECAR_REDIRECT "to=$1"
 }
+
+# proxy_zone_rules: the proxy's own connections are tracked apart from the
+# app's. Without this, a connection the proxy gave up on (a black-holed
+# destination: its conntrack entry stays in SYN_SENT for two minutes) could
+# be matched by a later app connection that happens to get the same source
+# port: conntrack takes the app's SYN for a retransmission of the proxy's,
+# the nat table never sees it, and it escapes capture. iptables/README.md,
+# "Conntrack and the proxy's own connections", has the figures.
+proxy_zone_rules() {
+	table raw
+	why "The proxy's own connections are tracked in conntrack zone $PROXY_ZONE in their original direction (the replies stay in the default zone, where they find them). An app connection that reuses the addresses and ports of one the proxy gave up on then gets an entry of its own and is captured, instead of passing as a retransmission of the proxy's."
+	method_own_traffic _proxy_zone_rule
+	hook OUTPUT SIDECAR_PROXY_ZONE "proxy zone" "outbound TCP packets pass the proxy-zone rules before conntrack sees them."
+}
+_proxy_zone_rule() {
+	rule SIDECAR_PROXY_ZONE "proxy own traffic, $1: conntrack zone $PROXY_ZONE" "ZONE=$PROXY_ZONE" "$2"
+}
+
+# The conntrack zone of the proxy's own connections (original direction).
+PROXY_ZONE=1
 
 drop_invalid_rules() {
 	table mangle

@@ -70,8 +70,16 @@ method_output_bypass() {
 		rule SIDECAR_OUTPUT "proxy own traffic, cgroup $opt_cgroup_path" RETURN "cgroup-path=$opt_cgroup_path"
 	else
 		_cg_hex=$(printf '0x%x' "$cgroup_classid")
-		why "The proxy's own connections come from the net_cls cgroup $opt_cgroup_dir, classid $_cg_hex (iptables-save prints it as $cgroup_classid); UID $opt_proxy_uid may put itself in. They go out as they are, which keeps them from looping back into the proxy."
+		why "The proxy's own connections come from the net_cls cgroup $opt_cgroup_dir, classid $_cg_hex ($cgroup_classid); UID $opt_proxy_uid may put itself in. They go out as they are, which keeps them from looping back into the proxy."
 		rule SIDECAR_OUTPUT "proxy own traffic, net_cls classid $_cg_hex" RETURN "classid=$cgroup_classid"
+	fi
+}
+
+method_own_traffic() {
+	if [ -n "$opt_cgroup_path" ]; then
+		"$1" "cgroup $opt_cgroup_path" "cgroup-path=$opt_cgroup_path"
+	else
+		"$1" "net_cls classid $(printf '0x%x' "$cgroup_classid")" "classid=$cgroup_classid"
 	fi
 }
 

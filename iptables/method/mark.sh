@@ -10,11 +10,16 @@
 
 method_validate() {
 	check_u32 --mark "$opt_mark" mark
-	# iptables-save prints marks in hex; render them the same way
-	opt_mark=$(printf '0x%x' "$REPLY")
+	mark_value="$REPLY"
+	# in messages and comments a mark is written in hex, as people set it
+	mark_hex=$(printf '0x%x' "$REPLY")
 }
 
 method_output_bypass() {
-	why "The proxy's own connections carry mark $opt_mark (it sets SO_MARK on every socket, including those to the app for inbound connections): they go out as they are, which keeps them from looping back into the proxy."
-	rule SIDECAR_OUTPUT "proxy own traffic, mark $opt_mark" RETURN "mark=$opt_mark"
+	why "The proxy's own connections carry mark $mark_hex (it sets SO_MARK on every socket, including those to the app for inbound connections): they go out as they are, which keeps them from looping back into the proxy."
+	rule SIDECAR_OUTPUT "proxy own traffic, mark $mark_hex" RETURN "mark=$mark_value"
+}
+
+method_own_traffic() {
+	"$1" "mark $mark_hex" "mark=$mark_value"
 }

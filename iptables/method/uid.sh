@@ -22,3 +22,8 @@ method_output_bypass() {
 		rule SIDECAR_OUTPUT "proxy own traffic, gid $opt_proxy_gid" RETURN "gid=$opt_proxy_gid"
 	fi
 }
+
+method_own_traffic() {
+	"$1" "uid $opt_proxy_uid" "uid=$opt_proxy_uid"
+	[ -z "$opt_proxy_gid" ] || "$1" "gid $opt_proxy_gid" "gid=$opt_proxy_gid"
+}

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import PROXY_UID, ProxyProcess, Server, digest_sink, identify, recv_line
+from support import PROXY_UID, PYTHON, ProxyProcess, Server, digest_sink, identify, recv_line, setpriv_argv
 
 from proxy.demo.netns import PodWorld, run
 
@@ -508,4 +508,64 @@ def test_link_local_destinations_are_not_captured(method_prerequisites, world):
     finally:
         proxy.stop()
         srv.close()
+    assert_cleaned_up(w, m)
+
+
+# A destination that never answers: the remote drops what is sent to it.
+BLACKHOLE = {"ipv4": ("198.51.100.77", 80), "ipv6": ("2001:db8:2::77", 80)}
+REUSED_PORT = 40123
+GIVE_UP = """
+import socket, sys, time
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.setblocking(False)
+s.connect_ex((sys.argv[3], int(sys.argv[4])))
+time.sleep(1.5)  # one SYN retransmitted, no answer: give up, as the proxy's connect timeout does
+s.close()
+"""
+
+
+def syn_sent_entries(world: PodWorld, port: int) -> list[str]:
+    """The pod's conntrack entries in SYN_SENT from `port`."""
+    text = world.pod.exec("cat", "/proc/net/nf_conntrack").stdout
+    return [line for line in text.splitlines() if "SYN_SENT" in line and f"sport={port} " in line]
+
+
+@pytest.mark.parametrize("f", [V4, V6], ids=lambda f: f.name)
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_an_app_connection_reusing_the_ports_of_a_failed_proxy_connection_is_captured(
+        method_prerequisites, world, backend, f):
+    """Issue 12: after the proxy gives up on a black-holed destination, its
+    conntrack entry stays in SYN_SENT for two minutes. An app connection that
+    gets the same source port to the same destination used to match that
+    entry (a retransmission, to conntrack), skip the nat table and escape
+    capture: it hung. The proxy's own connections now have a conntrack zone
+    of their own (original direction), so the app's SYN makes its own entry
+    and is redirected."""
+    w = world
+    m = Method("uid", ["--method", "uid", "--backend", backend])
+    script(w, m, "redirect.sh", *m.args)
+    tool = "iptables" if f is V4 else "ip6tables"
+    blackhole = BLACKHOLE[f.name]
+    w.remote.exec(tool, "-A", "INPUT", "-d", blackhole[0], "-j", "DROP")
+    proxy_port = w.pod.listen((f.any, 5001))  # stands in for the proxy: who arrives here was captured
+    proxy_port.settimeout(5)
+    try:
+        # the proxy (its UID) tries the black hole from REUSED_PORT and gives up
+        run([*w.pod.argv(*setpriv_argv()), PYTHON, "-c", GIVE_UP, f.pod, str(REUSED_PORT), *map(str, blackhole)])
+        stale = syn_sent_entries(w, REUSED_PORT)
+        assert len(stale) == 1 and "zone-orig=1" in stale[0], stale
+        # the app, from the same port to the same destination
+        with w.pod.socket(socket.AF_INET if f is V4 else socket.AF_INET6) as app:
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            app.bind((f.pod, REUSED_PORT))
+            app.settimeout(5)
+            app.connect(blackhole)  # a TimeoutError here: it escaped to the black hole
+            accepted, peer = proxy_port.accept()
+            accepted.close()
+        assert (peer[0], peer[1]) == (f.pod, REUSED_PORT)
+    finally:
+        proxy_port.close()
     assert_cleaned_up(w, m)

@@ -94,7 +94,7 @@ class Netns:
     def add_foreign_rules(self, backend: str, tag: str = "1") -> None:
         """Rules and chains of somebody else, in every table we touch."""
         for family, addr in ((4, "192.0.2.99"), (6, "2001:db8::99")):
-            for table in ("nat", "mangle", "filter"):
+            for table in ("nat", "mangle", "raw", "filter"):
                 chain = f"FOREIGN{tag}"
                 if tag == "1":
                     self.iptables(backend, family, "-t", table, "-N", chain)
