@@ -286,14 +286,65 @@ without_comments() {
 }
 
 # rollback_family 4|6 BEFORE: bring our part of the family back to BEFORE
-# (its iptables-save output before we started). A family whose rules are
-# unchanged is left alone. Returns 1 with RESTORE_ERR on failure.
+# (its iptables-save output before we started), and remove the tables this
+# run created (drop_emptied_tables). A family whose rules are unchanged is
+# left alone. Returns 1 with RESTORE_ERR on failure.
 rollback_family() {
 	save_rules "$1" fail
 	without_comments "$REPLY"
 	_rb_now="$REPLY"
 	without_comments "$2"
-	[ "$_rb_now" != "$REPLY" ] || return 0
-	_rb_input=$(transition "$_rb_now" "$(ours_in_save "$2")")
-	[ -z "$_rb_input" ] || restore_rules "$1" "$_rb_input"
+	_rb_before="$REPLY"
+	[ "$_rb_now" != "$_rb_before" ] || return 0
+	_rb_input=$(transition "$_rb_now" "$(ours_in_save "$_rb_before")")
+	if [ -n "$_rb_input" ]; then
+		restore_rules "$1" "$_rb_input" || return 1
+	fi
+	table_names "$_rb_now"
+	_rb_tables="$REPLY"
+	table_names "$_rb_before"
+	_rb_had="$NL$REPLY$NL" _rb_new=''
+	while IFS= read -r _rb_table; do
+		case "$_rb_had" in
+		*"$NL$_rb_table$NL"*) ;;
+		*) _rb_new="$_rb_new$_rb_table$NL" ;;
+		esac
+	done <<EOF_TABLES
+$_rb_tables
+EOF_TABLES
+	drop_emptied_tables "$1" "$_rb_new"
+}
+
+# ----------------------------------------------------------- empty tables --
+
+# drop_emptied_tables 4|6 TABLES: with the nft backend, delete each of the
+# TABLES (names, one per line) that holds nothing any more: no rule and no
+# chain of anybody's, only built-in chains with the default policy. Such a
+# table does nothing, but iptables-save shows it, and iptables (which
+# creates a table on first use) has no way to remove one; nft does. Called
+# for the tables our rules were in (clean-up) and those a failed run
+# created (rollback), so that the rules are as they were found. The legacy
+# backend's tables live as long as the network namespace: nothing removes
+# them.
+drop_emptied_tables() {
+	[ "$backend" = nft ] && [ -n "$2" ] || return 0
+	save_rules "$1" fail
+	_de_save="$REPLY"
+	if [ "$1" = 4 ]; then _de_family=ip; else _de_family=ip6; fi
+	while IFS= read -r _de_table; do
+		case "$NL$_de_save$NL" in
+		*"$NL*$_de_table$NL"*) ;;
+		*) continue ;; # not there (or an empty line)
+		esac
+		_de_rest=$(table_section "$_de_save" "$_de_table" | grep -v '^:[A-Z]* ACCEPT ' || true)
+		[ -z "$_de_rest" ] || continue
+		if ! have nft; then
+			warn "the table $_de_family $_de_table is empty now but stays: removing it needs nft"
+			continue
+		fi
+		_de_err=$(nft delete table "$_de_family" "$_de_table" 2>&1) ||
+			warn "the empty table $_de_family $_de_table stays: nft delete table failed: $_de_err"
+	done <<EOF_TABLES
+$2
+EOF_TABLES
 }

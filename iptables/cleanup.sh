@@ -64,7 +64,8 @@ cleanup_family() {
 	tool "$1" save
 	have "$REPLY" || return 0
 	save_rules "$1" fail
-	_cf_input=$(transition "$REPLY" '')
+	_cf_save="$REPLY"
+	_cf_input=$(transition "$_cf_save" '')
 	[ -n "$_cf_input" ] || return 0
 	if [ "$opt_dry_run" = true ]; then
 		if [ "$1" = 4 ]; then _cf_name=IPv4; else _cf_name=IPv6; fi
@@ -72,6 +73,9 @@ cleanup_family() {
 		return 0
 	fi
 	restore_rules "$1" "$_cf_input" || fail "$RESTORE_ERR"
+	# a table that only our rules were in is empty now: most likely we made it
+	table_names "$(ours_in_save "$_cf_save")"
+	drop_emptied_tables "$1" "$REPLY"
 }
 
 main() {

@@ -297,6 +297,42 @@ def test_cleanup_restores_exactly_what_was_there(ns, backend):
     assert ns.script("cleanup.sh", "--dry-run").stdout == ""
 
 
+def nft_ruleset(ns: Netns) -> str:
+    return ns.run("nft", "list", "ruleset").stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cleanup_on_a_fresh_namespace_leaves_no_empty_tables(ns, backend):
+    """Nothing at all before: the tables our rules needed (nat, raw, mangle)
+    are our residue. With the nft backend cleanup.sh deletes the ones it
+    emptied, so iptables-save and `nft list ruleset` are as they were. With
+    the legacy backend the kernel keeps a table for the life of the
+    namespace once it was used, and iptables has no way to remove it: what
+    stays is exactly the built-in chains of those tables, empty, policy
+    ACCEPT (iptables/README.md, "Clean-up")."""
+    before, before_nft = ns.save_all(), nft_ruleset(ns)
+    assert before == {"nft": {4: "", 6: ""}, "legacy": {4: "", 6: ""}} and before_nft == ""
+    args = ["--method", "mark", "--drop-invalid", "--backend", backend]
+    assert_ok_installed(ns.script("redirect.sh", *args))
+    assert_ok(ns.script("cleanup.sh", *args))
+    after = ns.save_all()
+    if backend == "nft":
+        assert after == before
+        assert nft_ruleset(ns) == before_nft
+        return
+    assert after["nft"] == before["nft"] and nft_ruleset(ns) == before_nft
+    for family in (4, 6):
+        assert set(re.findall(r"^\*(\w+)$", after["legacy"][family], re.M)) == {"nat", "raw", "mangle"}
+        for name in ("nat", "raw", "mangle"):
+            lines = table(after["legacy"][family], name)
+            assert lines and all(re.fullmatch(r":[A-Z]+ ACCEPT \[0:0\]", line) for line in lines), lines
+
+
+def assert_ok_installed(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("redirect.sh: installed: ")
+
+
 def test_cleanup_removes_ours_from_both_backends(ns):
     for backend in BACKENDS:
         ns.add_foreign_rules(backend)
@@ -377,6 +413,16 @@ def test_ipv6_failure_rolls_ipv4_back(ns, backend, earlier, tmp_path):
     assert_one_line_error(proc, 1, f"ip6tables-{backend}-restore failed", "shim: ip6tables-restore refuses",
                           "rolled back")
     assert ns.save_all() == before
+
+
+def test_rollback_on_a_fresh_namespace_leaves_no_empty_tables(ns, tmp_path):
+    """IPv4 goes in (creating its tables), IPv6 fails: the rollback also
+    deletes the IPv4 tables that this run created."""
+    before, before_nft = ns.save_all(), nft_ruleset(ns)
+    shim(tmp_path, "ip6tables-nft-restore", 'echo "shim: ip6tables-restore refuses" >&2\nexit 1\n')
+    proc = ns.script("redirect.sh", "--drop-invalid", "--backend", "nft", path=f"{tmp_path}:{PATH}")
+    assert_one_line_error(proc, 1, "rolled back")
+    assert ns.save_all() == before and nft_ruleset(ns) == before_nft
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
