@@ -99,8 +99,9 @@ CMD ["run"]
 
 # --- init: the one-shot iptables step --------------------------------------------------
 # Only a shell, iptables (both backends: Alpine's iptables is the nft one,
-# iptables-legacy the other; which one a node needs is redirect.sh's choice)
-# and the project's POSIX sh scripts. It runs as root with NET_ADMIN (and
+# iptables-legacy the other; which one a node needs is redirect.sh's choice),
+# nft (the nft-native backend, and deleting the empty tables iptables-nft
+# leaves) and the project's POSIX sh scripts. It runs as root with NET_ADMIN (and
 # NET_RAW, which the legacy backend needs) and exits.
 FROM ${INIT_BASE} AS init
 
@@ -114,10 +115,10 @@ LABEL org.opencontainers.image.title="sidecar-proxy-init" \
 # manager is there; Debian's iptables package has both backends.
 # hadolint ignore=DL3008,DL3018
 RUN if command -v apk >/dev/null; then \
-        apk add --no-cache iptables ip6tables iptables-legacy; \
+        apk add --no-cache iptables ip6tables iptables-legacy nftables; \
     elif command -v apt-get >/dev/null; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends iptables \
+        && apt-get install -y --no-install-recommends iptables nftables \
         && apt-get clean \
         && rm -rf /var/lib/apt/lists/*; \
     else \

@@ -32,14 +32,18 @@ for_each_family() {
 
 # ---------------------------------------------------------------- backends --
 
-# choose_backend: set `backend` (nft, legacy, or plain for an iptables that
-# only has unsuffixed names) from --backend, or for `auto` from what this
-# network namespace already holds: the backend with our chains (a re-run),
-# else the one with more rules of anybody (the one the platform uses), else
-# nft (the default of current distributions). Dies if the tools are missing.
+# choose_backend: set `backend` (nft, legacy, plain for an iptables that
+# only has unsuffixed names, or nft-native) from --backend, or for `auto`
+# from what this network namespace already holds: the backend with our
+# rules (a re-run), else the iptables backend with more rules of anybody
+# (the one the platform uses), else nft (iptables-nft, the default of
+# current distributions); nft-native when there is no iptables at all, only
+# nft. Dies if the tools are missing.
 choose_backend() {
 	backend="$opt_backend"
-	if [ "$backend" = auto ]; then
+	if [ "$backend" = auto ] && have nft && nft_has_table; then
+		backend=nft-native
+	elif [ "$backend" = auto ]; then
 		_cb_nft=-1 _cb_legacy=-1
 		if have iptables-nft-save; then
 			count_rules nft
@@ -50,7 +54,7 @@ choose_backend() {
 			_cb_legacy="$REPLY" _cb_legacy_ours="$REPLY_OURS"
 		fi
 		if [ "$_cb_nft" -lt 0 ] && [ "$_cb_legacy" -lt 0 ]; then
-			backend=plain
+			if ! have iptables-save && have nft; then backend=nft-native; else backend=plain; fi
 		elif [ "$_cb_nft" -lt 0 ]; then
 			backend=legacy
 		elif [ "$_cb_legacy" -lt 0 ]; then
@@ -62,6 +66,10 @@ choose_backend() {
 		else
 			backend=nft
 		fi
+	fi
+	if [ "$backend" = nft-native ]; then
+		have nft || die "nft not found: install nftables (backend nft-native)"
+		return 0
 	fi
 	for_each_family _require_tools
 }

@@ -3,9 +3,10 @@
 #
 # What is ours is recognisable (apply.sh): the SIDECAR_* chains and the
 # jumps from built-in chains into them. They are removed in both families
-# and both backends, one iptables-restore per family and backend, so other
-# people's rules and chains are never touched. Then each method undoes its
-# own set-up (the cgroup method removes the net_cls cgroup it created).
+# and both iptables backends, one iptables-restore per family and backend,
+# so other people's rules and chains are never touched; with nft-native,
+# ours is one table, deleted whole (apply_nft.sh). Then each method undoes
+# its own set-up (the cgroup method removes the net_cls cgroup it created).
 #
 # Tolerant and idempotent: whatever is already gone is skipped, and running
 # it twice is running it once. It takes redirect.sh's command line and
@@ -26,12 +27,13 @@ usage: cleanup.sh [options]
 Remove the rules (and the net_cls cgroup) that redirect.sh installed;
 nothing else. Takes redirect.sh's options and environment; uses these:
 
-  --backend auto|nft|legacy   auto: every backend present (SIDECAR_BACKEND)
+  --backend B                 auto, nft, legacy or nft-native; auto: every backend
+                              present (SIDECAR_BACKEND)
   --ipv6 auto|on|off          auto: IPv6 too if the kernel has it (SIDECAR_IPV6)
   --cgroup-dir DIR            the cgroup to remove if its classid is ours (or --cgroup)
                               (SIDECAR_CGROUP_DIR, /sys/fs/cgroup/net_cls/sidecar-proxy)
   --cgroup-classid ID         (ISTIO_NET_CLS_ID, 0x100001)
-  --dry-run                   print the iptables-restore input, remove nothing
+  --dry-run                   print the iptables-restore (or nft) input, remove nothing
   -h, --help                  this text
 
 Exit status: 0 done, 1 a removal failed, 2 bad input (nothing touched).
@@ -39,7 +41,8 @@ EOF
 }
 
 validate() {
-	check_choice --backend "$opt_backend" auto nft legacy
+	# shellcheck disable=SC2086 # BACKENDS: one word per backend
+	check_choice --backend "$opt_backend" $BACKENDS
 	check_choice --ipv6 "$opt_ipv6" auto on off
 	check_cgroup_options
 	case "$opt_ipv6" in
@@ -87,9 +90,13 @@ main() {
 		if have iptables-nft-save || have iptables-legacy-save; then
 			cleanup_backend nft
 			cleanup_backend legacy
-		else
+		elif have iptables-save; then
 			cleanup_backend plain
 		fi
+		! have nft || nft_cleanup
+	elif [ "$opt_backend" = nft-native ]; then
+		have nft || die "nft not found: install nftables (backend nft-native)"
+		nft_cleanup
 	else
 		cleanup_backend "$opt_backend"
 	fi

@@ -1,7 +1,8 @@
 # shellcheck shell=sh
 # lib.sh: what redirect.sh and cleanup.sh share. Each of them sets HERE (this
 # directory) and sources this file, which names the program and loads the
-# rest: addr.sh, rules.sh, restore.sh and apply.sh.
+# rest: addr.sh, rules.sh, restore.sh, apply.sh and apply_nft.sh (nft.sh,
+# the other renderer, when the backend is nft-native: load_renderer).
 #
 #   messages      die (exit 2: bad input, nothing touched), fail (exit 1: the
 #                 apply went wrong and was rolled back), warn
@@ -25,9 +26,15 @@ PROG="${0##*/}"
 . "$HERE/rules.sh"
 . "$HERE/restore.sh"
 . "$HERE/apply.sh"
+. "$HERE/apply_nft.sh"
 
 # Our chains all start with this; cleanup.sh recognises our objects by it.
 CHAIN_PREFIX=SIDECAR_
+# With the nft-native backend, all of ours is this one table.
+NFT_FAMILY=inet
+NFT_TABLE=sidecar_proxy
+# --backend: the iptables-restore ones (apply.sh), then nft's (apply_nft.sh)
+BACKENDS='auto nft legacy nft-native'
 # Every rule we install carries `-m comment --comment "sidecar-proxy: ..."`.
 COMMENT_PREFIX=sidecar-proxy
 NL='
@@ -305,6 +312,13 @@ for_each_word() {
 	for_each ' ' "$_fw_list" "$@"
 }
 
+# load_renderer BACKEND: the vocabulary of rules.sh for BACKEND. restore.sh
+# (iptables-restore input) is loaded already; nft-native loads nft.sh over it.
+load_renderer() {
+	# shellcheck source=nft.sh
+	[ "$1" != nft-native ] || . "$HERE/nft.sh"
+}
+
 # ----------------------------------------------------------------- methods --
 
 # The bypass methods (README.md, "Methods"): one file each, method/NAME.sh.
@@ -316,6 +330,8 @@ METHODS='uid mark cgroup explicit'
 #   method_output_capture 4|6   rules: the outbound connections to capture
 #   method_bypasses_proxy       succeed if method_output_bypass recognises
 #                               every connection the proxy makes
+#   method_check_backend B      dies if this method's options cannot work
+#                               with backend B (real apply only)
 #   method_own_traffic CALLBACK `CALLBACK WHAT TERM` for each match term that
 #                               recognises the proxy's connections (what the
 #                               bypass rules match; none for explicit)
@@ -331,6 +347,7 @@ load_method() {
 method_output_capture() { capture_all_rules "$1"; }
 method_bypasses_proxy() { return 0; }
 method_own_traffic() { :; }
+method_check_backend() { :; }
 method_prepare() { :; }
 method_rollback() { :; }
 method_cleanup() { :; }

@@ -4,11 +4,12 @@
 # network namespace goes to the proxy's port, except the proxy's own
 # connections (told apart by the bypass method) and loopback traffic.
 #
-# Flow: options -> validate everything -> render the rule set per family
-# (described by rules.sh and method/*.sh, written as iptables-restore input
-# by restore.sh) -> --dry-run prints it and stops; otherwise ->
-# method set-up -> one iptables-restore --noflush per family (apply.sh),
-# everything rolled back if any of it fails.
+# Flow: options -> validate everything -> choose the backend -> render the
+# rule set (described by rules.sh and method/*.sh; written as
+# iptables-restore input per family by restore.sh, or as one nft table by
+# nft.sh) -> --dry-run prints it and stops; otherwise -> method set-up ->
+# one iptables-restore --noflush per family (apply.sh), everything rolled
+# back if any of it fails; or one nft -f transaction (apply_nft.sh).
 #
 # Exit status: 0 done; 1 applying failed and was rolled back; 2 bad input or
 # an unusable environment, found before anything was touched. Errors are one
@@ -44,10 +45,11 @@ namespace to the sidecar proxy. Options (environment variable, default):
                               (SIDECAR_INCLUDE_CIDRS, *)
   --exclude-cidrs LIST        outbound destinations never captured (SIDECAR_EXCLUDE_CIDRS)
   --ipv6 auto|on|off          also IPv6 (SIDECAR_IPV6, auto: if the kernel has it)
-  --backend auto|nft|legacy   iptables backend (SIDECAR_BACKEND, auto: the one in use)
+  --backend B                 auto, nft or legacy (iptables-restore), nft-native
+                              (nft -f) (SIDECAR_BACKEND, auto: the one in use)
   --drop-invalid              drop TCP packets conntrack finds INVALID
                               (SIDECAR_DROP_INVALID=true)
-  --dry-run                   print the iptables-restore input, touch nothing
+  --dry-run                   print the iptables-restore (or nft) input, touch nothing
   -h, --help                  this text
 
 Lists are comma-separated. Exit status: 0 done, 1 failed and rolled back,
@@ -62,7 +64,8 @@ validate() {
 	# shellcheck disable=SC2086 # METHODS: one word per method
 	check_choice --method "$opt_method" $METHODS
 	check_choice --ipv6 "$opt_ipv6" auto on off
-	check_choice --backend "$opt_backend" auto nft legacy
+	# shellcheck disable=SC2086 # BACKENDS: one word per backend
+	check_choice --backend "$opt_backend" $BACKENDS
 	check_bool --drop-invalid "$opt_drop_invalid"
 	drop_invalid="$REPLY"
 	check_port --proxy-port "$opt_proxy_port"
@@ -103,7 +106,15 @@ validate() {
 	method_validate
 }
 
+# dry_run: the input the backend's program would get. With --backend auto
+# (which looks at the namespace only when installing) that is
+# iptables-restore's.
 dry_run() {
+	load_renderer "$opt_backend"
+	if [ "$opt_backend" = nft-native ]; then
+		nft_input
+		return 0
+	fi
 	restore_input 4
 	if [ "$ipv6" = true ]; then
 		printf '\n'
@@ -113,12 +124,25 @@ dry_run() {
 
 install() {
 	[ "$(id -u)" = 0 ] || die "installing rules needs root (--dry-run does not)"
+	choose_backend
+	method_check_backend "$backend"
+	load_renderer "$backend"
+	if [ "$backend" = nft-native ]; then
+		nft_install
+	else
+		install_iptables
+	fi
+	if [ "$ipv6" = true ]; then _in_families='IPv4 and IPv6'; else _in_families=IPv4; fi
+	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$_in_families" "$backend"
+}
+
+# install_iptables: the iptables backends, one iptables-restore per family.
+install_iptables() {
 	# the target, rendered before anything is touched (with --ipv6 off the
 	# IPv6 target is empty: ours there is removed)
 	target4=$(restore_input 4)
 	target6=''
 	[ "$ipv6" = false ] || target6=$(restore_input 6)
-	choose_backend
 	# IPv6 is touched when it gets rules, and also with --ipv6 off if the
 	# namespace has IPv6 and ip6tables is there: an earlier run's IPv6
 	# rules must not outlive the option
@@ -140,8 +164,6 @@ install() {
 	method_prepare
 	install_family 4 "$before4" "$target4"
 	[ "$touch6" = false ] || install_family 6 "$before6" "$target6"
-	if [ "$ipv6" = true ]; then _in_families='IPv4 and IPv6'; else _in_families=IPv4; fi
-	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$_in_families" "$backend"
 }
 
 # install_family 4|6 BEFORE TARGET: one atomic iptables-restore that takes

@@ -117,6 +117,23 @@ _rules_per_ports_flush() {
 # multiport takes at most 15 ports per rule.
 MULTIPORT_MAX=15
 
+# rules_per_destinations CHAIN WHAT TARGET DESTS: TCP to any of DESTS
+# ("CIDR PORT" per line, one family), one rule each; WHAT is singular
+# ("service"), each rule's comment names its destination.
+rules_per_destinations() {
+	_rd_chain="$1" _rd_what="$2" _rd_target="$3"
+	while IFS=' ' read -r _rd_cidr _rd_port; do
+		[ -n "$_rd_cidr" ] || continue
+		case "$_rd_cidr" in
+		*:*) _rd_dest="[${_rd_cidr%/128}]:$_rd_port" ;;
+		*) _rd_dest="${_rd_cidr%/32}:$_rd_port" ;;
+		esac
+		rule "$_rd_chain" "$_rd_what $_rd_dest" "$_rd_target" "to=$_rd_cidr" "port=$_rd_port"
+	done <<EOF_DESTS
+$4
+EOF_DESTS
+}
+
 # _restore_target TARGET: the target as iptables writes it, in REPLY.
 _restore_target() {
 	case "$1" in

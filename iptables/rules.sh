@@ -32,6 +32,10 @@
 #                                     TCP to any of the comma-separated
 #                                     PORTS, in as few rules as the backend
 #                                     allows; WHAT singular, the ports added
+#   rules_per_destinations CHAIN WHAT TARGET DESTS
+#                                     TCP to any of DESTS ("CIDR PORT" a
+#                                     line, one family): a rule each for
+#                                     iptables, one set and one rule for nft
 #   hook BUILTIN CHAIN WHAT WHY       the TCP packets of a built-in chain
 #                                     enter our CHAIN
 # and the match terms of a rule, all of which must hold, in the order

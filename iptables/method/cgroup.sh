@@ -83,6 +83,19 @@ method_own_traffic() {
 	fi
 }
 
+# method_check_backend BACKEND: nft resolves a cgroup v2 path itself, below
+# /sys/fs/cgroup (the kernel does it for iptables): with nft-native that
+# must be the cgroup2 file system, which on a host with the hybrid layout
+# (cgroup v1 controllers, cgroup2 at /sys/fs/cgroup/unified) it is not.
+method_check_backend() {
+	[ "$1" = nft-native ] && [ -n "$opt_cgroup_path" ] || return 0
+	mount_at /sys/fs/cgroup
+	case "$REPLY" in
+	'cgroup2 '*) ;;
+	*) die "--cgroup-path: nft looks the path up below /sys/fs/cgroup, which is not the cgroup2 file system here (${REPLY%% *}${REPLY:+ is mounted there}); use --backend nft or legacy, or mount cgroup2 there" ;;
+	esac
+}
+
 # What method_prepare did in this run, for method_rollback.
 _cg_made_root=false _cg_mounted=false _cg_made_dir=false
 # The source names of the net_cls mounts redirect.sh makes (the first field

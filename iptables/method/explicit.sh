@@ -80,14 +80,5 @@ method_output_capture() {
 		return 0
 	fi
 	why "The listed services (--services) go through the proxy; every other destination is reached directly."
-	while IFS=' ' read -r _oc_cidr _oc_port; do
-		if [ "$1" = 4 ]; then
-			_oc_what="${_oc_cidr%/32}:$_oc_port"
-		else
-			_oc_what="[${_oc_cidr%/128}]:$_oc_port"
-		fi
-		rule SIDECAR_OUTPUT "service $_oc_what" SIDECAR_REDIRECT "to=$_oc_cidr" "port=$_oc_port"
-	done <<EOF_SERVICES
-${REPLY%"$NL"}
-EOF_SERVICES
+	rules_per_destinations SIDECAR_OUTPUT service SIDECAR_REDIRECT "$REPLY"
 }

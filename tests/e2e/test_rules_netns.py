@@ -41,6 +41,7 @@ PORTS_20 = ",".join(str(p) for p in range(9000, 9020))
 
 
 def run(cmd: list[str], *, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture its output; with check, fail on a non-zero exit."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
@@ -65,15 +66,16 @@ class Netns:
             return ["nsenter", f"--net=/run/netns/{self.name}"]
         return ["ip", "netns", "exec", self.name]
 
-    def run(self, *cmd: str, check: bool = True, mounts: bool = False) -> subprocess.CompletedProcess[str]:
-        return run([*self.enter(mounts=mounts), *cmd], check=check, cwd=REPO)
+    def run(self, *cmd: str, check: bool = True, mounts: bool = False,
+            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        return run([*prefix, *self.enter(mounts=mounts), *cmd], check=check, cwd=REPO)
 
     def script(self, script: str, *args: str, path: str = PATH, env: dict[str, str] | None = None,
-               mounts: bool = False) -> subprocess.CompletedProcess[str]:
+               mounts: bool = False, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
         """Run iptables/SCRIPT in the namespace, with a clean environment."""
         extra = [f"{k}={v}" for k, v in (env or {}).items()]
         return self.run("env", "-i", f"PATH={path}", "LC_ALL=C", *extra, "sh", f"iptables/{script}", *args,
-                        check=False, mounts=mounts)
+                        check=False, mounts=mounts, prefix=prefix)
 
     def save(self, backend: str) -> dict[int, str]:
         """iptables-save of both families, without timestamps and counters."""
@@ -711,3 +713,171 @@ def test_cgroup_v2_path_that_does_not_exist_fails_cleanly(ns):
     proc = ns.script("redirect.sh", "--method", "cgroup", "--cgroup-path", f"/{unique('scp-rt-missing-')}")
     assert_one_line_error(proc, 1, "iptables-nft-restore failed", "rolled back")
     assert ns.save_all() == before
+
+
+# --------------------------------------------------------------- nft-native --
+#
+# One table, `inet sidecar_proxy`, replaced whole by one `nft -f`. The dry run
+# is written the way `nft list table` prints the table, so the installed
+# table is compared with it as text; dropped are only the `#` lines (the
+# kernel keeps no comments but the rules' own) and the counters' figures.
+
+NATIVE = ["--backend", "nft-native"]
+
+
+def nft_table_of(text: str) -> str:
+    """The table block of a dry run, or of `nft list`, without `#` lines and
+    with `counter packets N bytes M` written as `counter`."""
+    start = text.index("table inet sidecar_proxy {")
+    lines = [re.sub(r"counter packets \d+ bytes \d+", "counter", line)
+             for line in text[start:].splitlines() if not line.lstrip().startswith("#")]
+    return "\n".join(lines)
+
+
+def nft_listing(ns: Netns, mounts: bool = False) -> str:
+    return ns.run("nft", "list", "table", "inet", "sidecar_proxy", mounts=mounts).stdout
+
+
+def add_foreign_nft(ns: Netns) -> None:
+    """A table of somebody else's, with base chains on our hooks."""
+    script = ("table inet foreign {\n"
+              " chain out {\n  type nat hook output priority -100; policy accept;\n"
+              "  ip daddr 192.0.2.99 tcp dport 80 counter dnat ip to 192.0.2.98\n }\n"
+              " chain pre {\n  type filter hook prerouting priority 0; policy accept;\n  counter\n }\n"
+              "}\n")
+    run([*ns.enter(mounts=False), "nft", "-f", "-"], input=script)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nft_native_dry_run_is_what_gets_installed(ns, case):
+    for backend in BACKENDS:
+        ns.add_foreign_rules(backend)
+    add_foreign_nft(ns)
+    before, foreign = ns.save_all(), ns.run("nft", "list", "table", "inet", "foreign").stdout
+    proc = ns.script("redirect.sh", *CASES[case], *NATIVE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("redirect.sh: installed: ") and "backend nft-native" in proc.stdout
+    dry = ns.script("redirect.sh", *CASES[case], *NATIVE, "--dry-run")
+    assert_ok(dry)
+    assert nft_table_of(nft_listing(ns)) == nft_table_of(dry.stdout)
+    assert ns.save_all() == before, "iptables rules of both backends stay as they were"
+    assert ns.run("nft", "list", "table", "inet", "foreign").stdout == foreign
+
+
+def test_nft_native_input_is_the_dry_run_text(ns, tmp_path):
+    """What nft -f gets is exactly the dry-run text, first install and re-run
+    alike (the table is replaced whole each time)."""
+    real = shutil.which("nft")
+    assert real
+    shim(tmp_path, "nft", f'if [ "$1" = -f ]; then tee -a {tmp_path}/nft.input | {real} "$@"; else exec {real} "$@"; fi\n')
+    args = ["--method", "mark", "--drop-invalid", *NATIVE]
+    dry = ns.script("redirect.sh", *args, "--dry-run").stdout
+    for _ in range(2):
+        assert ns.script("redirect.sh", *args, path=f"{tmp_path}:{PATH}").returncode == 0
+        assert (tmp_path / "nft.input").read_text() == dry
+        (tmp_path / "nft.input").unlink()
+
+
+def test_nft_native_twice_is_once_and_replaces_what_changed(ns):
+    args = ["--method", "uid", "--proxy-gid", "1337", "--drop-invalid", *NATIVE]
+    assert ns.script("redirect.sh", *args).returncode == 0
+    once = nft_listing(ns)
+    assert ns.script("redirect.sh", *args).returncode == 0
+    assert nft_listing(ns) == once
+    less = ["--inbound-ports", "", "--ipv6", "off", *NATIVE]
+    assert ns.script("redirect.sh", *less).returncode == 0
+    assert nft_table_of(nft_listing(ns)) == nft_table_of(ns.script("redirect.sh", *less, "--dry-run").stdout)
+    assert "ip6 " not in nft_listing(ns) and "SIDECAR_INBOUND" not in nft_listing(ns)
+
+
+@pytest.mark.parametrize("others", ["fresh namespace", "with other people's rules"])
+def test_nft_native_cleanup_gives_back_the_ruleset_byte_for_byte(ns, others):
+    if others != "fresh namespace":
+        for backend in BACKENDS:
+            ns.add_foreign_rules(backend)
+        add_foreign_nft(ns)
+    before, before_nft = ns.save_all(), nft_ruleset(ns)
+    args = ["--method", "mark", "--drop-invalid", *NATIVE]
+    assert ns.script("redirect.sh", *args).returncode == 0
+    assert nft_ruleset(ns) != before_nft
+    dry = ns.script("cleanup.sh", *args, "--dry-run")
+    assert_ok(dry)
+    assert dry.stdout == "# ==== sidecar-proxy removal, backend nft-native ====\ndelete table inet sidecar_proxy\n"
+    for script_args in (args, []):  # the same invocation, then auto: nothing left to do
+        assert_ok(ns.script("cleanup.sh", *script_args))
+        assert nft_ruleset(ns) == before_nft
+        assert ns.save_all() == before
+
+
+@pytest.mark.parametrize("earlier", ["fresh", "installed before"])
+def test_nft_native_failure_half_way_changes_nothing(ns, earlier, tmp_path):
+    """A rule that fails half-way through the input: nft applies the
+    transaction whole or not at all, so the ruleset is exactly as before
+    (nothing, or the earlier table with its counters)."""
+    add_foreign_nft(ns)
+    if earlier == "installed before":
+        assert ns.script("redirect.sh", "--method", "uid", *NATIVE).returncode == 0
+    before_nft = nft_ruleset(ns)
+    real = shutil.which("nft")
+    # after the first half of the lines, a rule that jumps to a chain nobody has
+    shim(tmp_path, "nft", f"""if [ "$1" != -f ]; then exec {real} "$@"; fi
+input=$(cat)
+half=$(( $(printf '%s\\n' "$input" | grep -c '') / 2 ))
+printf '%s\\n' "$input" | sed "${{half}}a\\\\
+add rule inet sidecar_proxy SIDECAR_OUTPUT counter jump SIDECAR_NOWHERE" | {real} "$@"
+""")
+    proc = ns.script("redirect.sh", "--method", "mark", "--drop-invalid", *NATIVE, path=f"{tmp_path}:{PATH}")
+    assert_one_line_error(proc, 1, "nft -f failed", "rolled back")
+    assert nft_ruleset(ns) == before_nft
+
+
+def cgroup_layout(layout: str) -> tuple[str, ...]:
+    """An argv prefix: a private mount namespace whose /sys/fs/cgroup is the
+    cgroup2 file system ("v2", as on current hosts) or a tmpfs ("hybrid",
+    cgroup v1 controllers with cgroup2 elsewhere, as on this project's test
+    machines). nft looks --cgroup-path up below /sys/fs/cgroup."""
+    if layout == "v2":
+        roots = [mnt for mnt, fstype, _ in cgroup_mounts() if fstype == "cgroup2"]
+        assert roots, "no cgroup2 file system is mounted"
+        setup = f"mount --bind {roots[0]} /sys/fs/cgroup"
+    else:
+        setup = "mount -t tmpfs -o size=64k scp-rt-tmpfs /sys/fs/cgroup"
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"', "sh")
+
+
+def test_nft_native_cgroup_v2_path(ns, cgroup2_path):
+    """Installed as the dry run says, on a host whose /sys/fs/cgroup is
+    cgroup2; a path that does not exist is a real failure (nft's, no shim)
+    that changes nothing; on the hybrid layout, a one-line refusal."""
+    v2 = cgroup_layout("v2")
+    args = ["--method", "cgroup", "--cgroup-path", cgroup2_path, *NATIVE]
+    assert ns.script("redirect.sh", *args, mounts=True, prefix=v2).returncode == 0
+    listing = ns.run("nft", "list", "table", "inet", "sidecar_proxy", mounts=True, prefix=v2).stdout
+    assert nft_table_of(listing) == nft_table_of(ns.script("redirect.sh", *args, "--dry-run").stdout)
+    assert f'socket cgroupv2 level 1 "{cgroup2_path[1:]}"' in listing
+    before = nft_ruleset(ns)
+    proc = ns.script("redirect.sh", "--method", "cgroup", "--cgroup-path", f"/{unique('scp-rt-missing-')}",
+                     *NATIVE, mounts=True, prefix=v2)
+    assert_one_line_error(proc, 1, "nft -f failed", "cgroupv2 path fails", "rolled back")
+    assert nft_ruleset(ns) == before
+    proc = ns.script("redirect.sh", *args, mounts=True, prefix=cgroup_layout("hybrid"))
+    assert_one_line_error(proc, 2, "--cgroup-path: nft looks the path up below /sys/fs/cgroup",
+                          "not the cgroup2 file system here (tmpfs")
+    assert nft_ruleset(ns) == before
+
+
+def test_auto_backend_follows_our_nft_table_and_takes_nft_when_there_is_no_iptables(ns, tmp_path):
+    assert "backend nft-native" in ns.script("redirect.sh", *NATIVE).stdout
+    assert "backend nft-native" in ns.script("redirect.sh").stdout, "a re-run stays where our rules are"
+    assert "SIDECAR" not in str(ns.save_all())
+    assert_ok(ns.script("cleanup.sh"))
+    assert nft_ruleset(ns) == ""
+    # a host without iptables, only nft (RHEL 10, EKS on 1.33 have no legacy iptables)
+    nft_only = tmp_path / "bin"
+    nft_only.mkdir()
+    (nft_only / "nft").symlink_to(shutil.which("nft") or "/usr/sbin/nft")
+    proc = ns.script("redirect.sh", path=f"{nft_only}:/usr/bin:/bin")
+    assert proc.returncode == 0, proc.stderr
+    assert "backend nft-native" in proc.stdout
+    assert_ok(ns.script("cleanup.sh", path=f"{nft_only}:/usr/bin:/bin"))
+    assert nft_ruleset(ns) == ""

@@ -1,9 +1,11 @@
 """The rendered rules of iptables/redirect.sh, as golden files.
 
 Every named case runs `sh iptables/redirect.sh ARGS --dry-run` and compares
-the output with tests/unit/golden/<name>.rules. A dry run needs neither root
-nor iptables, so these tests run with a PATH that has no sbin directory (no
-iptables at all): nothing here can touch the host's rules.
+the output with tests/unit/golden/<name>.rules (iptables-restore input) and,
+with `--backend nft-native`, with tests/unit/golden/<name>.nft (nft input).
+A dry run needs neither root nor iptables, so these tests run with a PATH
+that has no sbin directory (no iptables, no nft): nothing here can touch the
+host's rules.
 
 After an intended change of the rules, rewrite the files and review the diff:
 
@@ -67,6 +69,16 @@ CASES: dict[str, tuple[list[str], dict[str, str]]] = {
 }
 
 
+# The same cases for the nft-native backend.
+NFT = ["--backend", "nft-native"]
+GOLDEN_SUFFIX = {"": ".rules", "nft": ".nft"}
+
+
+def case_args(name: str, backend: str = "") -> tuple[list[str], dict[str, str]]:
+    args, env = CASES[name]
+    return (args + NFT if backend == "nft" else args), env
+
+
 def redirect(*args: str, env: dict[str, str] | None = None, shell: tuple[str, ...] = ("sh",),
              script: str = "redirect.sh") -> subprocess.CompletedProcess[str]:
     """Run a script of iptables/ with a clean environment and no iptables on PATH."""
@@ -78,8 +90,8 @@ def redirect(*args: str, env: dict[str, str] | None = None, shell: tuple[str, ..
     )
 
 
-def dry_run(name: str, shell: tuple[str, ...] = ("sh",)) -> str:
-    args, env = CASES[name]
+def dry_run(name: str, shell: tuple[str, ...] = ("sh",), backend: str = "") -> str:
+    args, env = case_args(name, backend)
     proc = redirect(*args, "--dry-run", env=env, shell=shell)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -89,12 +101,17 @@ def dry_run(name: str, shell: tuple[str, ...] = ("sh",)) -> str:
 def test_dry_run_runs_without_iptables_on_path():
     assert shutil.which("iptables-restore", path=PATH_WITHOUT_IPTABLES) is None
     assert shutil.which("iptables", path=PATH_WITHOUT_IPTABLES) is None
+    assert shutil.which("nft", path=PATH_WITHOUT_IPTABLES) is None
 
 
+BACKEND_IDS = {"": "iptables", "nft": "nft-native"}
+
+
+@pytest.mark.parametrize("backend", ["", "nft"], ids=BACKEND_IDS.get)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden(name):
-    rendered = dry_run(name)
-    path = GOLDEN / f"{name}.rules"
+def test_golden(name, backend):
+    rendered = dry_run(name, backend=backend)
+    path = GOLDEN / f"{name}{GOLDEN_SUFFIX[backend]}"
     if os.environ.get("UPDATE_GOLDEN") == "1":
         path.write_text(rendered)
     assert path.exists(), f"no golden file {path.name}: run with UPDATE_GOLDEN=1 and review it"
@@ -103,12 +120,14 @@ def test_golden(name):
 
 def test_no_stale_golden_files():
     assert {p.stem for p in GOLDEN.glob("*.rules")} == set(CASES)
+    assert {p.stem for p in GOLDEN.glob("*.nft")} == set(CASES)
 
 
+@pytest.mark.parametrize("backend", ["", "nft"], ids=BACKEND_IDS.get)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_rules_from_another_posix_shell(name):
+def test_same_rules_from_another_posix_shell(name, backend):
     """dash is /bin/sh here; bash in POSIX mode must render the very same text."""
-    assert dry_run(name, shell=("bash", "--posix")) == dry_run(name)
+    assert dry_run(name, shell=("bash", "--posix"), backend=backend) == dry_run(name, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +142,19 @@ def busybox_path(tmp_path_factory) -> str:
     return str(directory)
 
 
-# what the scripts may use besides the shell's builtins and iptables
-BUSYBOX_APPLETS = ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown", "mkdir", "rmdir")
+# what the scripts may use besides the shell's builtins, iptables and nft
+BUSYBOX_APPLETS = ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown", "mkdir", "rmdir",
+                   "sort")
 
 
+@pytest.mark.parametrize("backend", ["", "nft"], ids=BACKEND_IDS.get)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_rules_from_busybox(name, busybox_path):
-    args, env = CASES[name]
+def test_same_rules_from_busybox(name, backend, busybox_path):
+    args, env = case_args(name, backend)
     proc = subprocess.run([f"{busybox_path}/sh", "iptables/redirect.sh", *args, "--dry-run"], cwd=REPO,
                           env={"PATH": busybox_path, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == dry_run(name)
+    assert proc.stdout == dry_run(name, backend=backend)
 
 
 def test_busybox_refuses_bad_input_alike(busybox_path, bad_services):
@@ -156,6 +177,31 @@ def test_every_rule_has_intent_and_comment(name):
             chain = line.split()[1]
             assert chain.startswith("SIDECAR_") or line.split(" -j ")[-1].startswith("SIDECAR_"), \
                 f"a built-in chain gets only the jump: {line}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_nft_rule_has_intent_counter_and_comment(name):
+    """One table, replaced whole; in it every rule counts and says what it is
+    for, with a `# why` line above it or its group; base chains only hook
+    our chains in."""
+    text = dry_run(name, backend="nft")
+    lines = text.splitlines()
+    table = lines.index("table inet sidecar_proxy {")
+    assert lines[table - 2:table] == ["table inet sidecar_proxy", "delete table inet sidecar_proxy"]
+    assert lines[-1] == "}" and text.count("table inet sidecar_proxy {") == 1
+    chain = None
+    for i, line in enumerate(lines[table + 1:-1], start=table + 1):
+        if line.startswith("\tchain "):
+            chain = line.split()[1]
+        elif line.startswith("\t\t") and not line.startswith(("\t\t#", "\t\ttype ", "\t\telements", "\t\t\t",
+                                                               "\t\tflags")):
+            assert re.search(r'(?:^\t\t| )counter (return|drop|jump SIDECAR_\w+|redirect to :\d+|ct original zone set \d+)'
+                             r' comment "sidecar-proxy: [^"]+"$', line), line
+            above = next(prev for prev in reversed(lines[:i]) if not prev.startswith("\t\t") or
+                         prev.startswith("\t\t#"))
+            assert above.startswith("\t\t# "), line
+            if not chain.startswith("SIDECAR_"):
+                assert " jump SIDECAR_" in line, f"a base chain only hooks ours in: {line}"
 
 
 def test_each_family_section_is_headed_by_a_comment():
