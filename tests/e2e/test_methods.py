@@ -1,9 +1,10 @@
 """The rule scripts with the real proxy: every bypass method, real traffic.
 
 For each method of iptables/redirect.sh (uid, mark, cgroup with a net_cls
-classid, cgroup v2 by path, explicit) and each address family, one test
-builds a pod and a remote namespace, installs the rules with the script as
-the init step would, and probes every path a connection can take twice:
+classid, cgroup v2 by path, explicit), each address family and both kinds of
+backend (iptables through iptables-restore, chosen by auto; nft-native), one
+test builds a pod and a remote namespace, installs the rules with the script
+as the init step would, and probes every path a connection can take twice:
 first with the proxy stopped (a captured connection is REDIRECTed to a
 closed port and refused; one that is not captured still works), then with
 the proxy running (a captured connection shows up in the access log exactly
@@ -45,7 +46,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,26 @@ class Method:
     cgroup: tuple[str, str] | None = None  # (controllers, path) /proc/PID/cgroup must show
     captures_all: bool = True  # False: only the services file's destinations
     made: Path | None = None  # what redirect.sh creates and cleanup.sh removes
+    script_prefix: tuple[str, ...] = ()  # run the scripts under this (a mount namespace of their own)
+
+
+def native(m: Method) -> Method:
+    """The same method with the nft-native backend. nft looks a cgroup v2
+    path up below /sys/fs/cgroup, which on a host with the hybrid layout is
+    not the cgroup2 file system: the scripts then run in a mount namespace
+    of their own where it is (tests/e2e/test_rules_netns.py checks the
+    one-line refusal without it)."""
+    prefix = cgroup2_layout() if "--cgroup-path" in m.args else ()
+    return replace(m, args=[*m.args, "--backend", "nft-native"], script_prefix=prefix)
+
+
+def cgroup2_layout() -> tuple[str, ...]:
+    roots = [mnt for mnt, kind, _ in mounts() if kind == "cgroup2"]
+    assert roots, "no cgroup2 file system is mounted"
+    if roots[0] == "/sys/fs/cgroup":
+        return ()
+    setup = f"mount --bind {roots[0]} /sys/fs/cgroup"
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"', "sh")
 
 
 def mounts() -> list[tuple[str, str, str]]:
@@ -253,19 +274,21 @@ def method(name: str, tmp_path: Path) -> Iterator[Method]:
 def script(world: PodWorld, m: Method, name: str, *args: str) -> str:
     """Run iptables/NAME in the pod namespace, as the init step would; its stdout."""
     cmd = ("sh", str(IPTABLES / name), *args)
-    if m.nsenter:
-        return run(world.pod.nsenter_argv(*cmd)).stdout
+    if m.nsenter or m.script_prefix:
+        return run([*m.script_prefix, *world.pod.nsenter_argv(*cmd)]).stdout
     return world.pod.exec(*cmd).stdout
 
 
 def saved_rules(world: PodWorld) -> str:
-    return "".join(world.pod.exec(tool).stdout for tool in ("iptables-save", "ip6tables-save"))
+    """iptables-save of both families, and nft's whole ruleset."""
+    return "".join(world.pod.exec(*tool).stdout
+                   for tool in (("iptables-save",), ("ip6tables-save",), ("nft", "list", "ruleset")))
 
 
 def assert_cleaned_up(world: PodWorld, m: Method) -> None:
     script(world, m, "cleanup.sh", *m.args)
     rules = saved_rules(world)
-    assert "SIDECAR_" not in rules, f"cleanup.sh left rules behind:\n{rules}"
+    assert "SIDECAR_" not in rules and "sidecar_proxy" not in rules, f"cleanup.sh left rules behind:\n{rules}"
     assert m.made is None or not m.made.exists(), f"cleanup.sh left {m.made} behind"
 
 
@@ -346,17 +369,23 @@ def probe_direct_paths(world: PodWorld, f: Family) -> None:
 # ------------------------------------------------------------------- tests --
 
 METHODS = ["uid", "mark", "cgroup-net_cls", "cgroup-v2", "explicit"]
+BACKENDS = ["iptables", "nft-native"]
 
 
 @pytest.mark.parametrize("f", [V4, V6], ids=lambda f: f.name)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method_name", METHODS)
-def test_method_with_the_real_proxy(method_prerequisites, world, tmp_path, method_name, f):
+def test_method_with_the_real_proxy(method_prerequisites, world, tmp_path, method_name, backend, f):
     w = world
     with method(method_name, tmp_path) as m, servers(w, f) as srv:
+        if backend == "nft-native":
+            m = native(m)
         out = script(w, m, "redirect.sh", *m.args, *EXCLUSIONS)
         assert f"installed: method {m.args[1]}, IPv4 and IPv6" in out
+        assert ("backend nft-native" in out) == (backend == "nft-native"), out
         if m.name == "mark":
-            assert f"-m mark --mark {MARK} " in saved_rules(w), "the rules bypass the proxy's mark"
+            mark = f"meta mark 0x{int(MARK, 16):08x} " if backend == "nft-native" else f"-m mark --mark {MARK} "
+            assert mark in saved_rules(w), "the rules bypass the proxy's mark"
 
         probe_without_proxy(w, f, m)
         for s in srv.values():
@@ -481,7 +510,8 @@ LINK_LOCAL_PORT = 8443
 POD_LINK_LOCAL, REMOTE_LINK_LOCAL = "fe80::1:1", "fe80::1:2"
 
 
-def test_link_local_destinations_are_not_captured(method_prerequisites, world):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_link_local_destinations_are_not_captured(method_prerequisites, world, backend):
     """Outbound TCP to fe80::/10 goes out directly (issue 12). Captured, it
     would reach the proxy with an original destination that has lost its
     interface (SO_ORIGINAL_DST carries no scope id for it), which the proxy
@@ -492,6 +522,8 @@ def test_link_local_destinations_are_not_captured(method_prerequisites, world):
     w.pod.ip("-6", "addr", "add", f"{POD_LINK_LOCAL}/64", "dev", "eth0", "nodad")
     w.remote.ip("-6", "addr", "add", f"{REMOTE_LINK_LOCAL}/64", "dev", "eth0", "nodad")
     m = Method("uid", ["--method", "uid"])
+    if backend == "nft-native":
+        m = native(m)
     script(w, m, "redirect.sh", *m.args)
     srv = Server(w.remote, ("::", LINK_LOCAL_PORT), identify("link-local"))
     proxy = ProxyProcess(w.pod)
@@ -534,7 +566,7 @@ def syn_sent_entries(world: PodWorld, port: int) -> list[str]:
 
 
 @pytest.mark.parametrize("f", [V4, V6], ids=lambda f: f.name)
-@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize("backend", ["nft", "legacy", "nft-native"])
 def test_an_app_connection_reusing_the_ports_of_a_failed_proxy_connection_is_captured(
         method_prerequisites, world, backend, f):
     """Issue 12: after the proxy gives up on a black-holed destination, its
@@ -569,3 +601,36 @@ def test_an_app_connection_reusing_the_ports_of_a_failed_proxy_connection_is_cap
     finally:
         proxy_port.close()
     assert_cleaned_up(w, m)
+
+
+@pytest.mark.parametrize("f", [V4, V6], ids=lambda f: f.name)
+@pytest.mark.parametrize("others", ["iptables-nft", "iptables-legacy"])
+def test_nft_native_comes_before_other_peoples_nat_rules(method_prerequisites, world, tmp_path, others, f):
+    """Somebody else's nat rules, installed first with iptables (a
+    Docker-style DNAT in nat OUTPUT): for the service address and for the
+    excluded SMTP port, both to the `outside` server. Of the nat chains on a
+    hook the first that maps a connection wins, and ours run ten before the
+    iptables nat table (-110): the app's connection to the service address
+    is captured (the proxy sees its original destination and sends it to the
+    backend cluster), while the SMTP connection, which our rules return,
+    still gets the other DNAT."""
+    w = world
+    tool = f"{'iptables' if f is V4 else 'ip6tables'}-{others.split('-')[1]}"
+    outside = f"[{f.outside[0]}]:{f.outside[1]}" if f is V6 else f"{f.outside[0]}:{f.outside[1]}"
+    for dest in (f.vip, f.smtp):
+        w.pod.exec(tool, "-w", "-t", "nat", "-A", "OUTPUT", "-d", dest[0], "-p", "tcp", "--dport", str(dest[1]),
+                   "-j", "DNAT", "--to-destination", outside)
+    m = native(Method("uid", ["--method", "uid"]))
+    with servers(w, f):
+        script(w, m, "redirect.sh", *m.args, "--exclude-outbound-ports", "25")
+        proxy = ProxyProcess(w.pod, config=CONFIG)
+        try:
+            assert greeting(w.pod, f.vip) == f"backend {f.pod}", "captured first, by our nat chain"
+            assert proxy.access(destination=fmt(*f.vip))["chain"] == f"vip-{f.name}"
+            assert greeting(w.pod, f.smtp) == f"outside {f.pod}", "not ours: their DNAT still applies"
+            time.sleep(0.3)
+            assert len(proxy.access_entries()) == 1
+        finally:
+            proxy.stop()
+    assert_cleaned_up(w, m)
+    assert "DNAT" in w.pod.exec(f"{tool}-save").stdout, "their rules stay"
