@@ -1,8 +1,9 @@
 # shellcheck shell=sh
 # lib.sh: what redirect.sh and cleanup.sh share. Each of them sets HERE (this
 # directory) and sources this file, which names the program and loads the
-# rest: addr.sh, rules.sh, restore.sh, apply.sh and apply_nft.sh (nft.sh,
-# the other renderer, when the backend is nft-native: load_renderer).
+# rest: addr.sh, rules.sh, restore.sh, apply.sh, apply_nft.sh and check.sh
+# (nft.sh, the other renderer, when the backend is nft-native:
+# load_renderer).
 #
 #   messages      die (exit 2: bad input, nothing touched), fail (exit 1: the
 #                 apply went wrong and was rolled back), warn
@@ -27,6 +28,7 @@ PROG="${0##*/}"
 . "$HERE/restore.sh"
 . "$HERE/apply.sh"
 . "$HERE/apply_nft.sh"
+. "$HERE/check.sh"
 
 # Our chains all start with this; cleanup.sh recognises our objects by it.
 CHAIN_PREFIX=SIDECAR_
@@ -105,6 +107,8 @@ options_from_env() {
 	opt_backend="${SIDECAR_BACKEND:-auto}"
 	opt_drop_invalid="${SIDECAR_DROP_INVALID:-false}"
 	opt_dry_run=false
+	opt_check=false
+	opt_reconcile=false
 }
 
 # options_parse ARGS...: the command line over the environment's values.
@@ -117,8 +121,10 @@ options_parse() {
 			exit 0
 			;;
 		--dry-run) opt_dry_run=true ;;
+		--check) opt_check=true ;;
+		--reconcile) opt_reconcile=true ;;
 		--drop-invalid) opt_drop_invalid=true ;;
-		--dry-run=* | --drop-invalid=* | --help=*)
+		--dry-run=* | --check=* | --reconcile=* | --drop-invalid=* | --help=*)
 			die "${1%%=*}: takes no value"
 			;;
 		--*=*) option_set "${1%%=*}" "${1#*=}" ;;

@@ -50,10 +50,14 @@ namespace to the sidecar proxy. Options (environment variable, default):
   --drop-invalid              drop TCP packets conntrack finds INVALID
                               (SIDECAR_DROP_INVALID=true)
   --dry-run                   print the iptables-restore (or nft) input, touch nothing
+  --check                     exit 0 if the installed rules are the desired ones, else
+                              1 and a unified diff (installed -> desired); touch nothing
+  --reconcile                 nothing if they are; else replace them, atomically
   -h, --help                  this text
 
-Lists are comma-separated. Exit status: 0 done, 1 failed and rolled back,
-2 bad input (nothing touched). cleanup.sh removes what this installs.
+Lists are comma-separated. Exit status: 0 done, 1 failed and rolled back
+(--check: the rules differ), 2 bad input (nothing touched). cleanup.sh
+removes what this installs.
 EOF
 }
 
@@ -68,6 +72,9 @@ validate() {
 	check_choice --backend "$opt_backend" $BACKENDS
 	check_bool --drop-invalid "$opt_drop_invalid"
 	drop_invalid="$REPLY"
+	case "$opt_dry_run$opt_check$opt_reconcile" in
+	*true*true*) die "--dry-run, --check and --reconcile: one at a time" ;;
+	esac
 	check_port --proxy-port "$opt_proxy_port"
 
 	if [ "$opt_inbound_ports" = '*' ]; then
@@ -122,18 +129,66 @@ dry_run() {
 	fi
 }
 
-install() {
-	[ "$(id -u)" = 0 ] || die "installing rules needs root (--dry-run does not)"
+# prepare: what installing and checking need: root, the backend and its
+# renderer, the families to touch.
+prepare() {
+	[ "$(id -u)" = 0 ] || die "$1 needs root (--dry-run does not)"
 	choose_backend
 	method_check_backend "$backend"
 	load_renderer "$backend"
+	# IPv6 is touched when it gets rules, and also with --ipv6 off if the
+	# namespace has IPv6 and ip6tables is there: an earlier run's IPv6
+	# rules must not outlive the option
+	touch6="$ipv6"
+	if [ "$backend" != nft-native ] && [ "$ipv6" = false ] && has_ipv6; then
+		tool 6 save
+		if have "$REPLY"; then
+			tool 6 restore
+			if have "$REPLY"; then touch6=true; fi
+		fi
+	fi
+	if [ "$ipv6" = true ]; then families='IPv4 and IPv6'; else families=IPv4; fi
+}
+
+install() {
+	prepare "installing rules"
+	apply_rules
+	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$families" "$backend"
+}
+
+apply_rules() {
 	if [ "$backend" = nft-native ]; then
 		nft_install
 	else
 		install_iptables
 	fi
-	if [ "$ipv6" = true ]; then _in_families='IPv4 and IPv6'; else _in_families=IPv4; fi
-	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$_in_families" "$backend"
+}
+
+# check: --check. Exit 0 if the installed rules are the desired ones, else
+# 1 with the diff on stdout.
+check() {
+	prepare --check
+	if compare_installed; then
+		printf '%s: in place: the installed rules are the desired ones (method %s, %s, backend %s)\n' \
+			"$PROG" "$opt_method" "$families" "$backend"
+		return 0
+	fi
+	fail "drifted: the installed rules differ from the desired ones (the diff on stdout: installed -> desired; --reconcile replaces them)"
+}
+
+# reconcile: --reconcile. Nothing if the installed rules are the desired
+# ones; else the diff, then the desired rules replace the installed ones,
+# in one transaction per family (iptables) or in one (nft-native), so that
+# no connection passes uncaptured during the swap.
+reconcile() {
+	prepare --reconcile
+	if compare_installed; then
+		printf '%s: in place: nothing to do (method %s, %s, backend %s)\n' "$PROG" "$opt_method" "$families" "$backend"
+		return 0
+	fi
+	apply_rules
+	printf '%s: reconciled: the rules above were replaced by the desired ones (method %s, %s, backend %s)\n' \
+		"$PROG" "$opt_method" "$families" "$backend"
 }
 
 # install_iptables: the iptables backends, one iptables-restore per family.
@@ -143,17 +198,6 @@ install_iptables() {
 	target4=$(restore_input 4)
 	target6=''
 	[ "$ipv6" = false ] || target6=$(restore_input 6)
-	# IPv6 is touched when it gets rules, and also with --ipv6 off if the
-	# namespace has IPv6 and ip6tables is there: an earlier run's IPv6
-	# rules must not outlive the option
-	touch6="$ipv6"
-	if [ "$ipv6" = false ] && has_ipv6; then
-		tool 6 save
-		if have "$REPLY"; then
-			tool 6 restore
-			if have "$REPLY"; then touch6=true; fi
-		fi
-	fi
 	# the state to come back to if anything fails
 	save_rules 4 die
 	before4="$REPLY" before6=''
@@ -193,6 +237,10 @@ main() {
 	validate
 	if [ "$opt_dry_run" = true ]; then
 		dry_run
+	elif [ "$opt_check" = true ]; then
+		check
+	elif [ "$opt_reconcile" = true ]; then
+		reconcile
 	else
 		install
 	fi

@@ -474,11 +474,12 @@ def busybox_only(tmp_path) -> str:
     assert busybox, "busybox is not installed (apt-get install busybox)"
     directory = tmp_path / "busybox"
     directory.mkdir()
-    for applet in ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown", "mkdir", "rmdir"):
+    for applet in ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown", "mkdir", "rmdir",
+                   "sort", "cut", "diff", "mktemp", "rm"):
         (directory / applet).symlink_to(busybox)
     sbin = Path(shutil.which("iptables-nft-restore") or "/usr/sbin/iptables-nft-restore").parent
     for program in sbin.iterdir():
-        if "tables" in program.name:
+        if "tables" in program.name or program.name == "nft":
             (directory / program.name).symlink_to(program)
     return str(directory)
 
@@ -493,6 +494,13 @@ def test_busybox_install_rerun_rollback_cleanup(ns, backend, busybox_only, tmp_p
     assert_installed_as_dry_run(ns, backend, args, before[backend])
     installed = ns.save_all()
     assert ns.script("redirect.sh", *args, path=busybox_only).returncode == 0
+    assert ns.save_all() == installed
+    assert_ok(ns.script("redirect.sh", *args, "--check", path=busybox_only))
+    tool = "iptables" if backend == "nft" else f"iptables-{backend}"
+    ns.run(tool, "-w", "-t", "nat", "-D", "SIDECAR_OUTPUT", "1")
+    proc = ns.script("redirect.sh", *args, "--check", path=busybox_only)
+    assert proc.returncode == 1 and "\n+-A SIDECAR_OUTPUT -m owner --uid-owner 1337 " in proc.stdout, proc.stdout
+    assert ns.script("redirect.sh", *args, "--reconcile", path=busybox_only).returncode == 0
     assert ns.save_all() == installed
 
     failing = tmp_path / "shim"
@@ -776,6 +784,23 @@ def test_nft_native_input_is_the_dry_run_text(ns, tmp_path):
         assert ns.script("redirect.sh", *args, path=f"{tmp_path}:{PATH}").returncode == 0
         assert (tmp_path / "nft.input").read_text() == dry
         (tmp_path / "nft.input").unlink()
+
+
+def test_nft_native_under_busybox(ns, busybox_only):
+    """The init image's tools: install, check, drift, reconcile, clean-up."""
+    args = ["--method", "explicit", "--services", SERVICES, "--drop-invalid", *NATIVE]
+    before = nft_ruleset(ns)
+    proc = ns.script("redirect.sh", *args, path=busybox_only)
+    assert proc.returncode == 0, proc.stderr
+    assert nft_table_of(nft_listing(ns)) == nft_table_of(ns.script("redirect.sh", *args, "--dry-run").stdout)
+    assert_ok(ns.script("redirect.sh", *args, "--check", path=busybox_only))
+    ns.run("nft", "add", "element", "inet", "sidecar_proxy", "SIDECAR_SERVICES_V4", "{ 192.0.2.77 . 443 }")
+    proc = ns.script("redirect.sh", *args, "--check", path=busybox_only)
+    assert proc.returncode == 1 and "\n-\telement 192.0.2.77 . 443\n" in proc.stdout, proc.stdout
+    assert ns.script("redirect.sh", *args, "--reconcile", path=busybox_only).returncode == 0
+    assert_ok(ns.script("redirect.sh", *args, "--check", path=busybox_only))
+    assert_ok(ns.script("cleanup.sh", *args, path=busybox_only))
+    assert nft_ruleset(ns) == before
 
 
 def test_nft_native_twice_is_once_and_replaces_what_changed(ns):

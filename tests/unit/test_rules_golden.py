@@ -144,7 +144,7 @@ def busybox_path(tmp_path_factory) -> str:
 
 # what the scripts may use besides the shell's builtins, iptables and nft
 BUSYBOX_APPLETS = ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown", "mkdir", "rmdir",
-                   "sort")
+                   "sort", "cut", "diff", "mktemp", "rm")
 
 
 @pytest.mark.parametrize("backend", ["", "nft"], ids=BACKEND_IDS.get)
@@ -362,7 +362,7 @@ def _options_in(path: Path) -> set[str]:
 
 
 def test_help_and_readme_name_every_option():
-    options = _options_in(SCRIPTS / "lib.sh") | {"--dry-run", "--drop-invalid", "--help"}
+    options = _options_in(SCRIPTS / "lib.sh") | {"--dry-run", "--check", "--reconcile", "--drop-invalid", "--help"}
     assert len(options) > 15
     usage = redirect("--help").stdout
     readme = (SCRIPTS / "README.md").read_text()
