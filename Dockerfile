@@ -112,13 +112,14 @@ LABEL org.opencontainers.image.title="sidecar-proxy-init" \
 # Package versions are fixed by the pinned release of the base; pinning apk
 # or apt versions too breaks the build whenever it ships a security fix.
 # Alpine (the default base) or Debian (a local base): whichever package
-# manager is there; Debian's iptables package has both backends.
+# manager is there; Debian's iptables package has both backends, and its
+# busybox gives validate.sh the nc and ip that Alpine's base has already.
 # hadolint ignore=DL3008,DL3018
 RUN if command -v apk >/dev/null; then \
         apk add --no-cache iptables ip6tables iptables-legacy nftables; \
     elif command -v apt-get >/dev/null; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends iptables nftables \
+        && apt-get install -y --no-install-recommends iptables nftables busybox \
         && apt-get clean \
         && rm -rf /var/lib/apt/lists/*; \
     else \

@@ -129,6 +129,10 @@ options_parse() {
 			;;
 		--*=*) option_set "${1%%=*}" "${1#*=}" ;;
 		--*)
+			if option_flag_more "$1"; then
+				shift
+				continue
+			fi
 			if [ "$#" -lt 2 ]; then
 				option_set "$1" '' # an unknown option is the bigger mistake
 				die "$1: needs a value"
@@ -162,9 +166,15 @@ option_set() {
 	--exclude-cidrs) opt_exclude_cidrs="$2" ;;
 	--ipv6) opt_ipv6="$2" ;;
 	--backend) opt_backend="$2" ;;
-	*) die "$1: unknown option (see --help)" ;;
+	*) option_set_more "$1" "$2" || die "$1: unknown option (see --help)" ;;
 	esac
 }
+
+# option_set_more NAME VALUE, option_flag_more NAME: a script's own options
+# with a value, and without (validate.sh has some); they fail for an
+# unknown NAME.
+option_set_more() { return 1; }
+option_flag_more() { return 1; }
 
 # -------------------------------------------------------------- validation --
 
@@ -323,6 +333,59 @@ for_each_word() {
 load_renderer() {
 	# shellcheck source=nft.sh
 	[ "$1" != nft-native ] || . "$HERE/nft.sh"
+}
+
+# validate_options: every option of redirect.sh (and validate.sh), before
+# anything is touched. Leaves the normalised
+# values in the opt_* variables and sets inbound and include (all, list or
+# none), include4/include6, exclude4/exclude6, drop_invalid and ipv6.
+validate_options() {
+	# shellcheck disable=SC2086 # METHODS: one word per method
+	check_choice --method "$opt_method" $METHODS
+	check_choice --ipv6 "$opt_ipv6" auto on off
+	# shellcheck disable=SC2086 # BACKENDS: one word per backend
+	check_choice --backend "$opt_backend" $BACKENDS
+	check_bool --drop-invalid "$opt_drop_invalid"
+	drop_invalid="$REPLY"
+	case "$opt_dry_run$opt_check$opt_reconcile" in
+	*true*true*) die "--dry-run, --check and --reconcile: one at a time" ;;
+	esac
+	check_port --proxy-port "$opt_proxy_port"
+
+	if [ "$opt_inbound_ports" = '*' ]; then
+		inbound=all
+	else
+		check_port_list --inbound-ports "$opt_inbound_ports"
+		opt_inbound_ports="$REPLY"
+		if [ -z "$REPLY" ]; then inbound=none; else inbound=list; fi
+	fi
+	check_port_list --exclude-inbound-ports "$opt_exclude_inbound_ports"
+	opt_exclude_inbound_ports="$REPLY"
+	check_port_list --exclude-outbound-ports "$opt_exclude_outbound_ports"
+	opt_exclude_outbound_ports="$REPLY"
+
+	case "$opt_include_cidrs" in
+	'*') include=all ;;
+	'') include=none ;;
+	*)
+		check_cidr_list --include-cidrs "$opt_include_cidrs"
+		include=list include4="$REPLY4" include6="$REPLY6"
+		;;
+	esac
+	check_cidr_list --exclude-cidrs "$opt_exclude_cidrs"
+	exclude4="$REPLY4" exclude6="$REPLY6"
+
+	case "$opt_ipv6" in
+	on) ipv6=true ;;
+	off) ipv6=false ;;
+	auto) if has_ipv6; then ipv6=true; else ipv6=false; fi ;;
+	esac
+	if [ "$opt_ipv6" = on ] && [ "$opt_dry_run" = false ] && ! has_ipv6; then
+		die "--ipv6: on, but this kernel has no IPv6 here (no /proc/net/if_inet6)"
+	fi
+
+	load_method "$opt_method"
+	method_validate
 }
 
 # ----------------------------------------------------------------- methods --

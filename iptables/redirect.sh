@@ -61,58 +61,6 @@ removes what this installs.
 EOF
 }
 
-# validate: every option, before anything is touched. Leaves the normalised
-# values in the opt_* variables and sets inbound and include (all, list or
-# none), include4/include6, exclude4/exclude6, drop_invalid and ipv6.
-validate() {
-	# shellcheck disable=SC2086 # METHODS: one word per method
-	check_choice --method "$opt_method" $METHODS
-	check_choice --ipv6 "$opt_ipv6" auto on off
-	# shellcheck disable=SC2086 # BACKENDS: one word per backend
-	check_choice --backend "$opt_backend" $BACKENDS
-	check_bool --drop-invalid "$opt_drop_invalid"
-	drop_invalid="$REPLY"
-	case "$opt_dry_run$opt_check$opt_reconcile" in
-	*true*true*) die "--dry-run, --check and --reconcile: one at a time" ;;
-	esac
-	check_port --proxy-port "$opt_proxy_port"
-
-	if [ "$opt_inbound_ports" = '*' ]; then
-		inbound=all
-	else
-		check_port_list --inbound-ports "$opt_inbound_ports"
-		opt_inbound_ports="$REPLY"
-		if [ -z "$REPLY" ]; then inbound=none; else inbound=list; fi
-	fi
-	check_port_list --exclude-inbound-ports "$opt_exclude_inbound_ports"
-	opt_exclude_inbound_ports="$REPLY"
-	check_port_list --exclude-outbound-ports "$opt_exclude_outbound_ports"
-	opt_exclude_outbound_ports="$REPLY"
-
-	case "$opt_include_cidrs" in
-	'*') include=all ;;
-	'') include=none ;;
-	*)
-		check_cidr_list --include-cidrs "$opt_include_cidrs"
-		include=list include4="$REPLY4" include6="$REPLY6"
-		;;
-	esac
-	check_cidr_list --exclude-cidrs "$opt_exclude_cidrs"
-	exclude4="$REPLY4" exclude6="$REPLY6"
-
-	case "$opt_ipv6" in
-	on) ipv6=true ;;
-	off) ipv6=false ;;
-	auto) if has_ipv6; then ipv6=true; else ipv6=false; fi ;;
-	esac
-	if [ "$opt_ipv6" = on ] && [ "$opt_dry_run" = false ] && ! has_ipv6; then
-		die "--ipv6: on, but this kernel has no IPv6 here (no /proc/net/if_inet6)"
-	fi
-
-	load_method "$opt_method"
-	method_validate
-}
-
 # dry_run: the input the backend's program would get. With --backend auto
 # (which looks at the namespace only when installing) that is
 # iptables-restore's.
@@ -234,7 +182,7 @@ rollback_and_fail() {
 main() {
 	options_from_env
 	options_parse "$@"
-	validate
+	validate_options
 	if [ "$opt_dry_run" = true ]; then
 		dry_run
 	elif [ "$opt_check" = true ]; then

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live with the tools (proxy/kube, proxy/demo): each module
 # has add_parser(sub). The proxy's runtime image leaves those folders out.
-TOOLS = {"demo": ".demo.demo", "services": ".kube.services", "inject": ".kube.inject"}
+TOOLS = {"demo": ".demo.demo", "services": ".kube.services", "inject": ".kube.inject",
+         "validate": ".kube.validate"}
 
 
 def _absent_tool(sub, name: str) -> None:
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_any_arguments", False):
         parser.parse_args(argv)  # the usual one-line error and exit 2
+    args.extra = extra  # a command that takes any arguments hands them on (validate: to validate.sh)
     try:
         return args.func(args)
     except cfg.ConfigError as exc:

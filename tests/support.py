@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from proxy.demo.netns import ThreadedServer as Server  # noqa: F401  (the tests' name for it)
@@ -111,3 +113,19 @@ def status_field(pid: int, name: str) -> str:
     """A field of /proc/PID/status, e.g. "Uid" or "CapEff"."""
     with open(f"/proc/{pid}/status") as f:
         return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
+
+
+# --- the init image's tools ------------------------------------------------------------
+
+def init_image_bin(directory: Path, applets: tuple[str, ...]) -> str:
+    """Fill `directory` with BusyBox `applets` and the iptables programs and
+    nft, nothing else: the init image's PATH (Alpine: BusyBox's tools)."""
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox is not installed (apt-get install busybox)"
+    for applet in applets:
+        (directory / applet).symlink_to(busybox)
+    sbin = Path(shutil.which("iptables-nft-restore") or "/usr/sbin/iptables-nft-restore").parent
+    for program in sbin.iterdir():
+        if "tables" in program.name or program.name == "nft":
+            (directory / program.name).symlink_to(program)
+    return str(directory)

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..config import DEFAULT_MARK, hostport
 from ..config.methods import METHODS
 from ..exitcodes import EXIT_OK, EXIT_USAGE
+from ..kube.scripts import ScriptsMissing, scripts_dir
 from .netns import PodWorld, ThreadedServer, run
 from .sandbox import ProxyProcess
 
@@ -52,15 +53,6 @@ SCENARIOS = [
 
 _COUNTED = re.compile(r'^\[(\d+):\d+\] -A (\S+) (.*?)'
                       r'(?:-m comment --comment "?sidecar-proxy: ([^"]*)"?)? -j (\S+)(.*)$')
-
-
-def scripts_dir() -> Path:
-    """The iptables/ scripts: beside the package in a checkout, else installed."""
-    for candidate in (Path(__file__).resolve().parents[2] / "iptables",
-                      Path(sys.prefix) / "share" / "sidecar-proxy" / "iptables"):
-        if (candidate / "redirect.sh").is_file():
-            return candidate
-    raise SystemExit("sidecar-proxy demo: cannot find the iptables/ scripts (redirect.sh)")
 
 
 def rule_counters(world: PodWorld) -> dict[tuple, int]:
@@ -125,7 +117,11 @@ REMOTE_SERVERS = (("web", ("198.51.100.10", 80)), ("reviews-1", ("198.51.100.21"
 
 
 def run_demo(method: str) -> int:
-    scripts = scripts_dir()
+    try:
+        scripts = scripts_dir()
+    except ScriptsMissing as exc:
+        print(f"sidecar-proxy demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     world = proxy = None
     servers: list[ThreadedServer] = []
     workdir = tempfile.mkdtemp(prefix="scp-demo-")

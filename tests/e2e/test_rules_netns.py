@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import init_image_bin
 
 pytestmark = pytest.mark.netns
 
@@ -470,18 +471,10 @@ def test_auto_backend_follows_the_rules_already_there(ns):
 def busybox_only(tmp_path) -> str:
     """A PATH with BusyBox applets and the iptables programs, nothing else:
     what the init image (Alpine) has."""
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox is not installed (apt-get install busybox)"
     directory = tmp_path / "busybox"
     directory.mkdir()
-    for applet in ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown", "mkdir", "rmdir",
-                   "sort", "cut", "diff", "mktemp", "rm"):
-        (directory / applet).symlink_to(busybox)
-    sbin = Path(shutil.which("iptables-nft-restore") or "/usr/sbin/iptables-nft-restore").parent
-    for program in sbin.iterdir():
-        if "tables" in program.name or program.name == "nft":
-            (directory / program.name).symlink_to(program)
-    return str(directory)
+    return init_image_bin(directory, ("sh", "sed", "grep", "tr", "id", "cat", "env", "mount", "umount", "chown",
+                                      "mkdir", "rmdir", "sort", "cut", "diff", "mktemp", "rm"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

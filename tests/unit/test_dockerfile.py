@@ -257,7 +257,7 @@ def test_init_image_is_sh_iptables_and_the_scripts():
     [install] = init.all("RUN")
     # Alpine's packages (the default base), or Debian's (a local base)
     assert "apk add --no-cache iptables ip6tables iptables-legacy nftables;" in install.rest
-    assert "apt-get install -y --no-install-recommends iptables nftables " in install.rest
+    assert "apt-get install -y --no-install-recommends iptables nftables busybox " in install.rest
     assert "rm -rf /var/lib/apt/lists/*" in install.rest
     [copy] = init.all("COPY")
     source, destination = copy.rest.split()
