@@ -493,9 +493,11 @@ main() {
 	opt_probe4="$PROBE4_DEFAULT" opt_probe6="$PROBE6_DEFAULT" opt_probe_port="$PROBE_PORT_DEFAULT" opt_explain=''
 	opt_plan=false
 	options_parse "$@"
+	# the options' own checks, not those of the environment: redirect.sh has
+	# made that (the cgroup, its mount) already
+	opt_dry_run=true
 	validate_options
 	pick_probes
-	[ "$(id -u)" = 0 ] || die "validating needs root (it dials as other users and reads the rules)"
 	# nc and ip are BusyBox's: through the busybox program where there is
 	# one (Debian's busybox package puts no applets on PATH; another nc, such
 	# as netcat's, takes other flags), else the applets themselves. Without
@@ -529,6 +531,7 @@ main() {
 		print_plan
 		return 0
 	fi
+	[ "$(id -u)" = 0 ] || die "validating needs root (it dials as other users and reads the rules)"
 	for _tool in nsenter timeout mktemp; do
 		have "$_tool" || die "$_tool not found (validate.sh needs BusyBox's nc, nsenter, timeout and ip)"
 	done

@@ -195,7 +195,7 @@ def read_source(path: str) -> tuple[str, str]:
 def cmd_inject(args: argparse.Namespace) -> int:
     options = sidecar.Options(
         method=args.method, image=args.image, init_image=args.init_image, proxy_uid=args.proxy_uid,
-        cgroup_root=args.cgroup_root, services_configmap=args.services_configmap,
+        cgroup_root=args.cgroup_root, services_configmap=args.services_configmap, validation=args.validation,
     )
     if args.filename.count("-") > 1:
         print("sidecar-proxy inject: -f - (stdin) can be given once", file=sys.stderr)
@@ -243,6 +243,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--native-sidecar", action=argparse.BooleanOptionalAction, default=None,
                         help="run the proxy as a Kubernetes 1.29+ native sidecar (an init container with "
                              "restartPolicy Always); default: yes for Jobs and CronJobs, no otherwise")
+    parser.add_argument("--validation", action=argparse.BooleanOptionalAction, default=True,
+                        help="a validation init container after the init step: validate.sh checks that the "
+                             "redirect works before the app starts, and stops the pod (exit 126) if not "
+                             "(default: yes)")
     parser.add_argument("-n", "--namespace", metavar="NS",
                         help="namespace of documents that name none (as with kubectl -n)")
     parser.add_argument("--proxy-uid", type=_uid, default=sidecar.PROXY_UID, metavar="UID",

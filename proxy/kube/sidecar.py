@@ -1,12 +1,20 @@
 """What the injected containers look like, and how they join a pod spec.
 
-Theory of operation. A pod gets two things:
+Theory of operation. A pod gets three things:
 
 - `sidecar-proxy-init`, a one-shot init container (root, NET_ADMIN, and
   NET_RAW because the iptables-legacy backend opens a raw socket) that runs
   `redirect.sh --method M` (iptables/redirect.sh) once to install the
   redirect in the pod's network namespace, then exits. All privileged work happens here (the design note's
   security requirement).
+- `sidecar-proxy-validation`, a second one-shot init container from the same
+  image, right after it: `validate.sh` with the same arguments sends real
+  connections through the rules (an app's must reach the proxy port, the
+  proxy's must not) and exits 0, or 126 naming what is wrong, which stops
+  the pod before the app starts (Istio's istio-validation). Root too, to
+  dial as the proxy's UID (SETUID, SETGID), read the rules (NET_ADMIN,
+  NET_RAW), hand its listener's file to that UID (CHOWN) and stop it (KILL).
+  `inject --no-validation` leaves it out.
 - `sidecar-proxy`, the proxy: UID 1337, no capabilities, read-only root file
   system. The mark method is the exception: SO_MARK needs CAP_NET_ADMIN in the
   proxy, and Kubernetes cannot give a capability to a non-root container
@@ -41,7 +49,10 @@ from ..config import DEFAULT_ADMIN_PORT, DEFAULT_MARK, DEFAULT_PORT, NET_CLS_ID,
 from ..config.methods import METHODS
 
 INIT_NAME = "sidecar-proxy-init"
+VALIDATION_NAME = "sidecar-proxy-validation"
 PROXY_NAME = "sidecar-proxy"
+# where the init image keeps the scripts (the Dockerfile's init stage)
+INIT_SCRIPTS = "/usr/local/lib/sidecar-proxy/iptables"
 STATUS_ANNOTATION = "sidecar-proxy/status"
 INJECT_ANNOTATION = "sidecar-proxy/inject"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
@@ -93,6 +104,7 @@ class Options:
     proxy_uid: int = PROXY_UID
     cgroup_root: str = CGROUP_ROOT
     services_configmap: str = SERVICES_CONFIGMAP
+    validation: bool = True  # the validation init container after the init step
 
 
 def design_env(options: Options) -> list[dict]:
@@ -112,43 +124,77 @@ def cgroup_dir() -> str:
     return f"{CGROUP_MOUNT}/sidecar-proxy-$(POD_UID)"
 
 
-def init_container(options: Options) -> dict:
+def init_args(options: Options) -> list[str]:
+    """redirect.sh's arguments, which validate.sh takes too."""
     args = ["--method", options.method]
+    if options.method == "cgroup":
+        args += ["--cgroup-dir", cgroup_dir()]
+    if options.method == "explicit":
+        args += ["--services", f"{SERVICES_MOUNT}/services"]
+    return args
+
+
+def init_mounts(options: Options) -> list[dict]:
     mounts: list[dict] = [
         # Writable scratch under a read-only root: iptables-legacy takes its
-        # lock in /run; /tmp for a shell that keeps here-documents there.
+        # lock in /run; /tmp for a shell that keeps here-documents there (and
+        # validate.sh's listener its notes).
         {"name": "sidecar-proxy-init-scratch", "mountPath": "/run", "subPath": "run"},
         {"name": "sidecar-proxy-init-scratch", "mountPath": "/tmp", "subPath": "tmp"},
     ]
+    if options.method == "cgroup":
+        mounts.append({"name": "sidecar-proxy-cgroup", "mountPath": CGROUP_MOUNT})
+    if options.method == "explicit":
+        mounts.append({"name": "sidecar-proxy-services", "mountPath": SERVICES_MOUNT, "readOnly": True})
+    return mounts
+
+
+def root_security_context(capabilities: list[str]) -> dict:
+    """A one-shot container of the init image: root with these capabilities only."""
+    return {
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "runAsNonRoot": False,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], "add": capabilities},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def validation_container(options: Options) -> dict:
+    """validate.sh, from the init image, with the init step's arguments."""
+    return {
+        "name": VALIDATION_NAME,
+        "image": options.init_image,
+        "command": ["/bin/sh", f"{INIT_SCRIPTS}/validate.sh"],
+        "args": init_args(options),
+        "env": design_env(options),
+        # NET_ADMIN, NET_RAW: read the rules (and, for the mark method, mark
+        # the probe); SETUID, SETGID: dial and listen as the proxy's UID;
+        # CHOWN: give that listener its file; KILL: stop it (another UID's)
+        "securityContext": root_security_context(["NET_ADMIN", "NET_RAW", "SETUID", "SETGID", "CHOWN", "KILL"]),
+        "volumeMounts": init_mounts(options),
+    }
+
+
+def init_container(options: Options) -> dict:
     capabilities = ["NET_ADMIN", "NET_RAW"]
     if options.method == "cgroup":
-        args += ["--cgroup-dir", cgroup_dir()]
-        mounts.append({"name": "sidecar-proxy-cgroup", "mountPath": CGROUP_MOUNT})
         # redirect.sh hands the new cgroup's tasks/cgroup.procs to the
         # proxy's UID: chown to another owner needs CAP_CHOWN, even for root.
         # And it creates the cgroup in the hierarchy's root, which the kernel
         # makes dr-xr-xr-x: without CAP_DAC_OVERRIDE, root gets EACCES there
         # (found by tests/e2e/test_pods.py, in a real pod).
         capabilities += ["CHOWN", "DAC_OVERRIDE"]
-    if options.method == "explicit":
-        args += ["--services", f"{SERVICES_MOUNT}/services"]
-        mounts.append({"name": "sidecar-proxy-services", "mountPath": SERVICES_MOUNT, "readOnly": True})
     return {
         "name": INIT_NAME,
         "image": options.init_image,
-        "args": args,
+        "args": init_args(options),
         "env": design_env(options),
-        "securityContext": {
-            "runAsUser": 0,
-            "runAsGroup": 0,
-            "runAsNonRoot": False,
-            "privileged": False,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": capabilities},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": mounts,
+        "securityContext": root_security_context(capabilities),
+        "volumeMounts": init_mounts(options),
     }
 
 
@@ -232,7 +278,8 @@ def status(options: Options) -> str:
         "version": __version__,
         "method": options.method,
         "nativeSidecar": options.native,
-        "initContainers": [INIT_NAME] + ([PROXY_NAME] if options.native else []),
+        "initContainers": ([INIT_NAME] + ([VALIDATION_NAME] if options.validation else [])
+                           + ([PROXY_NAME] if options.native else [])),
         "containers": [] if options.native else [PROXY_NAME],
         "volumes": [v["name"] for v in volumes(options)],
     }, separators=(",", ":"))
@@ -247,15 +294,17 @@ def inject(spec: dict, meta: dict, options: Options) -> tuple[dict, dict]:
     spec, meta = copy.deepcopy(spec), copy.deepcopy(meta)
     app_containers = spec.get("containers") or []
     user_inits = spec.get("initContainers") or []
-    init, proxy = init_container(options), proxy_container(options)
+    # the init step, and right after it the check that its redirect works
+    init = [init_container(options)] + ([validation_container(options)] if options.validation else [])
+    proxy = proxy_container(options)
     if options.native:
         # init step, then the proxy, then the user's init containers: those
         # run with the proxy up, so their traffic is proxied too.
-        spec["initContainers"] = [init, proxy] + user_inits
+        spec["initContainers"] = init + [proxy] + user_inits
     else:
         # The user's init containers run before the redirect exists (nothing
         # would answer on 5001 yet); the proxy starts before the app.
-        spec["initContainers"] = user_inits + [init]
+        spec["initContainers"] = user_inits + init
         spec["containers"] = [proxy] + app_containers
     spec["volumes"] = (spec.get("volumes") or []) + volumes(options)
     spec = _init_containers_first(spec)
@@ -282,7 +331,7 @@ def already_injected(spec: dict, meta: dict) -> bool:
         return True
     names = {c.get("name") for field in ("initContainers", "containers") for c in spec.get(field) or []
              if isinstance(c, dict)}
-    return bool(names & {INIT_NAME, PROXY_NAME})
+    return bool(names & {INIT_NAME, VALIDATION_NAME, PROXY_NAME})
 
 
 def conflicts(spec: dict, options: Options) -> list[tuple[str, str]]:

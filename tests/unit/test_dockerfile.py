@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.kube import sidecar
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 BUILD_TOOLS = ("gcc", "g++", "cc ", "clang", "make", "build-essential", "build-base", "python3-dev",
@@ -265,6 +267,8 @@ def test_init_image_is_sh_iptables_and_the_scripts():
     entry = init.last("ENTRYPOINT").exec_form()
     assert entry == ["/bin/sh", destination + "redirect.sh"], "redirect.sh from the copied folder, through sh"
     assert (REPO / source / "redirect.sh").is_file()
+    # the validation init container runs validate.sh from the same folder
+    assert destination.rstrip("/") == sidecar.INIT_SCRIPTS and (REPO / source / "validate.sh").is_file()
     assert not init.all("CMD"), "flags come from the pod's args"
 
 

@@ -23,7 +23,7 @@ from k8s_objects import KINDS, POD_TEMPLATE, dump, template_copy, workload
 from proxy import cli
 from proxy.kube import manifests, sidecar
 
-PROXY, INIT = sidecar.PROXY_NAME, sidecar.INIT_NAME
+PROXY, INIT, VALIDATION = sidecar.PROXY_NAME, sidecar.INIT_NAME, sidecar.VALIDATION_NAME
 
 def run(capsys, monkeypatch, text: str | None, *args: str, tmp_path=None) -> tuple[int, str, str]:
     """sidecar-proxy inject ARGS with `text` on stdin (and -f - unless -f is given)."""
@@ -78,11 +78,11 @@ def test_every_workload_kind_gets_the_init_step_and_the_proxy(inject, kind):
     [obj], err = inject(workload(kind))
     spec = pod_spec(obj)
     if kind in ("Job", "CronJob"):  # native by default: the Job can complete
-        assert [c["name"] for c in spec["initContainers"]] == [INIT, PROXY]
+        assert [c["name"] for c in spec["initContainers"]] == [INIT, VALIDATION, PROXY]
         assert [c["name"] for c in spec["containers"]] == ["app"]
         assert err == ""
     else:
-        assert [c["name"] for c in spec["initContainers"]] == [INIT]
+        assert [c["name"] for c in spec["initContainers"]] == [INIT, VALIDATION]
         assert [c["name"] for c in spec["containers"]] == [PROXY, "app"]
     assert spec["volumes"] == [{"name": "sidecar-proxy-init-scratch", "emptyDir": {}}]
     status = yaml.safe_load(pod_meta(obj)["annotations"][sidecar.STATUS_ANNOTATION])
@@ -122,8 +122,37 @@ def test_user_init_containers_run_before_the_redirect_in_classic_mode(inject):
     [native], _ = inject(workload("Deployment", template=template), args=("--native-sidecar",))
     # Classic: nothing would answer on 5001 before the proxy starts, so the
     # user's init containers run first. Native: the proxy is up before them.
-    assert [c["name"] for c in pod_spec(classic)["initContainers"]] == ["migrate", INIT]
-    assert [c["name"] for c in pod_spec(native)["initContainers"]] == [INIT, PROXY, "migrate"]
+    assert [c["name"] for c in pod_spec(classic)["initContainers"]] == ["migrate", INIT, VALIDATION]
+    assert [c["name"] for c in pod_spec(native)["initContainers"]] == [INIT, VALIDATION, PROXY, "migrate"]
+
+
+@pytest.mark.parametrize("method", sidecar.METHODS)
+def test_the_validation_container_checks_the_init_steps_redirect(inject, method):
+    """validate.sh from the init image, with the init step's arguments,
+    environment and mounts; root with what validating needs, nothing else."""
+    [obj], _ = inject(workload("Deployment"), args=("--method", method))
+    spec = pod_spec(obj)
+    init, validation = container(spec, INIT), container(spec, VALIDATION)
+    assert validation["image"] == init["image"] == sidecar.DEFAULT_INIT_IMAGE
+    assert validation["command"] == ["/bin/sh", "/usr/local/lib/sidecar-proxy/iptables/validate.sh"]
+    assert (validation["args"], validation["env"], validation["volumeMounts"]) == \
+        (init["args"], init["env"], init["volumeMounts"])
+    context = validation["securityContext"]
+    assert context["runAsUser"] == 0 and context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True and context["privileged"] is False
+    assert context["capabilities"] == {"drop": ["ALL"],
+                                       "add": ["NET_ADMIN", "NET_RAW", "SETUID", "SETGID", "CHOWN", "KILL"]}
+    status = yaml.safe_load(pod_meta(obj)["annotations"][sidecar.STATUS_ANNOTATION])
+    assert status["initContainers"] == [INIT, VALIDATION]
+
+
+def test_no_validation_leaves_it_out(inject):
+    [obj], _ = inject(workload("Deployment"), args=("--no-validation",))
+    spec = pod_spec(obj)
+    assert [c["name"] for c in spec["initContainers"]] == [INIT]
+    assert yaml.safe_load(pod_meta(obj)["annotations"][sidecar.STATUS_ANNOTATION])["initContainers"] == [INIT]
+    [again], _ = inject(obj)
+    assert again == obj, "already injected, also without the validation container"
 
 
 # --- the containers, field by field ---------------------------------------------------
@@ -222,6 +251,7 @@ def test_explicit_method_reads_the_services_file_from_a_configmap(inject):
 # --- the contracts with the other halves: redirect.sh and `sidecar-proxy run` -----------
 
 REDIRECT_SH = Path(__file__).resolve().parents[2] / "iptables" / "redirect.sh"
+VALIDATE_SH = REDIRECT_SH.with_name("validate.sh")
 
 
 @pytest.mark.parametrize("method", sidecar.METHODS)
@@ -241,6 +271,13 @@ def test_redirect_sh_accepts_the_init_containers_args_and_env(inject, method, tm
     expected = {"uid": "--uid-owner 1337", "mark": "--mark 0x1", "cgroup": "--cgroup 1048577",
                 "explicit": "-d 198.51.100.10/32"}[method]
     assert expected in result.stdout and "--to-ports 5001" in result.stdout
+    # and validate.sh takes the same (its plan reads every option; no root needed to make it)
+    validation = container(pod_spec(obj), VALIDATION)
+    assert validation["args"] == init["args"]
+    plan = subprocess.run(["sh", str(VALIDATE_SH), *argv, "--plan"], capture_output=True, text=True,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **values})
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.startswith("proxy_port\t5001\n")
 
 
 @pytest.mark.parametrize("method", sidecar.METHODS)

@@ -202,8 +202,9 @@ def test_deploy_examples_show_classic_and_native_sidecars():
     job = by_kind["Job"]["spec"]["template"]["spec"]
     assert deployment["containers"][0]["name"] == sidecar.PROXY_NAME
     assert deployment["terminationGracePeriodSeconds"] >= sidecar.PRESTOP_PAUSE_SECONDS + 5 + 5  # pause + drain + slack
-    assert [c["name"] for c in job["initContainers"]] == [sidecar.INIT_NAME, sidecar.PROXY_NAME]
-    assert job["initContainers"][1]["restartPolicy"] == "Always"
+    assert [c["name"] for c in job["initContainers"]] == [sidecar.INIT_NAME, sidecar.VALIDATION_NAME,
+                                                          sidecar.PROXY_NAME]
+    assert job["initContainers"][2]["restartPolicy"] == "Always"
     mark = {o["kind"]: o for o in yaml.safe_load_all((DEPLOY / "sidecar-mark.yaml").read_text())}
     proxy = mark["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert proxy["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
