@@ -7,7 +7,8 @@ else). It installs the redirect rules with the project's own init step
 privilege, plays the app and the remote services itself, and for every
 connection prints the path it took:
 
-    app -> the iptables rules it hit (with their packet counters)
+    app -> the rules it hit (with their packet counters: iptables', or
+           nft's with --backend nft-native)
         -> the proxy's chain -> the upstream -> what the server saw
 
 Everything is removed afterwards, also on Ctrl-C or when a part fails.
@@ -55,8 +56,15 @@ _COUNTED = re.compile(r'^\[(\d+):\d+\] -A (\S+) (.*?)'
                       r'(?:-m comment --comment "?sidecar-proxy: ([^"]*)"?)? -j (\S+)(.*)$')
 
 
-def rule_counters(world: PodWorld) -> dict[tuple, int]:
-    """Packet counters of every nat rule in the pod, both families."""
+# a rule of our nft table: ... counter packets N bytes M VERDICT comment "sidecar-proxy: WHAT"
+_NFT_COUNTED = re.compile(r'counter packets (\d+) bytes \d+ (?:jump |goto )?(\S+).*? comment "sidecar-proxy: ([^"]*)"')
+
+
+def rule_counters(world: PodWorld, backend: str) -> dict[tuple, int]:
+    """Packet counters of every nat rule in the pod, both families (with
+    nft-native: of every rule of our table, where one rule may serve both)."""
+    if backend == "nft-native":
+        return nft_counters(world)
     counts = {}
     for family, tool in (("v4", "iptables-save"), ("v6", "ip6tables-save")):
         out = world.pod.exec(tool, "-c", "-t", "nat", check=False).stdout
@@ -65,6 +73,27 @@ def rule_counters(world: PodWorld) -> dict[tuple, int]:
             if m:
                 pkts, chain, _match, comment, target, _rest = m.groups()
                 counts[(family, chain, comment or target, target)] = int(pkts)
+    return counts
+
+
+# the table's chains outside nat: they see every packet, not a connection's first
+_NFT_NOT_NAT = ("raw_output", "SIDECAR_PROXY_ZONE", "mangle_prerouting", "SIDECAR_DROP_INVALID")
+
+
+def nft_counters(world: PodWorld) -> dict[tuple, int]:
+    """The same from `nft list table inet sidecar_proxy`: per nat chain, per rule."""
+    counts: dict[tuple, int] = {}
+    chain = ""
+    out = world.pod.exec("nft", "list", "table", "inet", "sidecar_proxy", check=False).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if words[:1] == ["chain"]:
+            chain = words[1]
+        m = _NFT_COUNTED.search(line)
+        if m and chain and chain not in _NFT_NOT_NAT:
+            pkts, verdict, comment = m.groups()
+            target = verdict.upper() if verdict in ("return", "redirect", "drop") else verdict
+            counts[("inet", chain, comment, target)] = int(pkts)
     return counts
 
 
@@ -116,7 +145,7 @@ REMOTE_SERVERS = (("web", ("198.51.100.10", 80)), ("reviews-1", ("198.51.100.21"
                   ("web-v6", ("2001:db8:2::10", 80)))
 
 
-def run_demo(method: str) -> int:
+def run_demo(method: str, backend: str = "auto") -> int:
     try:
         scripts = scripts_dir()
     except ScriptsMissing as exc:
@@ -133,11 +162,18 @@ def run_demo(method: str) -> int:
                 f"    remote namespace {world.remote.name} (services in 198.51.100.0/24 and 2001:db8:2::/64)")
         servers = start_servers(world)
         script_args, proxy_args = method_args(method, Path(workdir))
+        if backend != "auto":
+            script_args += ["--backend", backend]
         step(2, f"the init step, as root in the pod: sh iptables/redirect.sh {' '.join(script_args)}")
         out = run(world.pod.nsenter_argv("sh", str(scripts / "redirect.sh"), *script_args))
         print("    " + (out.stdout + out.stderr).strip().replace("\n", "\n    "))
-        rules = world.pod.exec("iptables", "-t", "nat", "-S", "SIDECAR_OUTPUT").stdout
-        print("    outbound chain (IPv4):\n      " + rules.strip().replace("\n", "\n      "))
+        if backend == "nft-native":
+            rules = world.pod.exec("nft", "list", "chain", "inet", "sidecar_proxy", "SIDECAR_OUTPUT").stdout
+            print("    outbound chain (IPv4 and IPv6, one nft table):\n      " +
+                  rules.strip().replace("\n", "\n      "))
+        else:
+            rules = world.pod.exec("iptables", "-t", "nat", "-S", "SIDECAR_OUTPUT").stdout
+            print("    outbound chain (IPv4):\n      " + rules.strip().replace("\n", "\n      "))
 
         needs = METHODS[method].proxy_capabilities
         step(3, "the proxy: sidecar-proxy run, as UID 1337" +
@@ -149,7 +185,7 @@ def run_demo(method: str) -> int:
 
         step(4, "traffic: each connection, the rules it hit, and what the proxy did with it")
         for what, addr, who in SCENARIOS:
-            show_connection(world, proxy, what, addr, who)
+            show_connection(world, proxy, what, addr, who, backend)
         print("\n  The proxy's own upstream connections hit the bypass rule (see the counters above),"
               "\n  so they left the pod instead of looping back into the proxy.")
         step(5, "cleaning up: proxy stopped, sh iptables/cleanup.sh, namespaces removed")
@@ -195,12 +231,13 @@ def method_args(method: str, workdir: Path) -> tuple[list[str], list[str]]:
     return script_args, proxy_args
 
 
-def show_connection(world: PodWorld, proxy: ProxyProcess, what: str, addr: tuple[str, int], who: str) -> None:
+def show_connection(world: PodWorld, proxy: ProxyProcess, what: str, addr: tuple[str, int], who: str,
+                    backend: str = "auto") -> None:
     """Make one connection; print the rules it hit, what the proxy did, and the reply."""
     seen = len(proxy.access_entries())
-    before = rule_counters(world)
+    before = rule_counters(world, backend)
     reply = talk(world, who, addr)
-    after = rule_counters(world)
+    after = rule_counters(world, backend)
     entry = proxy.wait_new_access(seen, timeout=1.0)
     print(f"\n  * {what}\n    {'app in the pod' if who == 'app' else 'client in the remote'} -> {hostport(*addr)}")
     for line in hits(before, after) or ["(no sidecar-proxy rule: not intercepted)"]:
@@ -217,19 +254,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("sidecar-proxy demo: needs root (it creates network namespaces and iptables rules)", file=sys.stderr)
         return EXIT_USAGE
-    missing = [t for t in ("ip", "iptables", "ip6tables", "setpriv", "nsenter") if shutil.which(t) is None]
+    needs = ("ip", "setpriv", "nsenter") + (("nft",) if args.backend == "nft-native" else ("iptables", "ip6tables"))
+    missing = [t for t in needs if shutil.which(t) is None]
     if missing:
         print(f"sidecar-proxy demo: missing tools: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
     # SIGTERM and SIGHUP clean up like Ctrl-C does
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
-    print(f"sidecar-proxy demo: method {args.method}")
-    return run_demo(args.method)
+    print(f"sidecar-proxy demo: method {args.method}, backend {args.backend}")
+    return run_demo(args.method, args.backend)
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("demo", help="watch interception in a throwaway pod (root)")
     parser.add_argument("--method", choices=METHODS, default="uid",
                         help="how the proxy's own traffic escapes the redirect (default uid)")
+    parser.add_argument("--backend", choices=("auto", "nft", "legacy", "nft-native"), default="auto",
+                        help="the rules' backend (redirect.sh --backend): iptables-nft, iptables-legacy, or one "
+                             "nftables table (its counters are then nft's); default auto")
     parser.set_defaults(func=cmd_demo)

@@ -23,13 +23,18 @@ def leftovers(text: str) -> list[str]:
     return [n for n in names if n in existing] + [line for line in mounts.splitlines() if "scp-demo-" in line]
 
 
+@pytest.mark.parametrize("backend", ["auto", "nft-native"])
 @pytest.mark.parametrize("method", ["uid", "mark", "cgroup", "explicit"])
-def test_demo_shows_each_path_and_cleans_up(netns_prerequisites, method):
-    proc = subprocess.run([sys.executable, "-m", "proxy", "demo", "--method", method],
+def test_demo_shows_each_path_and_cleans_up(netns_prerequisites, method, backend):
+    proc = subprocess.run([sys.executable, "-m", "proxy", "demo", "--method", method, "--backend", backend],
                           capture_output=True, text=True, timeout=120)
     out = proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"installed: method {method}" in out
+    if backend == "nft-native":  # the rules it prints, and their counters, are nft's
+        assert "backend nft-native" in out and "outbound chain (IPv4 and IPv6, one nft table)" in out
+        assert re.search(r'rule +\+\d+ nat_output +"outbound capture" -> SIDECAR_OUTPUT', out), out
+        assert re.search(r'rule +\+1 SIDECAR_REDIRECT +"outbound to proxy port 5001" -> REDIRECT', out), out
     # the reject chain and the cluster chain are visible, with the endpoints round robin
     assert "chain no-smtp, upstream -, ended: rejected" in out
     assert "hello from reviews-1" in out and "hello from reviews-2" in out
