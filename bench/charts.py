@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from . import syscalls
+from .rules import VARIANTS
 from .subjects import Subject
 from .workloads import Workload
 
@@ -113,7 +114,7 @@ def draw(summary: dict, subjects: list[Subject], workloads: list[Workload], rule
 
     if rules:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for variant, style in (("iptables", "-"), ("nft-set", "--")):
+        for variant, style in zip(VARIANTS, ("-", "--", ":"), strict=True):
             steps = sorted((s for s in rules if s["variant"] == variant), key=lambda s: s["rules"])
             if not steps:
                 continue

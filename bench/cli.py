@@ -31,7 +31,7 @@ from proxy.demo.sandbox import setpriv_argv
 
 from . import charts, report, syscalls
 from .profile import profile_connections, py_spy, resummarise
-from .rules import RuleScaling
+from .rules import VARIANTS, RuleScaling
 from .runner import FAILURES, measure
 from .subjects import SUBJECTS, Subject, envoy_binary
 from .workloads import Workload, workloads
@@ -229,7 +229,7 @@ def plan(args: argparse.Namespace, subjects: list[Subject], loads: list[Workload
             return work
 
         steps += [Step("rules", 2.0 if args.quick else 8.0, f"rule scaling: {n:,} services · {v}", f"rules {n} {v}",
-                       rule_step(n, v)) for n in counts for v in ("iptables", "nft-set")]
+                       rule_step(n, v)) for n in counts for v in VARIANTS]
     if "syscalls" in args.parts:
         chosen = [s for s in subjects if s.name in syscalls.SUBJECTS]
         for rep in range(args.reps):

@@ -12,6 +12,7 @@ import math
 import statistics
 
 from . import syscalls
+from .rules import VARIANTS
 from .subjects import Subject
 from .workloads import Metric, Workload
 
@@ -217,13 +218,12 @@ def markdown_targets(items: list[dict]) -> str:
 def markdown_rules(steps: list[dict]) -> str:
     by = {(s["rules"], s["variant"]): s for s in steps}
     counts = sorted({s["rules"] for s in steps})
-    rows = [("| services | iptables install (ms) | iptables connect first / last (µs) | "
-             "iptables first echo first / last (µs) | nft set install (ms) | nft set connect first / last (µs) | "
-             "nft set first echo first / last (µs) |"),
-            "|---:|---:|---:|---:|---:|---:|---:|"]
+    head = [f"{label} install (ms) | {label} connect first / last (µs) | {label} first echo first / last (µs)"
+            for label in VARIANTS.values()]
+    rows = ["| services | " + " | ".join(head) + " |", "|---:" * (1 + 3 * len(VARIANTS)) + "|"]
     for n in counts:
         cells = [f"{n:,}"]
-        for variant in ("iptables", "nft-set"):
+        for variant in VARIANTS:
             s = by.get((n, variant))
             if s is None:
                 cells += ["—", "—", "—"]

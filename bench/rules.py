@@ -14,7 +14,10 @@ Measured with 1, 100, 1,000 and 10,000 services: the install time, and the
 connect() time and first-echo time (through the proxy) to the service of the
 first rule and to the service of the last one. The same with the modern
 answer, an nftables set: one table, a set of `addr . port` elements and one
-redirect rule that looks the set up (a hash lookup), installed with `nft -f`.
+redirect rule that looks the set up (a hash lookup), installed with `nft -f`
+("nft-set", written here); and with the project's own nftables backend
+(`redirect.sh --backend nft-native`: the whole rule set in one table, the
+services as such a set, one transaction).
 
 With the explicit method the proxy must never connect to a listed service
 itself (it would be captured again), so the benchmark's proxy sends the
@@ -39,6 +42,8 @@ FIRST = ("198.51.100.10", ECHO)
 LAST = ("198.51.100.11", ECHO)
 ENDPOINT = f"198.51.100.200:{ECHO}"
 NFT_TABLE = "scp_bench_services"
+# the ways of installing the services, and how the report and charts name them
+VARIANTS = {"iptables": "iptables", "nft-set": "nft set", "nft-native": "nft-native"}
 
 
 def services(n: int) -> list[tuple[str, int]]:
@@ -85,7 +90,7 @@ class RuleScaling:
         self.samples, self.seconds = samples, seconds
 
     def steps(self) -> list[tuple[int, str]]:
-        return [(n, variant) for n in self.counts for variant in ("iptables", "nft-set")]
+        return [(n, variant) for n in self.counts for variant in VARIANTS]
 
     def run_step(self, n: int, variant: str) -> dict:
         world = self.world
@@ -94,13 +99,14 @@ class RuleScaling:
         world.forget_rules()
         install_s = []
         try:
-            if variant == "iptables":
+            if variant in ("iptables", "nft-native"):
                 path = os.path.join(workdir, "services")
                 services_file(path, entries)
+                backend = ("--backend", "nft-native") if variant == "nft-native" else ()
                 for i in range(self.installs):
                     if i:
                         world.cleanup_sh()
-                    install_s.append(world.redirect_sh("--method", "explicit", "--services", path))
+                    install_s.append(world.redirect_sh("--method", "explicit", "--services", path, *backend))
             else:
                 path = os.path.join(workdir, "services.nft")
                 with open(path, "w") as f:

@@ -102,7 +102,7 @@ def test_rule_scaling_and_profile_are_measured(quick_run):
     out, _ = quick_run
     doc = json.loads((out / "latest.json").read_text())
     steps = {(s["rules"], s["variant"]): s for s in doc["rules"]}
-    assert set(steps) == {(n, v) for n in (1, 10) for v in ("iptables", "nft-set")}
+    assert set(steps) == {(n, v) for n in (1, 10) for v in ("iptables", "nft-set", "nft-native")}
     for step in steps.values():
         assert positive(step["install_s"])
         assert step["errors"] == 0 and step["served_by_proxy"] > 0
