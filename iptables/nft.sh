@@ -101,18 +101,15 @@ rules_per_ports() {
 # ("CIDR PORT" per line, one family): a named set of address . port, and
 # one rule that looks the destination up in it.
 rules_per_destinations() {
-	_rd_set="SIDECAR_SERVICES_V$_nf_family" _rd_elements='' _rd_interval=false _rd_n=0
-	while IFS=' ' read -r _rd_cidr _rd_port; do
-		[ -n "$_rd_cidr" ] || continue
-		case "$_rd_cidr" in
-		*/32 | */128) _rd_cidr="${_rd_cidr%/*}" ;;
-		*) _rd_interval=true ;;
-		esac
-		_rd_elements="$_rd_elements$_rd_cidr . $_rd_port$NL"
-		_rd_n=$((_rd_n + 1))
-	done <<EOF_DESTS
-$4
-EOF_DESTS
+	_rd_set="SIDECAR_SERVICES_V$_nf_family"
+	# one sed over all of them (a variable grown a line at a time in sh
+	# costs the square of its length): a host without its /32 or /128
+	_rd_elements=$(printf '%s\n' "$4" | sed -e '/^$/d' -e 's#/32 # #' -e 's#/128 # #' -e 's# # . #')
+	_rd_n=$(printf '%s\n' "$_rd_elements" | grep -c .)
+	case "$_rd_elements" in
+	*/*) _rd_interval=true ;; # a network: the set needs intervals
+	*) _rd_interval=false ;;
+	esac
 	eval "_nf_set_elements_$_nf_family=\$_rd_elements _nf_set_interval_$_nf_family=\$_rd_interval"
 	_nf_sets="$_nf_sets$_nf_family "
 	if [ "$_nf_family" = 4 ]; then _rd_ip=ip; else _rd_ip=ip6; fi
@@ -297,7 +294,7 @@ _nf_write_set() {
 	printf '\tset SIDECAR_SERVICES_V%s {\n\t\ttype %s . inet_service\n' "$1" "$_ws_type"
 	[ "$_ws_interval" = false ] || printf '\t\tflags interval\n'
 	# one element a line, the way nft lists them
-	_ws_elements=$(printf '%s' "$_ws_elements" | sed -e '$!s/$/,/' -e "2,\$s/^/$_NF_TAB$_NF_TAB$_NF_TAB     /")
+	_ws_elements=$(printf '%s\n' "$_ws_elements" | sed -e '$!s/$/,/' -e "2,\$s/^/$_NF_TAB$_NF_TAB$_NF_TAB     /")
 	printf '\t\telements = { %s }\n\t}\n' "$_ws_elements"
 }
 

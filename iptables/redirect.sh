@@ -10,6 +10,8 @@
 # nft.sh) -> --dry-run prints it and stops; otherwise -> method set-up ->
 # one iptables-restore --noflush per family (apply.sh), everything rolled
 # back if any of it fails; or one nft -f transaction (apply_nft.sh).
+# --check compares what is installed with the rendered rules (check.sh);
+# --reconcile does that, then installs only if they differ.
 #
 # Exit status: 0 done; 1 applying failed and was rolled back; 2 bad input or
 # an unusable environment, found before anything was touched. Errors are one
