@@ -47,8 +47,16 @@ nft_install() {
 	fi
 }
 
-# nft_cleanup: delete our table if it is there (--dry-run: say so).
+# nft_cleanup: delete our table if it is there (--dry-run: say so), and
+# the one validate.sh adds for a moment if a killed run left it.
 nft_cleanup() {
+	if nft list table inet sidecar_proxy_validate >/dev/null 2>&1; then
+		if [ "$opt_dry_run" = true ]; then
+			printf '# would delete the table validate.sh left: inet sidecar_proxy_validate\n'
+		else
+			nft delete table inet sidecar_proxy_validate 2>/dev/null || true
+		fi
+	fi
 	nft_has_table || return 0
 	_nc_input="delete table $NFT_FAMILY $NFT_TABLE"
 	if [ "$opt_dry_run" = true ]; then
