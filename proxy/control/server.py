@@ -28,6 +28,7 @@ from ..datapath.relay import close_idle, idle_sweep_interval
 from ..datapath.snapshot import Snapshot
 from ..datapath.stats import Stats
 from ..datapath.upstream import EXHAUSTION
+from . import logs
 from .lifecycle import AdminStarter, Runner, StartupError
 from .sockets import BACKLOG, Bound, open_listen_sockets
 
@@ -62,7 +63,8 @@ class Proxy(Runner):
 
     def take(self, limit: int) -> Snapshot:
         """The data plane now (empty before run() has made it)."""
-        return snapshot.take(self.shared, limit) if self.shared is not None else Snapshot()
+        snap = snapshot.take(self.shared, limit) if self.shared is not None else Snapshot()
+        return snap.add(logs.counters())
 
     # the run skeleton's steps (lifecycle.Runner.run) ------------------------------------
     async def _open(self, loop: asyncio.AbstractEventLoop) -> None:

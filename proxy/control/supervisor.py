@@ -52,6 +52,7 @@ from functools import partial
 
 from ..config import Config
 from ..datapath.snapshot import Snapshot, merge
+from . import logs
 from .channel import Channel
 from .lifecycle import AdminStarter, Runner, StartupError
 from .sockets import Bound, open_listen_sockets
@@ -118,7 +119,7 @@ class Supervisor(Runner):
     async def snapshot(self, limit: int) -> Snapshot:
         live = [w for w in self.workers if w.ready.done() and not w.gone.done()]
         answers = await asyncio.gather(*(w.request("snapshot", limit=limit) for w in live))
-        return merge((Snapshot.from_json(a) for a in answers), limit)
+        return merge((Snapshot.from_json(a) for a in answers), limit).add(logs.counters())  # and our own lines
 
     async def log_levels_changed(self, changes: list[tuple[str, int]]) -> None:
         for worker in self.workers:

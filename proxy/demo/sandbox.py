@@ -65,6 +65,8 @@ class ProxyProcess:
         self.lines: list[dict] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
+        self.reading = threading.Event()  # clear it to stop reading the proxy's stderr (a stalled pipe)
+        self.reading.set()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, cwd="/",
                                      env={**os.environ, **(env or {})})
@@ -84,6 +86,7 @@ class ProxyProcess:
     def _read(self) -> None:
         assert self.proc.stderr is not None  # started with stderr=PIPE
         for line in self.proc.stderr:
+            self.reading.wait()
             line = line.rstrip("\n")
             with self._cond:
                 self.raw.append(line)
@@ -138,6 +141,7 @@ class ProxyProcess:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0, verbose: bool = True) -> int:
+        self.reading.set()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
