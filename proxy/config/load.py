@@ -66,6 +66,7 @@ from .values import (
     parse_mark,
     parse_name,
     parse_network,
+    parse_path,
     parse_port,
     parse_text,
     short,
@@ -276,7 +277,7 @@ def _access_log(value: Any, where: str) -> AccessLog:
             compile_format(fmt)
         except ValueError as exc:
             raise ConfigError(f"{where}.format", str(exc)) from None
-    return AccessLog(parse_text(raw["path"], f"{where}.path"), fmt)
+    return AccessLog(parse_path(raw["path"], f"{where}.path"), fmt)
 
 
 def _chain_idle(value: Any, where: str) -> float:
