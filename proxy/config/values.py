@@ -12,7 +12,16 @@ import reprlib
 from collections.abc import Callable
 from typing import Any
 
-from .model import LOG_FORMATS, LOG_LEVELS, LOOPS, MAX_CONCURRENCY, SPLICE_MODES, Endpoint, IPNetwork
+from .model import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LOOPS,
+    MAX_CONCURRENCY,
+    MAX_CONNECTIONS,
+    SPLICE_MODES,
+    Endpoint,
+    IPNetwork,
+)
 
 MESSAGE_LIMIT = 300  # characters of a ConfigError's message
 
@@ -54,6 +63,15 @@ def parse_concurrency(value: Any, where: str) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
         raise ConfigError(where, f"{short(value)} is not a number of workers (1-{MAX_CONCURRENCY})")
+    return value
+
+
+def parse_connections(value: Any, where: str) -> int:
+    """A number of connections, 1 to MAX_CONNECTIONS (an int, or its ASCII digits from a flag)."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 9:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONNECTIONS:
+        raise ConfigError(where, f"{short(value)} is not a number of connections (1-{MAX_CONNECTIONS})")
     return value
 
 
@@ -226,6 +244,7 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "admin_port": parse_admin_port,
     "admin_allow_remote": parse_bool,
     "admin_hosts": parse_names,
+    "max_connections": parse_connections,
 }
 
 # The short form of the redirected listener (with `chains` and `plain_listeners`):
@@ -234,10 +253,11 @@ SHORT_FORM: dict[str, Callable[[Any, str], Any]] = {
     "port": parse_port,
     "addresses": parse_addresses,
     "default_action": parse_choice(("original", "reject")),
+    "redirect_max_connections": parse_connections,  # the redirected port's listener's max_connections
 }
 
 # Settings whose absence means "off": `mark: null` in a file is the same as no mark.
-OPTIONAL = ("mark", "cgroup")
+OPTIONAL = ("mark", "cgroup", "max_connections")
 
 # The design note's environment variables the proxy honours.
 ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark"}

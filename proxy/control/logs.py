@@ -172,7 +172,9 @@ def write_all(fd: int, data: bytes) -> None:
         try:
             view = view[os.write(fd, view):]
         except BlockingIOError:  # someone made the descriptor non-blocking
-            select.select([], [fd], [])
+            poll = select.poll()  # (select() cannot take a descriptor above 1023)
+            poll.register(fd, select.POLLOUT)
+            poll.poll()
         except InterruptedError:
             continue
         except OSError:  # EPIPE, EBADF, ...: nobody reads any more

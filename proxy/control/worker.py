@@ -17,7 +17,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from ..config import ConfigError, from_data
+from ..config import Config, ConfigError, from_data
 from ..exitcodes import EXIT_OK
 from . import logs
 from .channel import Channel, read_first
@@ -29,6 +29,18 @@ class BadStart(Exception):
     """`proxy worker` was not started by a supervisor as it should be; str() says how."""
 
 
+def share_of_limits(config: Config, index: int, count: int) -> Config:
+    """Worker `index` of `count`'s share of every connection limit (datapath/limits.py):
+    the shares add up to the limit, so the workers together never pass it."""
+    def share(limit: int | None) -> int | None:
+        return None if limit is None else limit // count + (index < limit % count)
+
+    return dataclasses.replace(
+        config, max_connections=share(config.max_connections),
+        listeners=tuple(dataclasses.replace(spec, max_connections=share(spec.max_connections))
+                        for spec in config.listeners))
+
+
 def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> int:
     """Serve the sockets the supervisor hands over, until told to stop or orphaned."""
     try:
@@ -36,7 +48,8 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
         start, pending = read_first(control)
         config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
         index, count = int(start["index"]), int(start["count"])
-        sockets = [Bound(int(index), socket.socket(fileno=fd)) for index, fd in start["listeners"]]
+        config = share_of_limits(config, index, count)
+        sockets = [Bound(int(listener), socket.socket(fileno=fd)) for listener, fd in start["listeners"]]
     except OSError as exc:
         raise BadStart(f"--control {control_fd}: {exc.strerror} (workers are started by the proxy itself, "
                        "see --concurrency)") from None
