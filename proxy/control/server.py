@@ -61,6 +61,12 @@ class Proxy(Runner):
         """The data plane as the admin API reads it (see datapath/snapshot.py)."""
         return self.take(limit)
 
+    def counters(self) -> dict[str, int]:
+        """Every counter and gauge now (what a worker's answer to a ping carries)."""
+        counters = dict(self.stats.counters)
+        counters.update(logs.counters())
+        return counters
+
     def take(self, limit: int) -> Snapshot:
         """The data plane now (empty before run() has made it)."""
         snap = snapshot.take(self.shared, limit) if self.shared is not None else Snapshot()
