@@ -109,3 +109,26 @@ def test_a_proxy_whose_stderr_is_stuck_still_stops(uid_world):
         assert proxy.proc.wait(20) == 0
     finally:
         proxy.stop()
+
+
+def test_with_workers_the_log_counters_add_up(uid_world):
+    """Every refused dial is a warning logged or one counted as left out, whichever
+    worker had it: /stats adds the workers' counts up like any other counter."""
+    w = uid_world
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"), access_log=False)
+    try:
+        for _ in range(300):
+            dial_directly(w)
+        wait_until(lambda: stats_of(w.pod)["listener.[__]_5001.loop_guard_refused"] == 300, what="300 refusals")
+        stats = stats_of(w.pod)
+
+        def logged() -> list[dict]:  # (the lines reach us a moment after /stats counts them)
+            return [e for e in proxy.lines if "dialled the redirected port directly" in e.get("msg", "")]
+
+        wait_until(lambda: len(logged()) + stats["server.log_lines_suppressed"] == 300,
+                   what="lines logged + lines left out = 300")
+        assert stats["server.log_lines_suppressed"] > 0
+        assert {e["worker"] for e in logged()} == {0, 1}
+        assert stats["server.log_lines_dropped"] == 0
+    finally:
+        proxy.stop()
