@@ -27,6 +27,7 @@ from .control.lifecycle import (
     StartupError,
     check_mark_privilege,
     join_cgroup,
+    raise_open_files_limit,
 )
 from .control.server import Proxy
 from .control.supervisor import WorkerFailed
@@ -53,6 +54,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): bulk transfers move by splice(2), in the kernel; off: always copy")
     parser.add_argument("--drain-timeout", metavar="DURATION",
                         help="on SIGTERM, wait this long for connections (default 5s)")
+    parser.add_argument("--max-connections", metavar="N",
+                        help="connections open at once in the whole proxy; past it, new ones are reset "
+                             "(Envoy's global_downstream_max_connections; default: no limit)")
     parser.add_argument("--admin-address", metavar="IP",
                         help="admin API address (default 127.0.0.1; anything but loopback needs --admin-allow-remote)")
     parser.add_argument("--admin-port", metavar="N", help="admin API port (default 15000, Istio's; 0 turns it off)")
@@ -71,6 +75,13 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.setup(config.log_format, config.log_level)
+    before, after = raise_open_files_limit()  # first: every socket after it counts
+
+    def ready() -> None:  # (logged once started: a start-up error stays one line)
+        log.info("open files: soft limit %s", f"raised from {before} to {after} (the hard limit)"
+                 if after != before else after)
+        log.info("ready (loop=%s, workers=%d)", config.loop, config.concurrency)
+
     try:
         if config.cgroup:
             join_cgroup(config.cgroup)  # first: sockets inherit the cgroup's classid
@@ -82,8 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay(), admin=start_admin)
         with runner_for(config.loop) as runner:
-            runner.run(proxy.run(on_ready=lambda: log.info("ready (loop=%s, workers=%d)", config.loop,
-                                                           config.concurrency)))
+            runner.run(proxy.run(on_ready=ready))
     except (StartupError, WorkerFailed) as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

@@ -7,6 +7,7 @@ prerequisite fails the run instead of skipping it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -61,3 +62,17 @@ def uid_world(world):
 @pytest.fixture(params=["uvloop", "asyncio"])
 def loop_name(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def run(loop_name):
+    """Run a coroutine on each event loop (in this process: the unit tests of the data path)."""
+    def runner(coro):
+        if loop_name == "uvloop":
+            import uvloop
+            factory = uvloop.new_event_loop
+        else:
+            factory = asyncio.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as r:
+            return r.run(asyncio.wait_for(coro, 60))
+    return runner

@@ -2,6 +2,7 @@
 
 model.py   the dataclasses and the defaults (the design note's numbers)
 values.py  one parser per kind of value; ConfigError names where a value came from
+document.py reading YAML or JSON within limits (size, encoding, depth, aliases)
 source.py  reading a file: YAML with the line of every value, and checks of plain data
 load.py    our YAML (short form or long), environment and flags -> one Config
 methods.py the four bypass methods, for the tools
@@ -9,6 +10,7 @@ methods.py the four bypass methods, for the tools
 The rest of the proxy imports from here, never from the modules inside.
 """
 
+from .document import Document, Limits, parse_json, parse_yaml, parse_yaml_stream
 from .load import check_ambiguous, from_data, load
 from .logformat import DEFAULT as ENVOY_LOG_FORMAT
 from .logformat import compile_format
@@ -63,8 +65,10 @@ __all__ = [
     "Cluster",
     "Config",
     "ConfigError",
+    "Document",
     "Endpoint",
     "IPNetwork",
+    "Limits",
     "Listener",
     "Match",
     "WeightedCluster",
@@ -74,6 +78,9 @@ __all__ = [
     "hostport",
     "load",
     "parse_duration",
+    "parse_json",
+    "parse_yaml",
+    "parse_yaml_stream",
     "plain_listener",
     "redirect_listener",
 ]

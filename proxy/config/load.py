@@ -61,11 +61,13 @@ from .values import (
     parse_address,
     parse_bool,
     parse_choice,
+    parse_connections,
     parse_duration,
     parse_endpoint,
     parse_mark,
     parse_name,
     parse_network,
+    parse_path,
     parse_port,
     parse_text,
     short,
@@ -146,7 +148,8 @@ def _short_form(top: dict[Any, Any], overrides: Overrides, clusters: set[str]) -
     chains = items(top, "chains", "", partial(_chain, clusters=clusters))
     _check_chains(chains, "chains")
     plain = items(top, "plain_listeners", "", partial(_plain_listener, clusters=clusters))
-    return (redirect_listener(chains=chains, **shorthand), *plain)
+    limit = shorthand.pop("redirect_max_connections", None)
+    return (redirect_listener(chains=chains, max_connections=limit, **shorthand), *plain)
 
 
 def _check_chains(chains: tuple[Chain, ...], where: str) -> None:
@@ -181,7 +184,7 @@ def _check_listeners(listeners: tuple[Listener, ...]) -> None:
 # --- listeners, chains, clusters -------------------------------------------------------
 
 LISTENER_KEYS = ("name", "addresses", "chains", "default_chain", "original_dst", "hand_off", "bind", "direction",
-                 "v4_on_v6")
+                 "v4_on_v6", "max_connections")
 
 
 def _listener(value: Any, where: str, clusters: set[str]) -> Listener:
@@ -198,6 +201,7 @@ def _listener(value: Any, where: str, clusters: set[str]) -> Listener:
         name=parse_name(raw["name"], f"{where}.name"), addresses=addresses, chains=chains,
         default_chain=None if default is None else _default_chain(default, f"{where}.default_chain", clusters),
         direction=parse_choice(DIRECTIONS)(raw.get("direction", "any"), f"{where}.direction"), **flags,
+        max_connections=_connections(raw, where),
     )
 
 
@@ -212,7 +216,7 @@ def _default_chain(value: Any, where: str, clusters: set[str]) -> Chain:
 
 
 def _plain_listener(value: Any, where: str, clusters: set[str]) -> Listener:
-    raw = mapping(value, where, ("name", "address", "port", "cluster"), ("name", "port", "cluster"))
+    raw = mapping(value, where, ("name", "address", "port", "cluster", "max_connections"), ("name", "port", "cluster"))
     cluster = raw["cluster"]
     if not isinstance(cluster, str) or cluster not in clusters:
         raise ConfigError(f"{where}.cluster", f"unknown cluster {cluster!r}")
@@ -220,8 +224,14 @@ def _plain_listener(value: Any, where: str, clusters: set[str]) -> Listener:
         name=parse_name(raw["name"], f"{where}.name"),
         address=parse_address(raw.get("address", "127.0.0.1"), f"{where}.address"),
         port=parse_port(raw["port"], f"{where}.port"),
-        cluster=cluster,
+        cluster=cluster, max_connections=_connections(raw, where),
     )
+
+
+def _connections(raw: dict[Any, Any], where: str) -> int | None:
+    """A listener's max_connections (Envoy's listener connection limit), if it has one."""
+    value = raw.get("max_connections")
+    return None if value is None else parse_connections(value, f"{where}.max_connections")
 
 
 CHAIN_KEYS = ("name", "match", "action", "cluster", "weighted", "stat_prefix", "idle_timeout",
@@ -276,7 +286,7 @@ def _access_log(value: Any, where: str) -> AccessLog:
             compile_format(fmt)
         except ValueError as exc:
             raise ConfigError(f"{where}.format", str(exc)) from None
-    return AccessLog(parse_text(raw["path"], f"{where}.path"), fmt)
+    return AccessLog(parse_path(raw["path"], f"{where}.path"), fmt)
 
 
 def _chain_idle(value: Any, where: str) -> float:

@@ -25,6 +25,7 @@ DEFAULT_DRAIN_TIMEOUT = 5.0  # Istio's terminationDrainDuration default
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 15000  # Istio's Envoy admin port
 MAX_CONCURRENCY = 64
+MAX_CONNECTIONS = 100_000_000  # a ceiling for the connection limits: beyond it, a typo
 
 ACTIONS = ("original", "cluster", "reject")
 DIRECTIONS = ("any", "inbound", "outbound")
@@ -145,22 +146,25 @@ class Listener:
     bind: bool = True  # Envoy's bind_to_port: false for one that only takes hand-offs
     direction: str = "any"  # Envoy's traffic_direction; any: told by the original destination
     v4_on_v6: bool = False  # "::" takes IPv4 too (Envoy's ipv4_compat)
+    max_connections: int | None = None  # open at once; past it new ones are reset (datapath/limits.py)
 
 
 def redirect_listener(port: int = DEFAULT_PORT, addresses: tuple[str, ...] = ("::",),
-                      chains: tuple[Chain, ...] = (), default_action: str = "original") -> Listener:
+                      chains: tuple[Chain, ...] = (), default_action: str = "original",
+                      max_connections: int | None = None) -> Listener:
     """The redirected port as the short form of our YAML writes it (port, addresses, chains)."""
     return Listener(
         name="redirect", addresses=tuple(Endpoint(a, port) for a in addresses), chains=chains,
         default_chain=PASSTHROUGH if default_action == "original" else BLACKHOLE, original_dst=True,
-        v4_on_v6="::" in addresses and "0.0.0.0" not in addresses,
+        v4_on_v6="::" in addresses and "0.0.0.0" not in addresses, max_connections=max_connections,
     )
 
 
-def plain_listener(name: str, address: str, port: int, cluster: str) -> Listener:
+def plain_listener(name: str, address: str, port: int, cluster: str, max_connections: int | None = None) -> Listener:
     """A plain listener as our YAML's plain_listeners write it: every connection to `cluster`."""
     return Listener(name=name, addresses=(Endpoint(address, port),),
-                    default_chain=Chain(name=f"plain.{name}", action="cluster", cluster=cluster))
+                    default_chain=Chain(name=f"plain.{name}", action="cluster", cluster=cluster),
+                    max_connections=max_connections)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,9 @@ class Config:
     admin_port: int = DEFAULT_ADMIN_PORT
     admin_allow_remote: bool = False
     admin_hosts: tuple[str, ...] = ()  # names a request's Host may carry besides the address and localhost
+    # connections open at once in the whole proxy; past it new ones are reset (Envoy's
+    # global_downstream_max_connections; datapath/limits.py); None: no limit
+    max_connections: int | None = None
 
     def cluster(self, name: str) -> Cluster:
         return next(c for c in self.clusters if c.name == name)

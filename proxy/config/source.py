@@ -1,6 +1,7 @@
 """Reading a configuration file: YAML (JSON is YAML too) with the line of every
-value, and the small checks every loader makes of plain data (a mapping with
-known keys, a list of items each parsed with its own path).
+value, within limits (document.py), and the small checks every loader makes
+of plain data (a mapping with known keys, a list of items each parsed with
+its own path).
 
 An error is a ConfigError whose `where` is the field path
 (`chains[2].match.ports[0]`); `line_for` finds the line to name for it.
@@ -12,60 +13,22 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import yaml
-
+from .document import LIMITS, Limits, parse_yaml, read_text
 from .values import ConfigError, as_list
 
 T = TypeVar("T")
 
 
-def read_file(path: str) -> tuple[Any, dict[str, int]]:
-    """A file's data and the line of every value by its field path."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config: {exc.strerror}", source=path) from None
-    return read_yaml(text, path)
+def read_file(path: str, limits: Limits = LIMITS) -> tuple[Any, dict[str, int]]:
+    """A file's data and the line of every value by its field path, read within `limits`
+    (size, encoding, depth, values with YAML aliases expanded: document.py)."""
+    return read_yaml(read_text(path, limits), path, limits)
 
 
-def read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and remember the line of every value by its field path."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-        problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
-        raise ConfigError("", f"not valid YAML: {problem}", source=source, line=line) from None
-    lines: dict[str, int] = {}
-
-    active: set[int] = set()  # the nodes on the current path: an alias back to one is a cycle
-
-    def walk(node: yaml.Node, where: str) -> None:
-        line = node.start_mark.line + 1
-        lines[where] = line
-        if id(node) in active:
-            raise ConfigError(where, "a YAML alias that refers to itself", source=source, line=line)
-        active.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key, child in node.value:
-                name = join(where, str(key.value))
-                if key.value in seen:
-                    raise ConfigError(name, "duplicate key", source=source, line=key.start_mark.line + 1)
-                seen.add(key.value)
-                walk(child, name)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, child in enumerate(node.value):
-                walk(child, f"{where}[{i}]")
-        active.discard(id(node))
-
-    if root is not None:
-        walk(root, "")
-    return data, lines
+def read_yaml(text: str, source: str, limits: Limits = LIMITS) -> tuple[Any, dict[str, int]]:
+    """Parse YAML within `limits` and remember the line of every value by its field path."""
+    document = parse_yaml(text, source, limits)
+    return document.data, document.lines
 
 
 def line_for(where: str, lines: Mapping[str, int]) -> int | None:
@@ -73,7 +36,10 @@ def line_for(where: str, lines: Mapping[str, int]) -> int | None:
     while where:
         if where in lines:
             return lines[where]
-        where = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", where)
+        outer = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", where)
+        if outer == where:  # a top-level key the file spells otherwise (true: for True): no line
+            return None
+        where = outer
     return None
 
 

@@ -8,10 +8,22 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
-from .model import LOG_FORMATS, LOG_LEVELS, LOOPS, MAX_CONCURRENCY, SPLICE_MODES, Endpoint, IPNetwork
+from .model import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LOOPS,
+    MAX_CONCURRENCY,
+    MAX_CONNECTIONS,
+    SPLICE_MODES,
+    Endpoint,
+    IPNetwork,
+)
+
+MESSAGE_LIMIT = 300  # characters of a ConfigError's message
 
 
 class ConfigError(Exception):
@@ -22,6 +34,8 @@ class ConfigError(Exception):
         prefix = ""
         if source:
             prefix = f"{source}:{line}: " if line else f"{source}: "
+        if len(message) > MESSAGE_LIMIT:  # a library's text may quote a whole value
+            message = message[:MESSAGE_LIMIT - 3] + "..."
         super().__init__(f"{prefix}{where}: {message}" if where else f"{prefix}{message}")
 
 
@@ -36,25 +50,34 @@ def parse_port(value: Any, where: str, *, allow_zero: bool = False) -> int:
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 5:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(where, f"{value!r} is not a port")
+        raise ConfigError(where, f"{short(value)} is not a port")
     low = 0 if allow_zero else 1
     if not low <= value <= 65535:
-        raise ConfigError(where, f"{value} is not a port ({low}-65535)")
+        raise ConfigError(where, f"{short(value)} is not a port ({low}-65535)")
     return value
 
 
 def parse_concurrency(value: Any, where: str) -> int:
     """1 to MAX_CONCURRENCY worker processes (an int, or its digits in a string from a flag)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 3:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
         raise ConfigError(where, f"{short(value)} is not a number of workers (1-{MAX_CONCURRENCY})")
     return value
 
 
+def parse_connections(value: Any, where: str) -> int:
+    """A number of connections, 1 to MAX_CONNECTIONS (an int, or its ASCII digits from a flag)."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 9:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONNECTIONS:
+        raise ConfigError(where, f"{short(value)} is not a number of connections (1-{MAX_CONNECTIONS})")
+    return value
+
+
 def parse_access_log(value: Any, where: str) -> str:
     """stderr, stdout, off or a file path; YAML reads a bare off as false."""
-    return "off" if value is False else parse_text(value, where)
+    return "off" if value is False else parse_path(value, where)
 
 
 def parse_splice(value: Any, where: str) -> str:
@@ -70,9 +93,9 @@ def parse_mark(value: Any, where: str) -> int:
         try:
             value = int(value, 0)
         except ValueError:
-            raise ConfigError(where, f"{value!r} is not a mark (an integer such as 0x1)") from None
+            raise ConfigError(where, f"{short(value)} is not a mark (an integer such as 0x1)") from None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 0xFFFFFFFF:
-        raise ConfigError(where, f"{value!r} is not a mark (1-0xffffffff)")
+        raise ConfigError(where, f"{short(value)} is not a mark (1-0xffffffff)")
     return value
 
 
@@ -84,77 +107,93 @@ _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def parse_duration(value: Any, where: str) -> float:
     """Seconds as a number, or a string such as 250ms, 5s, 2m, 1h."""
     if isinstance(value, bool):
-        raise ConfigError(where, f"{value!r} is not a duration")
+        raise ConfigError(where, f"{short(value)} is not a duration")
     try:
         if isinstance(value, (int, float)):
             seconds = float(value)
         elif isinstance(value, str) and (m := _DURATION.match(value)):
             seconds = float(m.group(1)) * _UNIT[m.group(2)]
         else:
-            raise ConfigError(where, f"{value!r} is not a duration (e.g. 5s, 250ms, 1h)")
+            raise ConfigError(where, f"{short(value)} is not a duration (e.g. 5s, 250ms, 1h)")
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds > MAX_DURATION:
         raise ConfigError(where, f"{short(value)} is not a duration of at most {MAX_DURATION // 86400:g} days")
     if seconds <= 0:
-        raise ConfigError(where, f"{value!r} must be positive")
+        raise ConfigError(where, f"{short(value)} must be positive")
     return seconds
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 4, 3
+
+
 def short(value: Any) -> str:
-    """A value for an error message, cut to 40 characters."""
-    text = repr(value)
+    """A value for an error message, cut to 40 characters, whatever it holds."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer of more than 4,300 digits has no repr
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "a value"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_network(value: Any, where: str) -> IPNetwork:
     if not isinstance(value, str):
-        raise ConfigError(where, f"{value!r} is not a CIDR")
+        raise ConfigError(where, f"{short(value)} is not a CIDR")
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        raise ConfigError(where, f"{value!r} is not a CIDR ({exc})") from None
+        raise ConfigError(where, f"{short(value)} is not a CIDR ({exc})") from None
 
 
 def parse_address(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise ConfigError(where, f"{value!r} is not an IP address")
+        raise ConfigError(where, f"{short(value)} is not an IP address")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ConfigError(where, f"{value!r} is not an IP address") from None
+        raise ConfigError(where, f"{short(value)} is not an IP address") from None
 
 
 def parse_endpoint(value: Any, where: str) -> Endpoint:
     """`198.51.100.10:80` or `[2001:db8::10]:80`."""
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(where, f"{value!r} is not an endpoint (HOST:PORT, [V6]:PORT)")
+        raise ConfigError(where, f"{short(value)} is not an endpoint (HOST:PORT, [V6]:PORT)")
     host, _, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ConfigError(where, f"{value!r}: write an IPv6 endpoint as [ADDRESS]:PORT")
+        raise ConfigError(where, f"{short(value)}: write an IPv6 endpoint as [ADDRESS]:PORT")
     return Endpoint(parse_address(host, where), parse_port(port, where))
 
 
 def parse_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     def parse(value: Any, where: str) -> str:
         if value not in choices:
-            raise ConfigError(where, f"{value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(where, f"{short(value)} is not one of {', '.join(choices)}")
         return str(value)
     return parse
 
 
 def parse_name(value: Any, where: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-        raise ConfigError(where, f"{value!r} is not a name (letters, digits, _ . -)")
+        raise ConfigError(where, f"{short(value)} is not a name (letters, digits, _ . -)")
     return value
 
 
 def parse_text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(where, f"{value!r} is not a non-empty string")
+        raise ConfigError(where, f"{short(value)} is not a non-empty string")
     return value
+
+
+def parse_path(value: Any, where: str) -> str:
+    """A file or directory path: a non-empty string without NUL (no system call takes one)."""
+    path = parse_text(value, where)
+    if "\0" in path:
+        raise ConfigError(where, f"{short(value)} holds a NUL byte, which no path can")
+    return path
 
 
 def parse_bool(value: Any, where: str) -> bool:
@@ -163,7 +202,7 @@ def parse_bool(value: Any, where: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.strip().lower() in ("true", "1", "yes")
-    raise ConfigError(where, f"{value!r} is not a boolean (true or false)")
+    raise ConfigError(where, f"{short(value)} is not a boolean (true or false)")
 
 
 def parse_names(value: Any, where: str) -> tuple[str, ...]:
@@ -191,7 +230,7 @@ def parse_addresses(value: Any, where: str) -> tuple[str, ...]:
 # Top-level settings that flags and env vars may also set: name -> parser.
 SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "mark": parse_mark,
-    "cgroup": parse_text,
+    "cgroup": parse_path,
     "loop": parse_choice(LOOPS),
     "concurrency": parse_concurrency,
     "log_format": parse_choice(LOG_FORMATS),
@@ -205,6 +244,7 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "admin_port": parse_admin_port,
     "admin_allow_remote": parse_bool,
     "admin_hosts": parse_names,
+    "max_connections": parse_connections,
 }
 
 # The short form of the redirected listener (with `chains` and `plain_listeners`):
@@ -213,10 +253,11 @@ SHORT_FORM: dict[str, Callable[[Any, str], Any]] = {
     "port": parse_port,
     "addresses": parse_addresses,
     "default_action": parse_choice(("original", "reject")),
+    "redirect_max_connections": parse_connections,  # the redirected port's listener's max_connections
 }
 
 # Settings whose absence means "off": `mark: null` in a file is the same as no mark.
-OPTIONAL = ("mark", "cgroup")
+OPTIONAL = ("mark", "cgroup", "max_connections")
 
 # The design note's environment variables the proxy honours.
 ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark"}

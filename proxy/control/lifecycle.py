@@ -35,6 +35,7 @@ import contextlib
 import enum
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -125,6 +126,32 @@ def check_mark_privilege(config: Config) -> None:
         if reason is not None:
             raise StartupError(f"privilege: SO_MARK {mark:#x} needs CAP_NET_ADMIN, which this process "
                                f"lacks ({reason}); grant it or use another bypass method")
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one, which needs no privilege; (before, after).
+
+    Every proxied connection costs two descriptors (four while it splices);
+    runtimes often start processes at a soft 1024 under a hard limit far
+    above it, and the proxy would refuse connections with EMFILE it could
+    have taken.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's ceiling for one process is nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, target, exc)
+        return soft, soft
+    return soft, target
 
 
 # --- the run skeleton --------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ..datapath.relay import close_idle, idle_sweep_interval
 from ..datapath.snapshot import Snapshot
 from ..datapath.stats import Stats
 from ..datapath.upstream import EXHAUSTION
+from . import logs
 from .lifecycle import AdminStarter, Runner, StartupError
 from .sockets import BACKLOG, Bound, open_listen_sockets
 
@@ -60,9 +61,16 @@ class Proxy(Runner):
         """The data plane as the admin API reads it (see datapath/snapshot.py)."""
         return self.take(limit)
 
+    def counters(self) -> dict[str, int]:
+        """Every counter and gauge now (what a worker's answer to a ping carries)."""
+        counters = dict(self.stats.counters)
+        counters.update(logs.counters())
+        return counters
+
     def take(self, limit: int) -> Snapshot:
         """The data plane now (empty before run() has made it)."""
-        return snapshot.take(self.shared, limit) if self.shared is not None else Snapshot()
+        snap = snapshot.take(self.shared, limit) if self.shared is not None else Snapshot()
+        return snap.add(logs.counters())
 
     # the run skeleton's steps (lifecycle.Runner.run) ------------------------------------
     async def _open(self, loop: asyncio.AbstractEventLoop) -> None:

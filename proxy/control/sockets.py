@@ -13,6 +13,7 @@ import socket
 from typing import NamedTuple
 
 from ..config import Config, Endpoint
+from ..datapath.sockopts import arm_reset
 from .lifecycle import StartupError
 
 log = logging.getLogger("proxy.server")
@@ -27,11 +28,19 @@ class Bound(NamedTuple):
     sock: socket.socket
 
 
-def bind(address: str, port: int, dual_stack: bool, reuse_port: bool = False) -> socket.socket:
+def bind(address: str, port: int, dual_stack: bool, reuse_port: bool = False,
+         relayed: bool = False) -> socket.socket:
+    """A listening socket. `relayed`: its connections are relayed (datapath/relay.py):
+    they are accepted with SO_LINGER 0 already set, which accept() copies from
+    the listening socket, so that a process that dies resets them, and it
+    costs no call per connection. (Not for the admin API: its answers end
+    with a FIN.)"""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if relayed:
+            arm_reset(sock)
         if reuse_port:  # one of several workers' sockets on this port (supervisor.py)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -55,12 +64,13 @@ def open_listen_sockets(config: Config, reuse_port: bool = False) -> list[Bound]
                 continue
             for address in listener.addresses:
                 try:
-                    sock = bind(address.host, address.port, listener.v4_on_v6 and address.host == "::", reuse_port)
+                    sock = bind(address.host, address.port, listener.v4_on_v6 and address.host == "::", reuse_port,
+                                relayed=True)
                 except OSError as exc:
                     if not _ipv6_missing(listener.addresses, exc):
                         raise StartupError(f"listener {listener.name}: cannot bind {address}: {exc.strerror}") from None
                     log.warning("no IPv6 here (%s); listener %s listens on IPv4 only", exc.strerror, listener.name)
-                    sock = bind("0.0.0.0", address.port, False, reuse_port)
+                    sock = bind("0.0.0.0", address.port, False, reuse_port, relayed=True)
                 sockets.append(Bound(index, sock))
     except BaseException:
         for bound in sockets:

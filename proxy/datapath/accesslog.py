@@ -18,6 +18,7 @@ Text form (one line, fields in a fixed order):
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import select
 import sys
@@ -76,6 +77,10 @@ def _chunks(lines: list[str], size: int) -> list[str]:
     return chunks
 
 
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o640)
+
+
 class AccessLog:
     """Writes access-log entries to a stream from a background thread."""
 
@@ -96,7 +101,9 @@ class AccessLog:
         elif target == "stdout":
             self._stream = sys.stdout
         else:
-            self._stream = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
+            # 0640: it holds every source and destination address (an existing file keeps its mode)
+            self._stream = open(target, "a", encoding="utf-8", buffering=1,  # noqa: SIM115 (closed in close())
+                                opener=_private)
             self._owns_stream = True
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()

@@ -28,6 +28,7 @@ Stat names (Envoy's where the meaning is the same; upstream.py makes the cluster
     listener.<address>.downstream_cx_{total,active,destroy,rx_bytes_total,tx_bytes_total}
     listener.<address>.{loop_guard_refused,resource_exhaustion}      (ours)
     listener.<address>.no_filter_chain_match
+    listener.<address>.downstream_{cx_overflow,global_cx_overflow}   (limits.py)
     splice.{pumps_total,pumps_active,unavailable}                     (ours)
     chain.<name>.{cx_total,rejected}, direction.<inbound|outbound>.cx_total   (ours)
     tcp.<stat_prefix>.*   Envoy's tcp_proxy stats, for chains with a stat_prefix (TCP_STATS)
@@ -53,6 +54,7 @@ from ..config import ENVOY_LOG_FORMAT, Config, Endpoint, compile_format, hostpor
 from ..config import Listener as ListenerSpec
 from .accesslog import AccessLog
 from .chains import ChainTable
+from .limits import Gate, admit, move, release
 from .localaddrs import LocalAddresses
 from .relay import Relay, Upstream
 from .sockopts import original_dst, unmapped
@@ -62,7 +64,8 @@ from .upstream import EXHAUSTION, Connector, OwnSockets
 log = logging.getLogger("proxy.listener")
 
 LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_destroy",
-                  "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion")
+                  "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion",
+                  "downstream_cx_overflow", "downstream_global_cx_overflow")
 REDIRECT_STATS = (*LISTENER_STATS, "loop_guard_refused")
 SPLICE_STATS = ("pumps_total", "pumps_active", "unavailable")
 # Envoy's tcp_proxy stats, all of them (the ones we never move stay 0, as they do
@@ -88,6 +91,7 @@ class Shared:
         self.config, self.stats, self.access_log, self.local = config, stats, access_log, local
         self.ids = ids if ids is not None else itertools.count(1)
         self.live: dict[int, Relay] = {}
+        self.gate = Gate(config.max_connections)  # the whole proxy's connection limit (limits.py)
         self.own = OwnSockets()
         self.listener_stats: dict[str, Names] = {}  # listener name -> its stats
         self.exhaustion_logged = float("-inf")
@@ -192,14 +196,18 @@ class Listener:
         if spec.default_chain is None:
             stats = (*stats, "no_filter_chain_match")
         self.names = Names(f"listener.{stat_address(*address)}.", stats)
+        self.gate = Gate(spec.max_connections)
         shared.listener_stats[self.name] = self.names
         shared.stats.declare(*self.names.all)
         for endpoint in spec.addresses:
             shared.by_address[endpoint.host, endpoint.port] = self
 
     def protocol(self) -> asyncio.Protocol:
-        """Protocol factory for loop.create_server: one Relay per connection."""
-        return Relay(next(self.shared.ids), self).downstream
+        """Protocol factory for loop.create_server: one Relay per connection (past a limit, a reset)."""
+        names = self.names
+        refused = admit(self.gate, self.shared.gate, self.shared.stats, names.downstream_cx_overflow,
+                        names.downstream_global_cx_overflow, self.name)
+        return refused or Relay(next(self.shared.ids), self).downstream
 
     # accept -> decision ---------------------------------------------------------
     def accepted(self, relay: Relay) -> None:
@@ -265,6 +273,8 @@ class Listener:
             target = shared.listener_for(dst, dst_port)
             if target is not None:
                 decider = target
+        if decider is not self:  # its limit counts it from now on (ours did at accept)
+            move(self.gate, decider.gate)
         decider._count(relay)
         direction = decider.spec.direction
         if direction == "any":
@@ -341,6 +351,7 @@ class Listener:
     def ended(self, relay: Relay) -> None:
         shared, stats = self.shared, self.shared.stats
         shared.live.pop(relay.id, None)
+        release(self.gate, shared.gate)
         up = relay.upstream
         if up is not None:
             shared.connector.release(up)

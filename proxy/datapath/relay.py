@@ -23,7 +23,13 @@ drain (a close sends the FIN the second `write_eof()` would have).
 
 Reset: if one side fails (RST, or a write error), the other side is closed
 with SO_LINGER 0, so its peer gets a RST too rather than a polite FIN that
-would look like a complete response.
+would look like a complete response. Both sockets carry SO_LINGER 0 from
+the start, so that when the process dies (a worker killed, or crashed), the
+kernel's close resets both peers too: the accepted one has it from its
+listening socket (control/sockets.py), the upstream one gets it when its
+transport is made; a graceful close turns it off first (`shut`), to send
+what is left and a FIN. Three setsockopt calls a connection; README,
+"Workers", has the figure.
 
 Bulk: a direction whose reads come SPLICE_AFTER bytes at a time is handed
 to a splice.Pump, which moves it in the kernel (splice.py); the pump reports
@@ -87,7 +93,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..config import Endpoint
-from .sockopts import arm_reset
+from .sockopts import SocketLike, arm_reset, disarm_reset
 from .splice import SPLICE_AFTER, Pump
 
 if TYPE_CHECKING:  # only for the annotation of Upstream.attempts (upstream.py imports this module)
@@ -201,13 +207,20 @@ class Side(asyncio.Protocol):
         (An upstream whose transport is yet to come is aborted when it comes.)"""
         if self.transport is None or self.lost:
             return
+        sock = self.raw_socket()
         if reset:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
+            if sock is not None:  # armed since connection_made, unless a graceful close began
                 arm_reset(sock)  # a RST, not a FIN that would look like a complete answer
             self.transport.abort()
         elif not self.transport.is_closing():
+            if sock is not None:
+                disarm_reset(sock)  # the rest of the buffer, then a FIN
             self.transport.close()
+
+
+    def raw_socket(self) -> SocketLike | None:
+        """The socket, for its options."""
+        return cast("SocketLike | None", self.transport.get_extra_info("socket"))
 
 
 class Downstream(Side):
@@ -252,6 +265,10 @@ class Upstream(Side):
         self.sock = sock  # the socket itself, to ask whether it is connected
         self.attempts = attempts  # the connection's endpoints still to try after this one
 
+    def raw_socket(self) -> SocketLike:
+        """The socket itself (cheaper to ask than the loop's stand-in for it)."""
+        return self.sock
+
     @property
     def open(self) -> bool:
         """Also while the loop has the socket but has not handed us its transport
@@ -260,6 +277,7 @@ class Upstream(Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # a stream's transport
+        arm_reset(self.sock)  # a process that dies resets its connections
         # 0 while connecting: the first byte queued pauses the client, and the
         # handshake's completion (the buffer drains) resumes it: see confirm().
         transport.set_write_buffer_limits(high=0, low=0)

@@ -36,6 +36,14 @@ class Snapshot:
                 "hosts": {c: [[h, p, s] for (h, p), s in hosts.items()] for c, hosts in self.hosts.items()},
                 "connections": self.connections, "total_connections": self.total_connections}
 
+    def add(self, counters: dict[str, int]) -> Snapshot:
+        """Counters kept outside the data path (the process's log lines), listed from the start."""
+        self.declared.update(counters)
+        for name, value in counters.items():
+            if value:
+                self.counters[name] = self.counters.get(name, 0) + value
+        return self
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Snapshot:
         return cls(dict(data["counters"]), set(data["declared"]), dict(data["live_bytes"]),

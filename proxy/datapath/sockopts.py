@@ -112,9 +112,20 @@ def can_mark(mark: int) -> str | None:
 
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)
+_LINGER_DEFAULT = struct.pack("ii", 0, 0)
 
 
 def arm_reset(sock: SocketLike) -> None:
-    """Make the next close() send a RST instead of a FIN (SO_LINGER, 0 s)."""
+    """Make the next close() send a RST instead of a FIN (SO_LINGER, 0 s).
+
+    Also what the relay sets on both sockets while a connection relays: if
+    the process dies, the kernel's close of its sockets resets them, and the
+    peers do not take a cut stream for a complete one."""
     with contextlib.suppress(OSError):  # already closed: nothing left to reset
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+
+
+def disarm_reset(sock: SocketLike) -> None:
+    """A close() sends a FIN again, after what is still buffered (SO_LINGER off)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_DEFAULT)

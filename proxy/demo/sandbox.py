@@ -44,11 +44,15 @@ class ProxyProcess:
     def __init__(self, ns: NetNs, config: dict | None = None, args: tuple[str, ...] = (),
                  caps: tuple[str, ...] = (), loop: str = "uvloop", env: dict | None = None,
                  uid: int = PROXY_UID, wait: bool = True, prefix: tuple[str, ...] = (),
-                 access_log: bool = True, enter: str = "ip-netns") -> None:
+                 access_log: bool = True, enter: str = "ip-netns", cwd: str = "/") -> None:
         """`enter` is how the namespace is entered: "ip-netns" (`ip netns exec`,
-        a fresh /sys) or "nsenter" (keeps our mounts: the cgroup method)."""
+        a fresh /sys) or "nsenter" (keeps our mounts: the cgroup method). `cwd`:
+        where it runs; anywhere but "/", it is started as the installed
+        `sidecar-proxy` command, which (unlike `python -m`) does not put the
+        current directory on sys.path."""
         into = ns.nsenter_argv if enter == "nsenter" else ns.argv
-        argv = [*into(*prefix, *setpriv_argv(uid, caps)), PYTHON, "-m", "proxy", "run",
+        command = [PYTHON, "-m", "proxy"] if cwd == "/" else [os.path.join(os.path.dirname(PYTHON), "sidecar-proxy")]
+        argv = [*into(*prefix, *setpriv_argv(uid, caps)), *command, "run",
                 "--log-format", "json", "--loop", loop, *args]
         if not access_log:
             argv += ["--access-log", "off"]
@@ -65,8 +69,10 @@ class ProxyProcess:
         self.lines: list[dict] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
+        self.reading = threading.Event()  # clear it to stop reading the proxy's stderr (a stalled pipe)
+        self.reading.set()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, cwd="/",
+                                     stderr=subprocess.PIPE, text=True, cwd=cwd,
                                      env={**os.environ, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -84,6 +90,7 @@ class ProxyProcess:
     def _read(self) -> None:
         assert self.proc.stderr is not None  # started with stderr=PIPE
         for line in self.proc.stderr:
+            self.reading.wait()
             line = line.rstrip("\n")
             with self._cond:
                 self.raw.append(line)
@@ -138,6 +145,7 @@ class ProxyProcess:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0, verbose: bool = True) -> int:
+        self.reading.set()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

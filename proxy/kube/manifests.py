@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from ..config import ConfigError, Limits, parse_yaml_stream
+
 # Where each workload kind keeps its pod spec, by (API group, kind). The
 # group matters: a CRD may call itself "Deployment" in another group, and
 # its pod template (if any) is not ours to change.
@@ -70,6 +72,10 @@ def display_name(obj: dict) -> str:
 
 # --- reading and writing the stream -------------------------------------------------
 
+# Manifests may be long (`kubectl get -o yaml` of a namespace) and Kubernetes
+# objects deep (a CRD's schema); aliases are expanded and counted all the same.
+LIMITS = Limits(max_bytes=16 << 20, max_depth=100, max_values=1_000_000)
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that keeps timestamps as the strings they were.
 
@@ -91,15 +97,19 @@ def parse_stream(text: str, source: str) -> list[Document]:
     """
     documents: list[Document] = []
     index = 0
-    stream = yaml.load_all(text, Loader=_Loader)
+    stream = parse_yaml_stream(text, source, LIMITS, loader=_Loader)
     while True:
         index += 1
         try:
-            data = next(stream)
+            data = next(stream).data
         except StopIteration:
             break
-        except yaml.YAMLError as exc:
-            raise ManifestError(f"{source}: document {index}: not valid YAML: {_yaml_problem(exc)}") from None
+        except ConfigError as exc:  # not YAML, or beyond the limits (too deep, an alias bomb, ...)
+            at = f"line {exc.line}: " if exc.line else ""
+            invalid = "not valid YAML: "
+            problem = (invalid + at + exc.message.removeprefix(invalid) if exc.message.startswith(invalid)
+                       else at + exc.message)
+            raise ManifestError(f"{source}: document {index}: {problem}") from None
         if data is None:  # an empty document, e.g. a trailing ---
             continue
         doc = Document(source, index, data)
@@ -115,12 +125,6 @@ def parse_stream(text: str, source: str) -> list[Document]:
         else:
             documents.append(doc)
     return documents
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"line {mark.line + 1}: {problem}" if mark else problem
 
 
 def check_object(doc: Document) -> None:

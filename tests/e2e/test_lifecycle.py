@@ -4,6 +4,7 @@ privilege, inbound traffic and proxy-aware apps, all in real namespaces."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -109,16 +110,23 @@ def test_accept_loop_survives_running_out_of_descriptors(uid_world, tmp_path, lo
     proxy = ProxyProcess(w.pod, loop=loop_name, prefix=("prlimit", "--nofile=64:64", "--"))
     held = []
     try:
-        for i in range(60):  # each proxied connection costs the proxy two descriptors
-            c = w.pod.connect(("198.51.100.10", 80), timeout=2)  # the kernel's backlog accepts
-            held.append(c)
-            c.sendall(b"%d" % i)
-        time.sleep(0.5)
         failed = 0
-        for i, c in enumerate(held):
+        sent = []
+        for i in range(60):  # each proxied connection costs the proxy two descriptors
+            try:
+                c = w.pod.connect(("198.51.100.10", 80), timeout=2)  # the kernel's backlog accepts
+            except ConnectionResetError:  # accepted and dropped at once for want of a descriptor (a RST)
+                failed += 1
+                continue
+            held.append(c)
+            sent.append(b"%d" % i)
+            with contextlib.suppress(OSError):  # (reset already: the recv below counts it)
+                c.sendall(sent[-1])
+        time.sleep(0.5)
+        for data, c in zip(sent, held, strict=True):
             c.settimeout(0.05)
             try:
-                failed += c.recv(8) != b"%d" % i
+                failed += c.recv(8) != data
             except OSError:  # reset by the proxy, or never accepted
                 failed += 1
         assert failed > 0, "the burst never exhausted the proxy's descriptors"

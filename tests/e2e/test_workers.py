@@ -7,8 +7,11 @@ Real namespaces and rules as everywhere in tests/e2e; the proxy runs as UID
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from support import (
@@ -25,6 +28,7 @@ from support import (
 )
 
 from proxy.control.lifecycle import LISTENER_DELAY_ENV
+from proxy.control.watchdog import RESTART_LIMIT
 
 pytestmark = pytest.mark.netns
 
@@ -129,19 +133,165 @@ def test_drain_logging_and_quitquitquit_reach_every_worker(uid_world):
         srv.close()
 
 
-def test_a_worker_that_dies_ends_the_proxy(uid_world):
+def started_pids(proxy: ProxyProcess) -> list[int]:
+    """The workers' pids by index, from the supervisor's line "2 workers started: pid X, pid Y"."""
+    line = proxy.wait_for(lambda e: " workers started: " in e.get("msg", ""))["msg"]
+    return [int(part.split()[1]) for part in line.split(": ", 1)[1].split(", ")]
+
+
+def started_again(proxy: ProxyProcess, index: int, nth: int = 1, timeout: float = 30.0) -> int:
+    """The pid of the nth replacement of worker `index`."""
+    prefix = f"worker {index} started again: pid "
+
+    def again() -> list[dict]:
+        return [e for e in proxy.lines if e.get("msg", "").startswith(prefix)]
+
+    proxy.wait_for(lambda _: len(again()) >= nth, timeout=timeout, what=f"replacement {nth} of worker {index}")
+    return int(again()[nth - 1]["msg"].removeprefix(prefix))
+
+
+def held_connections(w, n: int) -> dict[int, list]:
+    """n open connections through the proxy, each echoing, by the index of the worker that has it."""
+    conns = []
+    for i in range(n):
+        c = w.pod.connect(SERVICE, timeout=5)
+        c.sendall(b"%d" % i)
+        assert c.recv(8) == b"%d" % i
+        conns.append(c)
+    ids = {int(e["source"].rpartition(":")[2]): e["id"] for e in admin(w.pod, "GET", "/connections").json()["connections"]}
+    by_worker: dict[int, list] = {0: [], 1: []}
+    for c in conns:
+        by_worker[(ids[c.getsockname()[1]] - 1) % 2].append(c)
+    return by_worker
+
+
+def all_echo(w, n: int) -> None:
+    for i in range(n):
+        with w.pod.connect(SERVICE, timeout=5) as c:
+            c.sendall(b"new%d" % i)
+            assert c.recv(8) == b"new%d" % i
+
+
+def test_a_killed_worker_resets_its_clients_and_is_started_again(uid_world):
+    """kill -9 of one worker: its clients see a reset (not a clean end), the other
+    worker's connections go on, and a new worker takes its place."""
+    w = uid_world
+    srv = Server(w.remote, SERVICE, echo)
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
+    conns: dict[int, list] = {0: [], 1: []}
+    try:
+        first, second = started_pids(proxy)
+        conns = held_connections(w, 20)
+        assert conns[0] and conns[1], "one worker took every connection"
+        before = stats_of(w.pod)  # (the supervisor now has the workers' counters)
+        assert before["listener.[__]_5001.downstream_cx_total"] == 20
+        os.kill(first, signal.SIGKILL)
+        for c in conns[0]:  # cut mid-stream: a reset, never an EOF that looks like a complete answer
+            c.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                c.recv(1)
+        for i, c in enumerate(conns[1]):  # the other worker's connections survive
+            c.sendall(b"still%d" % i)
+            assert c.recv(8) == b"still%d" % i
+        third = started_again(proxy, 0)
+        assert third not in (first, second) and not gone(third)
+        wait_until(lambda: admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n"), timeout=10, what="LIVE")
+        all_echo(w, 20)
+        # the dead worker's counters stay in the sums; its gauges left with it
+        stats = wait_until(lambda: (x := stats_of(w.pod))["listener.[__]_5001.downstream_cx_active"] == len(conns[1])
+                           and x, what="the closed connections to end")
+        assert stats["server.worker_restarts"] == 1
+        assert stats["listener.[__]_5001.downstream_cx_total"] == 40
+        errors = [e["msg"] for e in proxy.lines if e.get("level") == "error"]
+        assert f"worker 0 (pid {first}) ended on its own (exit status -9); starting it again in 0.25s" in errors
+        for c in conns[1]:
+            c.close()
+        assert proxy.stop() == 0
+    finally:
+        for c in conns[0] + conns[1]:
+            c.close()
+        proxy.stop()
+        srv.close()
+
+
+def test_a_stopped_worker_makes_ready_503_and_is_replaced(uid_world):
+    """SIGSTOP: the worker stops answering its watchdog; /ready says 503, and the
+    worker is killed and started again; new connections do not hang."""
+    w = uid_world
+    srv = Server(w.remote, SERVICE, echo)
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
+    stopped = None
+    try:
+        stopped = started_pids(proxy)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        wait_until(lambda: admin(w.pod, "GET", "/ready").brief() == (503, "DRAINING\n"), timeout=10,
+                   what="/ready to say 503")
+        proxy.wait_for(lambda e: e.get("msg", "") == f"worker 0 (pid {stopped}) has not answered for 2s: /ready "
+                       "answers 503 until it does", what="the watchdog's warning")
+        started_again(proxy, 0)
+        assert gone(stopped)
+        wait_until(lambda: admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n"), timeout=10, what="LIVE again")
+        all_echo(w, 20)
+        stats = stats_of(w.pod)
+        assert stats["server.watchdog_miss"] >= 1 and stats["server.worker_restarts"] == 1
+        assert proxy.stop() == 0
+    finally:
+        if stopped is not None and not gone(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        proxy.stop()
+        srv.close()
+
+
+def test_a_worker_that_keeps_dying_is_given_up_on(uid_world):
+    """A crash loop does not spin: each restart waits twice as long as the one
+    before, and a death beyond the bound stops the proxy with exit 1."""
     w = uid_world
     proxy = ProxyProcess(w.pod, args=("--concurrency", "2"))
     try:
-        first, second = children_of(proxy.pid)
-        os.kill(first, signal.SIGKILL)
-        proxy.proc.wait(20)
-        assert proxy.proc.returncode == 1
+        victim = started_pids(proxy)[0]
+        for nth in range(1, RESTART_LIMIT + 1):
+            os.kill(victim, signal.SIGKILL)
+            victim = started_again(proxy, 0, nth)
+        os.kill(victim, signal.SIGKILL)
+        assert proxy.proc.wait(30) == 1
         errors = [e["msg"] for e in proxy.lines if e.get("level") == "error"]
-        assert any(f"(pid {first}) ended on its own (exit status -9)" in m for m in errors), errors
-        wait_until(lambda: gone(second), timeout=10, what="the other worker to exit")
+        waits = [m.rpartition(" in ")[2] for m in errors if "starting it again in" in m]
+        assert waits == ["0.25s", "0.5s", "1s", "2s", "4s"], errors
+        assert errors[-1].endswith(f"the {RESTART_LIMIT + 1}th death of a worker within 60s: a crash loop; "
+                                   "stopping the proxy"), errors
     finally:
         proxy.stop()
+
+
+def test_a_proxy_folder_in_the_current_directory_does_not_shadow_the_package(uid_world):
+    """Started from a directory holding a `proxy/` package (any source checkout),
+    the workers, as UID 1337, still run the proxy's own code."""
+    w = uid_world
+    top = Path(tempfile.mkdtemp(prefix="scp-shadow-"))  # UID 1337 must reach it by its full path
+    here = top / "checkout"
+    (here / "proxy").mkdir(parents=True)
+    marker = here / "ran"
+    trap = f"open({str(marker)!r}, 'w').write('the wrong proxy ran')\nraise SystemExit(3)\n"
+    for name in ("__init__.py", "__main__.py"):
+        (here / "proxy" / name).write_text(trap)
+    for path in (top, here, here / "proxy"):
+        os.chmod(path, 0o777)  # UID 1337 may read it, and the trap may write its marker
+    srv = Server(w.remote, SERVICE, identify("web"))
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2"), cwd=str(here))
+    try:
+        for pid in children_of(proxy.pid):  # the workers run where the supervisor does, as UID 1337
+            assert os.readlink(f"/proc/{pid}/cwd") == str(here)
+            assert status_field(pid, "Uid").split()[:2] == ["1337", "1337"]
+        for _ in range(10):
+            with w.pod.connect(SERVICE) as c:
+                assert recv_line(c) == "web 192.0.2.1\n"
+        assert {e.get("worker") for e in proxy.lines if e.get("msg", "").startswith("listening on")} == {0, 1}
+        assert not marker.exists()
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+        srv.close()
+        shutil.rmtree(top)
 
 
 def test_workers_do_not_outlive_their_supervisor(uid_world):

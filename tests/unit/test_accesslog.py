@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
-from proxy.datapath.accesslog import _chunks, format_json, format_text
+from proxy.datapath.accesslog import AccessLog, _chunks, format_json, format_text
 
 ENTRIES = [
     {"id": 7, "start": 1796111401.8978624, "listener": "redirect", "source": "192.0.2.1:48828",
@@ -37,3 +39,14 @@ def test_writes_never_cut_a_line_and_stay_within_pipe_buf():
     assert "".join(chunks) == "".join(line + "\n" for line in lines)
     assert all(len(c.encode()) <= 4096 and c.endswith("\n") for c in chunks)
     assert len(chunks) > 1
+
+
+def test_the_file_is_made_readable_by_owner_and_group_only(tmp_path):
+    """It holds every source and destination address: 0640, whatever the umask lets through."""
+    path = tmp_path / "access.log"
+    old = os.umask(0)
+    try:
+        AccessLog(str(path), "json").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -562,6 +562,12 @@ NOT_OBJECT = "not a Kubernetes object (a mapping with apiVersion and kind)"
     (dump(_running_as(1337, pod_level=True)), (),
      "spec.template.spec.securityContext.runAsUser: 1337 is the proxy's UID and containers[0] (app) inherits it"),
     (dump(_running_as(2000)), ("--proxy-uid", "2000"), "2000 is the proxy's UID"),
+    # hostile input: a recursion the parser would not survive, an alias bomb
+    (GOOD + "---\nspec: " + "[" * 500 + "]" * 500 + "\n", (),
+     f"<stdin>: document 2: line {GOOD.count(chr(10)) + 2}: nested deeper than 100 levels"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [" + ", ".join([f"*{p}"] * 10) + "]\n" for p, n in zip("abcdef", "bcdefg", strict=True)), (),
+     "<stdin>: document 1: line 6: more than 1000000 values once its YAML aliases are expanded"),
 ])
 def test_bad_input(capsys, monkeypatch, text, args, message):
     code, out, err = run(capsys, monkeypatch, text, *args)

@@ -31,20 +31,6 @@ from proxy.datapath.stats import Stats
 STEP = 5.0  # seconds any one step may take before the test fails
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
-def run(request):
-    """Run a coroutine on the chosen event loop."""
-    def runner(coro):
-        if request.param == "uvloop":
-            import uvloop
-            factory = uvloop.new_event_loop
-        else:
-            factory = asyncio.new_event_loop
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(asyncio.wait_for(coro, 60))
-    return runner
-
-
 def listening() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
