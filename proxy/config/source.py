@@ -29,11 +29,16 @@ def read_file(path: str) -> tuple[Any, dict[str, int]]:
     return read_yaml(text, path)
 
 
-def read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and remember the line of every value by its field path."""
+def read_yaml(text: str, source: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader,
+              duplicates: bool = False) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of every value by its field path.
+
+    A key given twice in one mapping is an error, unless `duplicates`
+    (Envoy's reading: the last one wins).
+    """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=loader)
+        data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -54,7 +59,7 @@ def read_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
             seen: set[str] = set()
             for key, child in node.value:
                 name = join(where, str(key.value))
-                if key.value in seen:
+                if key.value in seen and not duplicates:
                     raise ConfigError(name, "duplicate key", source=source, line=key.start_mark.line + 1)
                 seen.add(key.value)
                 walk(child, name)
@@ -73,7 +78,10 @@ def line_for(where: str, lines: Mapping[str, int]) -> int | None:
     while where:
         if where in lines:
             return lines[where]
-        where = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", where)
+        shorter = re.sub(r"(\.[^.\[\]]*|\[\d+\]|^[^.\[\]]+)$", "", where)
+        if shorter == where:  # not a path this function knows how to shorten
+            return None
+        where = shorter
     return None
 
 

@@ -13,6 +13,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
+
+from .envoylog import SpdlogFormatter
 
 # Envoy's log level names -> Python's (`off` is above every level we log at)
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -36,10 +39,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-def setup(fmt: str, level: str, worker: int | None = None) -> None:
-    """Log to stderr in `fmt` (text or json) from `level` up; `worker`: a worker's index."""
+def setup(fmt: str, level: str, worker: int | None = None, pattern: str | None = None,
+          levels: Sequence[tuple[str, str]] = ()) -> None:
+    """Log to stderr in `fmt` (text or json) from `level` up; `worker`: a worker's index;
+    `pattern`: an spdlog pattern instead (Envoy's --log-format, envoylog.py);
+    `levels`: (logger, level) for single loggers."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
+    if pattern is not None:
+        handler.setFormatter(SpdlogFormatter(pattern))
+    elif fmt == "json":
         handler.setFormatter(JsonFormatter(worker))
     else:
         tag = "" if worker is None else f" worker={worker}"
@@ -47,7 +55,8 @@ def setup(fmt: str, level: str, worker: int | None = None) -> None:
         logging.Formatter.converter = time.gmtime
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(LEVELS[level])
+    apply_levels([(name, LEVELS[value]) for name, value in levels])
 
 
 def our_loggers() -> dict[str, logging.Logger]:
