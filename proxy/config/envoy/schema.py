@@ -249,7 +249,7 @@ def _is_map(field: Any) -> bool:
 
 # --- json_format's errors, as one line with a path ----------------------------------------
 
-_AT = re.compile(r" at \w+\.(\S+)$")
+_AT = re.compile(r' at "?\w+\.([^"\s]+)"?$')
 _FIELD = re.compile(r"^Failed to parse (\w+) field: ")
 
 
