@@ -44,16 +44,18 @@ class ProxyProcess:
     def __init__(self, ns: NetNs, config: dict | None = None, args: tuple[str, ...] = (),
                  caps: tuple[str, ...] = (), loop: str = "uvloop", env: dict | None = None,
                  uid: int = PROXY_UID, wait: bool = True, prefix: tuple[str, ...] = (),
-                 access_log: bool = True, enter: str = "ip-netns") -> None:
+                 access_log: bool = True, enter: str = "ip-netns", command: tuple[str, ...] = ()) -> None:
         """`enter` is how the namespace is entered: "ip-netns" (`ip netns exec`,
-        a fresh /sys) or "nsenter" (keeps our mounts: the cgroup method)."""
+        a fresh /sys) or "nsenter" (keeps our mounts: the cgroup method).
+        `command`: another command line to run the same way instead of
+        `sidecar-proxy run` (`sidecar-envoy ...`; args, loop and config are then not used)."""
         into = ns.nsenter_argv if enter == "nsenter" else ns.argv
-        argv = [*into(*prefix, *setpriv_argv(uid, caps)), PYTHON, "-m", "proxy", "run",
-                "--log-format", "json", "--loop", loop, *args]
-        if not access_log:
+        run = command or (PYTHON, "-m", "proxy", "run", "--log-format", "json", "--loop", loop, *args)
+        argv = [*into(*prefix, *setpriv_argv(uid, caps)), *run]
+        if not access_log and not command:
             argv += ["--access-log", "off"]
         self._config_dir = None
-        if config is not None:
+        if config is not None and not command:
             # a directory UID 1337 can read (root's temp dirs may be private)
             self._config_dir = tempfile.mkdtemp(prefix="scp-config-")
             os.chmod(self._config_dir, 0o755)
