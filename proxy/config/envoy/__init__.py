@@ -24,7 +24,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -160,13 +160,23 @@ def _yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
 
 class EnvoyYamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without YAML 1.1 timestamps: Envoy reads 2026-01-01 as a string."""
+    """YAML's plain scalars read as Envoy's YAML reader (yaml-cpp) reads them, checked with
+    Envoy 1.40: y/Y/n/N are booleans too; 1_000, .inf and 2026-01-01 are strings;
+    0x10 is a number. PyYAML (YAML 1.1) would read the first three as numbers and a date."""
+
+    bool_values: ClassVar[dict[str, bool]] = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
 
 
-EnvoyYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+_PLAIN = (
+    ("tag:yaml.org,2002:bool",
+     r"^(?:y|Y|n|N|yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$", "yYnNtTfFoO"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+|0o?[0-7]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:float", r"^[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+)(?:[eE][-+]?[0-9]+)?$", "-+.0123456789"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+)
+EnvoyYamlLoader.yaml_implicit_resolvers = {}
+for _tag, _regexp, _first in _PLAIN:
+    EnvoyYamlLoader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
 
 
 def _snake_lines(lines: Mapping[str, int]) -> dict[str, int]:
