@@ -119,3 +119,12 @@ def test_the_options_as_server_info_shows_them():
     assert options["disable_hot_restart"] is True and options["allow_unknown_static_fields"] is True
     assert (config.drain_time, config.drain_strategy, config.concurrency) == (45.0, "immediate", 2)
     assert (config.log_level, config.log_pattern) == ("warning", ISTIO_LOG_FORMAT)
+
+
+def test_init_only_loads_and_exits(capsys):
+    """--mode init_only: the configuration is loaded and checked, nothing is bound, exit 0."""
+    assert envoy_cli.main(["--mode", "init_only", "-c", str(BOOTSTRAP)]) == 0
+    assert capsys.readouterr().out == ""
+    assert envoy_cli.main(["--mode", "init_only", "-c", str(BOOTSTRAP), "--config-yaml", "bogus: 1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bogus: unknown field" in err

@@ -8,7 +8,8 @@ new node id, one more cluster), and --admin-address-path. Envoy's merged
 bootstrap is read from its /config_dump; ours is what sidecar-envoy built
 (Config.bootstrap, what our /config_dump is made from). They must be the
 same, but for what Envoy adds to the node about itself (user agent, build,
-extensions). Both write the admin address in the same form, and it answers.
+extensions). Both write the admin address in the same form, and it answers;
+both write their log to --log-path and nothing to stderr.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def scratch(netns_prerequisites):
 
 def argv(binary: Path, address_path: str) -> tuple[str, ...]:
     return (str(binary), "-c", str(BOOTSTRAP), "--config-yaml", CONFIG_YAML, "--admin-address-path", address_path,
-            "--concurrency", "1", "-l", "warning", "--disable-hot-restart")
+            "--concurrency", "1", "-l", "warning", "--disable-hot-restart", "--log-path", f"{address_path}.log")
 
 
 def run_and_read(ns: NetNs, binary: Path, directory: str, name: str) -> tuple[str, dict]:
@@ -72,6 +73,7 @@ def run_and_read(ns: NetNs, binary: Path, directory: str, name: str) -> tuple[st
     finally:
         code = proc.stop(signal.SIGTERM)
     assert code == 0
+    assert proc.raw == [] and Path(f"{path}.log").read_text(), "the log goes to --log-path, and only there"
     return written, dump
 
 

@@ -133,7 +133,7 @@ def _read(path: str, allow_unknown: bool) -> tuple[Any, dict[str, int]]:
     except OSError as exc:
         raise ConfigError("", f"cannot read config: {exc.strerror}", source=path) from None
     if path.endswith(".pb"):
-        return schema.read_binary(raw), {}
+        return schema.read_binary(raw, allow_unknown), {}
     text = raw.decode("utf-8", "replace")
     if path.endswith(".pb_text"):
         return schema.read_text(text), {}

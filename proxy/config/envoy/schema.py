@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-from google.protobuf import any_pb2, json_format, message, symbol_database, text_format
+from google.protobuf import any_pb2, json_format, message, symbol_database, text_format, unknown_fields
 
 from ..values import ConfigError
 
@@ -186,8 +186,8 @@ def _duration_text(value: dict[str, Any]) -> Any:
     return f"{sign}{seconds}.{nanos:09d}s" if nanos else f"{sign}{seconds}s"
 
 
-def read_binary(blob: bytes) -> message.Message:
-    """A `.pb` file: the binary encoding of a Bootstrap."""
+def read_binary(blob: bytes, allow_unknown: bool = False) -> message.Message:
+    """A `.pb` file: the binary encoding of a Bootstrap, whose unknown fields Envoy refuses too."""
     bootstrap = bootstrap_class()()
     try:
         bootstrap.ParseFromString(blob)
@@ -195,7 +195,32 @@ def read_binary(blob: bytes) -> message.Message:
         raise ConfigError("", f"not a binary Bootstrap: {exc}") from None
     for any_message in anys(bootstrap):
         _import_types(iter([any_message.type_url]))
+    if not allow_unknown:
+        _no_unknown_fields(bootstrap, "")
     return bootstrap
+
+
+def _no_unknown_fields(msg: message.Message, where: str) -> None:
+    """What binary input carries that the schema does not know (text and JSON never get that far)."""
+    found = unknown_fields.UnknownFieldSet(msg)
+    if len(found):
+        numbers = ", ".join(str(found[i].field_number) for i in range(len(found)))
+        raise ConfigError(where, f"message {msg.DESCRIPTOR.full_name} has unknown fields ({numbers})")
+    for field, value in msg.ListFields():
+        if field.message_type is None:
+            continue
+        at = f"{where}.{field.name}" if where else field.name
+        if _is_map(field):
+            items = [(f"{at}[{k!r}]", v) for k, v in value.items()]
+        elif field.is_repeated:
+            items = [(f"{at}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(at, value)]
+        for path, item in items:
+            if isinstance(item, any_pb2.Any):
+                _no_unknown_fields(unpack(item, path), path)
+            elif isinstance(item, message.Message):
+                _no_unknown_fields(item, path)
 
 
 def read_text(text: str) -> message.Message:
