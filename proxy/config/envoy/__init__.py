@@ -2,8 +2,12 @@
 
     schema.py    Envoy's schema (xds-protos): plain data -> a Bootstrap message, unknown fields refused
     validate.py  the protoc-gen-validate rules the messages carry, which protobuf does not check
-    build.py     the Bootstrap -> listeners, chains, clusters, admin: the transparent-TCP subset,
-                 every other field refused or (if only operational) named as ignored
+    build.py     the Bootstrap -> the model: the transparent-TCP subset, every other field refused
+                 or (if only operational) named as ignored; its top level and the admin address
+    clusters.py  STATIC and ORIGINAL_DST clusters
+    listeners.py listeners, filter chains and their matches
+    tcp_proxy.py what a chain does: tcp_proxy and its access logs
+    fields.py    what those share: built / ignored / refused, names, addresses
     formats.py   Envoy's access-log format strings, checked as Envoy checks them
 
 `load_bootstrap` reads a bootstrap as `envoy -c FILE [--config-yaml YAML]`
