@@ -63,6 +63,10 @@ LABEL org.opencontainers.image.title="sidecar-proxy" \
       org.opencontainers.image.description="Transparent TCP proxy for the redirected port (5001) of a service-mesh sidecar" \
       org.opencontainers.image.licenses="Apache-2.0"
 
+# Envoy's command line works here unchanged: Istio's binaryPath default finds
+# sidecar-envoy as envoy (the link's target, the venv, is copied in below).
+RUN ln -s /usr/local/sidecar-proxy/bin/sidecar-envoy /usr/local/bin/envoy
+
 # A named account for UID/GID 1337 (the design note's ISTIO_PROXY_UID), so
 # `ps` and file listings say who it is; the UID itself is what the iptables
 # owner match and Kubernetes' runAsUser use.

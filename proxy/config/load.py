@@ -8,6 +8,11 @@ Four sources feed the configuration, in this order of precedence (highest first)
 3. the config file (`--config proxy.yaml`);
 4. built-in defaults (the design note's numbers, model.py).
 
+A file that is an Envoy bootstrap (a top-level key such as
+`static_resources`, `admin` or `node`) is read by the other front end,
+config/envoy; flags and the environment then set only what a bootstrap
+does not say (the loop, the log format, ...), never a listener's port.
+
 The file has a short form and a long one. The short form writes the
 redirected port's listener as top-level keys (`port`, `addresses`, `chains`,
 `default_action`) plus `plain_listeners`; the long form writes every
@@ -29,6 +34,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from .envoy import from_bootstrap, is_bootstrap
 from .logformat import compile_format
 from .model import (
     ACTIONS,
@@ -95,6 +101,11 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None,
         config = _build({}, short_form)
     else:
         data, lines = read_file(path)
+        if is_bootstrap(data):  # Envoy's bootstrap (config/envoy): it names its own listeners
+            for key, (_, where) in short_form.items():
+                raise ConfigError("", f"{where} sets the short form's {key}, but {path} is an Envoy bootstrap, "
+                                      "which names its listeners' addresses", source=where)
+            return dataclasses.replace(from_bootstrap(data, lines, path), **settings)
         try:
             config = _build({} if data is None else data, short_form)
         except ConfigError as exc:
@@ -184,7 +195,7 @@ def _check_listeners(listeners: tuple[Listener, ...]) -> None:
 # --- listeners, chains, clusters -------------------------------------------------------
 
 LISTENER_KEYS = ("name", "addresses", "chains", "default_chain", "original_dst", "hand_off", "bind", "direction",
-                 "v4_on_v6", "max_connections")
+                 "v4_on_v6", "max_connections", "stat_prefix")
 
 
 def _listener(value: Any, where: str, clusters: set[str]) -> Listener:
@@ -200,8 +211,9 @@ def _listener(value: Any, where: str, clusters: set[str]) -> Listener:
     return Listener(
         name=parse_name(raw["name"], f"{where}.name"), addresses=addresses, chains=chains,
         default_chain=None if default is None else _default_chain(default, f"{where}.default_chain", clusters),
-        direction=parse_choice(DIRECTIONS)(raw.get("direction", "any"), f"{where}.direction"), **flags,
-        max_connections=_connections(raw, where),
+        direction=parse_choice(DIRECTIONS)(raw.get("direction", "any"), f"{where}.direction"),
+        stat_prefix=None if raw.get("stat_prefix") is None else parse_text(raw["stat_prefix"], f"{where}.stat_prefix"),
+        max_connections=_connections(raw, where), **flags,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,12 +27,14 @@ DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 15000  # Istio's Envoy admin port
 MAX_CONCURRENCY = 64
 MAX_CONNECTIONS = 100_000_000  # a ceiling for the connection limits: beyond it, a typo
+DEFAULT_DRAIN_TIME = 600.0  # Envoy's --drain-time-s default
+DRAIN_STRATEGIES = ("gradual", "immediate")  # Envoy's --drain-strategy
 
 ACTIONS = ("original", "cluster", "reject")
 DIRECTIONS = ("any", "inbound", "outbound")
 LOOPS = ("uvloop", "asyncio")
 LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")  # Envoy's (-l); trace logs as debug
 SPLICE_MODES = ("auto", "off")
 
 
@@ -138,7 +141,7 @@ class Listener:
     """
 
     name: str
-    addresses: tuple[Endpoint, ...]  # the first names its stats
+    addresses: tuple[Endpoint, ...]  # the first names its stats, unless stat_prefix does
     chains: tuple[Chain, ...] = ()
     default_chain: Chain | None = None  # None: a connection no chain matches is closed
     original_dst: bool = False  # Envoy's original_dst listener filter
@@ -147,6 +150,7 @@ class Listener:
     direction: str = "any"  # Envoy's traffic_direction; any: told by the original destination
     v4_on_v6: bool = False  # "::" takes IPv4 too (Envoy's ipv4_compat)
     max_connections: int | None = None  # open at once; past it new ones are reset (datapath/limits.py)
+    stat_prefix: str | None = None  # Envoy's stat_prefix: its stats are listener.<stat_prefix>.*
 
 
 def redirect_listener(port: int = DEFAULT_PORT, addresses: tuple[str, ...] = ("::",),
@@ -182,15 +186,40 @@ class Config:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     splice: str = "auto"  # bulk directions move by splice(2) (datapath/splice.py), or never
-    # The admin API (proxy/admin); port 0 turns it off. A non-loopback address
-    # needs admin_allow_remote: the API is unauthenticated and can stop the proxy.
+    # The admin API (proxy/admin). admin_port None: no admin API (our YAML's
+    # `admin_port: 0`, or a bootstrap without `admin`); 0: a port the kernel
+    # picks (Envoy's port_value 0; our YAML's `admin_port: ephemeral`). A
+    # non-loopback address needs admin_allow_remote: the API is
+    # unauthenticated and can stop the proxy.
     admin_address: str = DEFAULT_ADMIN_ADDRESS
-    admin_port: int = DEFAULT_ADMIN_PORT
+    admin_port: int | None = DEFAULT_ADMIN_PORT
     admin_allow_remote: bool = False
     admin_hosts: tuple[str, ...] = ()  # names a request's Host may carry besides the address and localhost
     # connections open at once in the whole proxy; past it new ones are reset (Envoy's
     # global_downstream_max_connections; datapath/limits.py); None: no limit
     max_connections: int | None = None
+    admin_address_path: str | None = None  # write the bound admin address here (Envoy's --admin-address-path)
+    # Logging beyond level and format: an spdlog pattern for every line
+    # (Envoy's --log-format; control/envoylog.py), and levels of single loggers
+    # (ours, by name: Envoy's --component-log-level, translated).
+    log_pattern: str | None = None
+    logger_levels: tuple[tuple[str, str], ...] = ()
+    # Envoy's drain of /drain_listeners (--drain-time-s, --drain-strategy); our
+    # own drain on SIGTERM is drain_timeout.
+    drain_time: float = DEFAULT_DRAIN_TIME
+    drain_strategy: str = "gradual"
+    # From an Envoy bootstrap (config/envoy), for the admin API's /config_dump
+    # and /server_info; None for our YAML. `bootstrap` is the bootstrap as
+    # loaded (the file with --config-yaml merged over it) in Envoy's JSON form
+    # (proto field names); `envoy_node` is its node as Envoy's local info has it
+    # (--service-cluster, --service-node and --service-zone applied);
+    # `command_line` is Envoy's admin.v3.CommandLineOptions as /server_info
+    # prints it; `ignored` names the operational fields the proxy accepted and
+    # does not act on (logged once at start-up).
+    bootstrap: Mapping[str, Any] | None = field(default=None, compare=False)
+    envoy_node: Mapping[str, Any] | None = field(default=None, compare=False)
+    command_line: Mapping[str, Any] | None = field(default=None, compare=False)
+    ignored: tuple[str, ...] = ()
 
     def cluster(self, name: str) -> Cluster:
         return next(c for c in self.clusters if c.name == name)
@@ -203,6 +232,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration as plain data (what `check` prints; load reads it back)."""
         plain: dict[str, Any] = _plain(self)
+        # our YAML's spelling of the admin port: 0 is "off", "ephemeral" the kernel's choice
+        plain["admin_port"] = {None: 0, 0: "ephemeral"}.get(self.admin_port, self.admin_port)
         return plain
 
 

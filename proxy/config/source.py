@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import yaml
+
 from .document import LIMITS, Limits, parse_yaml, read_text
 from .values import ConfigError, as_list
 
@@ -25,9 +27,14 @@ def read_file(path: str, limits: Limits = LIMITS) -> tuple[Any, dict[str, int]]:
     return read_yaml(read_text(path, limits), path, limits)
 
 
-def read_yaml(text: str, source: str, limits: Limits = LIMITS) -> tuple[Any, dict[str, int]]:
-    """Parse YAML within `limits` and remember the line of every value by its field path."""
-    document = parse_yaml(text, source, limits)
+def read_yaml(text: str, source: str, limits: Limits = LIMITS, loader: type[yaml.SafeLoader] = yaml.SafeLoader,
+              duplicates: bool = False) -> tuple[Any, dict[str, int]]:
+    """Parse YAML within `limits` and remember the line of every value by its field path.
+
+    A key given twice in one mapping is an error, unless `duplicates`
+    (Envoy's reading: the last one wins).
+    """
+    document = parse_yaml(text, source, limits, loader=loader, duplicates=duplicates)
     return document.data, document.lines
 
 
@@ -36,10 +43,10 @@ def line_for(where: str, lines: Mapping[str, int]) -> int | None:
     while where:
         if where in lines:
             return lines[where]
-        outer = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", where)
-        if outer == where:  # a top-level key the file spells otherwise (true: for True): no line
+        shorter = re.sub(r"(\.[^.\[\]]*|\[\d+\]|^[^.\[\]]+)$", "", where)
+        if shorter == where:  # not a path this function knows how to shorten
             return None
-        where = outer
+        where = shorter
     return None
 
 

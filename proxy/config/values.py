@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .model import (
+    DRAIN_STRATEGIES,
     LOG_FORMATS,
     LOG_LEVELS,
     LOOPS,
@@ -176,9 +177,12 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     return parse
 
 
+NAME = re.compile(r"[A-Za-z0-9_.|-]+")  # | for Istio's cluster names: outbound|80||reviews.default.svc.cluster.local
+
+
 def parse_name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-        raise ConfigError(where, f"{short(value)} is not a name (letters, digits, _ . -)")
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ConfigError(where, f"{short(value)} is not a name (letters, digits, _ . - |)")
     return value
 
 
@@ -216,8 +220,33 @@ def parse_names(value: Any, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_admin_port(value: Any, where: str) -> int:
-    return parse_port(value, where, allow_zero=True)
+def parse_admin_port(value: Any, where: str) -> int | None:
+    """A port; 0 (or null) is no admin API, `ephemeral` a port the kernel picks (see model.Config)."""
+    if value is None:
+        return None
+    if value == "ephemeral":
+        return 0
+    return parse_port(value, where, allow_zero=True) or None
+
+
+def parse_mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def parse_texts(value: Any, where: str) -> tuple[str, ...]:
+    return tuple(parse_text(v, f"{where}[{i}]") for i, v in enumerate(as_list(value, where)))
+
+
+def parse_logger_levels(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """[[logger, level], ...]: levels of single loggers."""
+    pairs = []
+    for i, item in enumerate(as_list(value, where)):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(f"{where}[{i}]", f"{short(item)} is not a pair [logger, level]")
+        pairs.append((parse_text(item[0], f"{where}[{i}][0]"), parse_choice(LOG_LEVELS)(item[1], f"{where}[{i}][1]")))
+    return tuple(pairs)
 
 
 def parse_addresses(value: Any, where: str) -> tuple[str, ...]:
@@ -245,6 +274,15 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "admin_allow_remote": parse_bool,
     "admin_hosts": parse_names,
     "max_connections": parse_connections,
+    "admin_address_path": parse_text,
+    "log_pattern": parse_text,
+    "logger_levels": parse_logger_levels,
+    "drain_time": parse_duration,
+    "drain_strategy": parse_choice(DRAIN_STRATEGIES),
+    "bootstrap": parse_mapping,
+    "envoy_node": parse_mapping,
+    "command_line": parse_mapping,
+    "ignored": parse_texts,
 }
 
 # The short form of the redirected listener (with `chains` and `plain_listeners`):
@@ -257,7 +295,8 @@ SHORT_FORM: dict[str, Callable[[Any, str], Any]] = {
 }
 
 # Settings whose absence means "off": `mark: null` in a file is the same as no mark.
-OPTIONAL = ("mark", "cgroup", "max_connections")
+OPTIONAL = ("mark", "cgroup", "max_connections", "admin_address_path", "log_pattern", "bootstrap", "envoy_node",
+            "command_line")
 
 # The design note's environment variables the proxy honours.
 ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark"}

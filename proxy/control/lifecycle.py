@@ -41,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from ..config import Config
+from ..config import Config, hostport
 from ..datapath.snapshot import Snapshot
 from ..datapath.sockopts import can_mark
 
@@ -91,6 +91,8 @@ class Lifecycle(Protocol):
 
 
 class AdminServer(Protocol):
+    address: tuple[str, int]  # where it listens (the kernel's port, if the configuration said 0)
+
     async def close(self) -> None: ...
 
 
@@ -154,6 +156,15 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, target
 
 
+def write_admin_address(path: str, address: tuple[str, int]) -> None:
+    """Write where the admin API listens, as Envoy's --admin-address-path does (`127.0.0.1:15000`)."""
+    try:
+        with open(path, "w") as f:
+            f.write(hostport(*address))
+    except OSError as exc:
+        raise StartupError(f"--admin-address-path {path}: cannot write it: {exc.strerror}") from None
+
+
 # --- the run skeleton --------------------------------------------------------------------
 
 class Runner:
@@ -167,7 +178,7 @@ class Runner:
 
     def __init__(self, config: Config, *, argv: Sequence[str] = (), listener_delay: float = 0.0,
                  admin: AdminStarter | None = None) -> None:
-        """`admin`: starts the admin API (when `config.admin_port` is set); None for a worker."""
+        """`admin`: starts the admin API (unless `config.admin_port` is None); None for a worker."""
         self.config = config
         self.argv = tuple(argv)
         self.listener_delay = listener_delay
@@ -196,8 +207,10 @@ class Runner:
         admin = None
         try:
             await self._open(loop)
-            if self.start_admin is not None and self.config.admin_port:
+            if self.start_admin is not None and self.config.admin_port is not None:
                 admin = await self.start_admin(self)
+                if self.config.admin_address_path:
+                    write_admin_address(self.config.admin_address_path, admin.address)
             await self._hold_listeners()
             if not self.stopping.is_set() and not self.draining:
                 self.phase = State.INITIALIZING

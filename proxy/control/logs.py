@@ -49,6 +49,9 @@ import queue
 import select
 import sys
 import time
+from collections.abc import Sequence
+
+from .envoylog import SpdlogFormatter
 
 # Envoy's log level names -> Python's (`off` is above every level we log at)
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -209,11 +212,16 @@ class _Installed:
 _installed: list[_Installed] = []  # the one in force (logging's own handlers are process-wide too)
 
 
-def setup(fmt: str, level: str, worker: int | None = None) -> None:
-    """Log to stderr in `fmt` (text or json) from `level` up; `worker`: a worker's index."""
+def setup(fmt: str, level: str, worker: int | None = None, pattern: str | None = None,
+          levels: Sequence[tuple[str, str]] = ()) -> None:
+    """Log to stderr in `fmt` (text or json) from `level` up; `worker`: a worker's index;
+    `pattern`: an spdlog pattern instead (Envoy's --log-format, envoylog.py);
+    `levels`: (logger, level) for single loggers."""
     close()
     formatter: logging.Formatter
-    if fmt == "json":
+    if pattern is not None:
+        formatter = SpdlogFormatter(pattern)
+    elif fmt == "json":
         formatter = JsonFormatter(worker)
     else:
         tag = "" if worker is None else f" worker={worker}"
@@ -227,7 +235,8 @@ def setup(fmt: str, level: str, worker: int | None = None) -> None:
     _installed.append(_Installed(handler, writer, fd))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(LEVELS[level])
+    apply_levels([(name, LEVELS[value]) for name, value in levels])
 
 
 def close(timeout: float = CLOSE_WAIT) -> None:

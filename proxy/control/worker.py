@@ -48,7 +48,7 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
     try:
         control = socket.socket(fileno=control_fd)
         start, pending = read_first(control)
-        config = dataclasses.replace(from_data(start["config"]), admin_port=0, concurrency=1)
+        config = dataclasses.replace(from_data(start["config"]), admin_port=None, concurrency=1)
         index, count, generation = int(start["index"]), int(start["count"]), int(start.get("generation", 0))
         config = share_of_limits(config, index, count)
         sockets = [Bound(int(listener), socket.socket(fileno=fd)) for listener, fd in start["listeners"]]
@@ -57,7 +57,8 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
                        "see --concurrency)") from None
     except (ValueError, KeyError, TypeError, ConfigError) as exc:
         raise BadStart(f"--control {control_fd}: not a start message from a proxy ({exc})") from None
-    logs.setup(config.log_format, config.log_level, worker=index)
+    logs.setup(config.log_format, config.log_level, worker=index, pattern=config.log_pattern,
+               levels=config.logger_levels)
     for bound in sockets:
         bound.sock.setblocking(False)
     # a replacement's ids go on far above those of the workers before it

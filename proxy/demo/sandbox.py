@@ -44,20 +44,23 @@ class ProxyProcess:
     def __init__(self, ns: NetNs, config: dict | None = None, args: tuple[str, ...] = (),
                  caps: tuple[str, ...] = (), loop: str = "uvloop", env: dict | None = None,
                  uid: int = PROXY_UID, wait: bool = True, prefix: tuple[str, ...] = (),
-                 access_log: bool = True, enter: str = "ip-netns", cwd: str = "/") -> None:
+                 access_log: bool = True, enter: str = "ip-netns", cwd: str = "/",
+                 command: tuple[str, ...] = ()) -> None:
         """`enter` is how the namespace is entered: "ip-netns" (`ip netns exec`,
         a fresh /sys) or "nsenter" (keeps our mounts: the cgroup method). `cwd`:
         where it runs; anywhere but "/", it is started as the installed
         `sidecar-proxy` command, which (unlike `python -m`) does not put the
-        current directory on sys.path."""
+        current directory on sys.path. `command`: another command line to run
+        the same way instead of `sidecar-proxy run` (`sidecar-envoy ...`; args,
+        loop and config are then not used)."""
         into = ns.nsenter_argv if enter == "nsenter" else ns.argv
-        command = [PYTHON, "-m", "proxy"] if cwd == "/" else [os.path.join(os.path.dirname(PYTHON), "sidecar-proxy")]
-        argv = [*into(*prefix, *setpriv_argv(uid, caps)), *command, "run",
-                "--log-format", "json", "--loop", loop, *args]
-        if not access_log:
+        program = [PYTHON, "-m", "proxy"] if cwd == "/" else [os.path.join(os.path.dirname(PYTHON), "sidecar-proxy")]
+        run = command or (*program, "run", "--log-format", "json", "--loop", loop, *args)
+        argv = [*into(*prefix, *setpriv_argv(uid, caps)), *run]
+        if not access_log and not command:
             argv += ["--access-log", "off"]
         self._config_dir = None
-        if config is not None:
+        if config is not None and not command:
             # a directory UID 1337 can read (root's temp dirs may be private)
             self._config_dir = tempfile.mkdtemp(prefix="scp-config-")
             os.chmod(self._config_dir, 0o755)

@@ -20,7 +20,19 @@ def test_file_and_flags(tmp_path):
     assert (config.admin_address, config.admin_port, config.admin_allow_remote) == ("192.0.2.1", 9901, True)
     args = build_parser().parse_args(["run", "--config", str(path), "--admin-port", "0", "--admin-address", "::1"])
     config = load_config(args)
-    assert (config.admin_address, config.admin_port, config.admin_allow_remote) == ("::1", 0, True)
+    assert (config.admin_address, config.admin_port, config.admin_allow_remote) == ("::1", None, True)  # 0: off
+
+
+def test_port_zero_is_off_and_ephemeral_is_the_kernels_choice(tmp_path):
+    """Our YAML's 0 keeps its meaning (no admin API); Envoy's port 0 is `ephemeral`, and both round-trip."""
+    path = tmp_path / "proxy.yaml"
+    for text, port, written in (("admin_port: 0", None, 0), ("admin_port: ephemeral", 0, "ephemeral"),
+                                ("admin_port: null", None, 0), ("admin_port: 9901", 9901, 9901)):
+        path.write_text(text + "\n")
+        config = cfg.load(str(path), env={})
+        assert config.admin_port == port, text
+        assert config.to_dict()["admin_port"] == written, text
+        assert cfg.from_data(config.to_dict()).admin_port == port, text
 
 
 def test_the_allow_remote_flag_is_a_switch():
@@ -43,4 +55,5 @@ def test_bad_values_name_the_field(tmp_path, text, message):
 
 def test_config_dump_carries_the_admin_settings():
     assert {k: v for k, v in cfg.Config().to_dict().items() if k.startswith("admin_")} == {
-        "admin_address": "127.0.0.1", "admin_port": 15000, "admin_allow_remote": False, "admin_hosts": []}
+        "admin_address": "127.0.0.1", "admin_port": 15000, "admin_allow_remote": False, "admin_hosts": [],
+        "admin_address_path": None}

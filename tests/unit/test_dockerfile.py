@@ -298,3 +298,11 @@ def test_every_module_is_in_a_package_the_wheel_ships():
     packages = set(find_packages(str(REPO), include=include))
     folders = {p.parent.relative_to(REPO).as_posix().replace("/", ".") for p in (REPO / "proxy").rglob("*.py")}
     assert folders <= packages, f"not shipped: {sorted(folders - packages)}"
+
+
+def test_envoy_is_sidecar_envoy_in_the_proxy_image():
+    """Istio's binaryPath default, /usr/local/bin/envoy, runs the console script of Envoy's command line."""
+    links = [r.rest for r in STAGES["proxy"].all("RUN") if "/usr/local/bin/envoy" in r.rest]
+    assert links == ["ln -s /usr/local/sidecar-proxy/bin/sidecar-envoy /usr/local/bin/envoy"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sidecar-envoy"] == "proxy.envoy_cli:main"
