@@ -259,8 +259,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if missing:
         print(f"sidecar-proxy demo: missing tools: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
-    # SIGTERM and SIGHUP clean up like Ctrl-C does
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGTERM and SIGHUP clean up like Ctrl-C does; SIGINT too when it was
+    # started with SIGINT ignored (a background job of a script), where
+    # Python would not have made Ctrl-C a KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     print(f"sidecar-proxy demo: method {args.method}, backend {args.backend}")
     return run_demo(args.method, args.backend)
