@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-from ..model import Config
 from ..document import Limits, decode
+from ..model import Config
 from ..source import line_for, read_yaml
 from ..values import ConfigError
 
