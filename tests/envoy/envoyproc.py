@@ -7,6 +7,7 @@ loopback. The tests compare it with the proxy on the same input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,12 +18,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
 
-from proxy.demo.netns import NetNs
+from proxy.demo.netns import NetNs, unique_suffix
 from proxy.demo.sandbox import setpriv_argv
 
 
@@ -131,3 +133,17 @@ def _dechunk(body: bytes) -> bytes:
             break
         out, body = out + body[:n], body[n + 2:]
     return out
+
+
+@contextlib.contextmanager
+def scratch_namespace(prefix: str) -> Iterator[tuple[NetNs, str]]:
+    """A namespace named `<prefix>-<unique>` with loopback only, and a directory UID 1337
+    can write; both removed afterwards."""
+    ns = NetNs(f"{prefix}-{unique_suffix()}")
+    directory = tempfile.mkdtemp(prefix=f"{prefix}-")
+    os.chmod(directory, 0o777)
+    try:
+        yield ns, directory
+    finally:
+        ns.close()
+        shutil.rmtree(directory, ignore_errors=True)

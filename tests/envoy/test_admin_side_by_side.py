@@ -16,19 +16,16 @@ that went away (README "Differences from Envoy" says the same).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from envoyproc import AdminReply, admin_request, envoy_binary
+from envoyproc import AdminReply, admin_request, envoy_binary, scratch_namespace
 from support import ProxyProcess, wait_until
 
-from proxy.demo.netns import NetNs, unique_suffix
+from proxy.demo.netns import NetNs
 
 pytestmark = pytest.mark.netns
 
@@ -137,14 +134,8 @@ def compare(request: tuple[str, str], theirs: AdminReply, ours: AdminReply) -> l
 @pytest.fixture
 def scratch(netns_prerequisites):
     """A namespace with loopback only (no traffic leaves it), and a directory UID 1337 can write."""
-    ns = NetNs(f"scp-adm-{unique_suffix()}")
-    directory = tempfile.mkdtemp(prefix="scp-admin-")
-    os.chmod(directory, 0o777)
-    try:
-        yield ns, directory
-    finally:
-        ns.close()
-        shutil.rmtree(directory, ignore_errors=True)
+    with scratch_namespace("scp-adm") as made:
+        yield made
 
 
 def answers(ns: NetNs, binary: str) -> list[AdminReply]:
