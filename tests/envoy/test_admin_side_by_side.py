@@ -1,9 +1,9 @@
 """The admin API beside real Envoy 1.40's, on the same bootstrap and command line.
 
 Real Envoy, then sidecar-envoy, run in one throwaway network namespace as
-UID 1337 with the same command line on Istio's sidecar bootstrap
-(tests/envoy/bootstraps/valid/istio-sidecar.yaml), and each gets the same
-requests: every admin endpoint both serve, with the query parameters tools
+UID 1337 with the same command line on the same bootstrap (Istio's sidecar
+bootstrap and three more of tests/envoy/bootstraps/valid), and each gets
+the same requests: every admin endpoint both serve, with the query parameters tools
 use, including ones that must fail. For each request the two must agree on
 the status, the Content-Type, and for JSON the structure: every key at
 every depth and the JSON type of every value (values themselves masked; a
@@ -29,8 +29,13 @@ from proxy.demo.netns import NetNs
 
 pytestmark = pytest.mark.netns
 
-BOOTSTRAP = Path(__file__).parent / "bootstraps" / "valid" / "istio-sidecar.yaml"
-ADMIN_PORT = 15000  # the bootstrap's
+VALID = Path(__file__).parent / "bootstraps" / "valid"
+# Istio's sidecar bootstrap (runtime layers, ORIGINAL_DST and STATIC clusters, a default chain), and
+# ones with both circuit-breaker priorities, every match field, weighted clusters; each gets its admin
+# API from --config-yaml (merged over -c alike: test_loads_as_envoy_loads.py)
+BOOTSTRAPS = ("istio-sidecar.yaml", "circuit-breakers.yaml", "every-match-field.yaml", "weighted-clusters.yaml")
+ADMIN_PORT = 15000
+ADMIN_YAML = f"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN_PORT}}}}}}}"
 
 # (method, path): every endpoint both serve, in an order where what a request changes
 # (levels, counters, health) is the same for both when the next one reads it.
@@ -138,10 +143,10 @@ def scratch(netns_prerequisites):
         yield made
 
 
-def answers(ns: NetNs, binary: str) -> list[AdminReply]:
+def answers(ns: NetNs, binary: str, bootstrap: Path) -> list[AdminReply]:
     """Start `binary` with the shared command line, ask every request in turn, stop it."""
-    argv = (binary, "-c", str(BOOTSTRAP), "--disable-hot-restart", "-l", "warning", "--concurrency", "2",
-            "--drain-time-s", "45", "--component-log-level", "upstream:debug")
+    argv = (binary, "-c", str(bootstrap), "--config-yaml", ADMIN_YAML, "--disable-hot-restart", "-l", "warning",
+            "--concurrency", "2", "--drain-time-s", "45", "--component-log-level", "upstream:debug")
     proc = ProxyProcess(ns, command=argv, wait=False)
     try:
         wait_until(lambda: _live(ns), timeout=30, what=f"{binary} to be LIVE")
@@ -158,10 +163,11 @@ def _live(ns: NetNs) -> bool:
         return False
 
 
-def test_every_admin_endpoint_as_envoy_answers_it(scratch):
+@pytest.mark.parametrize("name", BOOTSTRAPS)
+def test_every_admin_endpoint_as_envoy_answers_it(scratch, name):
     ns, _ = scratch
-    envoy = answers(ns, envoy_binary())
-    ours = answers(ns, str(Path(sys.executable).parent / "sidecar-envoy"))
+    envoy = answers(ns, envoy_binary(), VALID / name)
+    ours = answers(ns, str(Path(sys.executable).parent / "sidecar-envoy"), VALID / name)
     found = {}
     for request, theirs, mine in zip(REQUESTS, envoy, ours, strict=True):
         for where in compare(request, theirs, mine):
