@@ -3,7 +3,10 @@
 It runs in the proxy's own event loop (aiohttp) and costs the data path
 nothing between requests: the data path only bumps counters (stats.py); this
 module reads them, and the live connections, when a request asks, and hands
-the rendering to `statsfmt` (pure functions).
+the rendering to pure functions: `statsfmt` (stats, listeners, clusters),
+`configdump` (+ `fieldmask`, `asbootstrap`), `envoyinfo` (server info,
+runtime, memory) and `loggers` (/logging). Each answer carries Envoy 1.40's
+Content-Type and headers (checked side by side with Envoy in tests/envoy).
 
 Bound to 127.0.0.1:15000 by default (Istio's admin port). It has no
 authentication and can stop the proxy, so a non-loopback address needs
