@@ -3,7 +3,10 @@
 It runs in the proxy's own event loop (aiohttp) and costs the data path
 nothing between requests: the data path only bumps counters (stats.py); this
 module reads them, and the live connections, when a request asks, and hands
-the rendering to `statsfmt` (pure functions).
+the rendering to pure functions: `statsfmt` (stats, listeners, clusters),
+`configdump` (+ `fieldmask`, `asbootstrap`), `envoyinfo` (server info,
+runtime, memory) and `loggers` (/logging). Each answer carries Envoy 1.40's
+Content-Type and headers (checked side by side with Envoy in tests/envoy).
 
 Bound to 127.0.0.1:15000 by default (Istio's admin port). It has no
 authentication and can stop the proxy, so a non-loopback address needs
@@ -29,14 +32,13 @@ from importlib import resources
 
 from aiohttp import web
 
-from .. import __version__
-from ..config import ORIGINAL_DST, hostport
+from ..config import ORIGINAL_DST, Config, hostport
 from ..control import logs
 from ..control.lifecycle import Lifecycle, StartupError, State
 from ..control.sockets import bind
 from ..datapath.snapshot import Snapshot
 from ..datapath.stats import is_gauge
-from . import guard
+from . import configdump, envoyinfo, guard, loggers
 from . import statsfmt as fmt
 
 log = logging.getLogger("proxy.admin")
@@ -47,11 +49,41 @@ REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send a whole request 
 BODY_LIMIT = 64 * 1024  # no endpoint reads a body; a big one is refused
 CONNECTIONS_LIMIT = 1000  # /connections lists at most this many unless ?limit= says otherwise
 
+# Envoy's content types, and the headers it sends with every answer
+TEXT = "text/plain; charset=UTF-8"
+JSON = "application/json"
+HTML = "text/html; charset=UTF-8"
+HEADERS = {"Cache-Control": "no-cache, max-age=0", "X-Content-Type-Options": "nosniff"}
+UINT32_MAX = 0xFFFFFFFF  # a circuit breaker our YAML leaves open, as Envoy writes "no limit"
+
+
+class AdminState:
+    """What the admin API itself remembers between requests: the counters' values at the last
+    /reset_counters (each shows its change since), and the level of each of Envoy's loggers."""
+
+    def __init__(self, config: Config) -> None:
+        self.reset_at: dict[str, int] = {}
+        options = config.command_line or {}
+        self.envoy_levels = loggers.initial_levels(options.get("log_level", config.log_level),
+                                                   options.get("component_log_level", ""))
+        self.node = envoyinfo.node(config.envoy_node)
+
+
+STATE = web.AppKey("state", AdminState)
+
 
 # --- what the endpoints read ----------------------------------------------------
 
-def collect_stats(proxy: Lifecycle, snap: Snapshot) -> list[fmt.Stat]:
-    """Every stat: the counters, plus the bytes of live connections, plus the server's state."""
+def collect_stats(proxy: Lifecycle, snap: Snapshot, reset_at: dict[str, int] | None = None) -> list[fmt.Stat]:
+    """Every stat: the counters, plus the bytes of live connections, plus the server's state;
+    a counter counts from its value at the last /reset_counters (`reset_at`)."""
+    out = _collect_stats(proxy, snap)
+    if reset_at:
+        out = [s if s.gauge else s._replace(value=s.value - reset_at.get(s.name, 0)) for s in out]
+    return out
+
+
+def _collect_stats(proxy: Lifecycle, snap: Snapshot) -> list[fmt.Stat]:
     live = dict(snap.live_bytes)
     out = []
     for name in sorted(snap.declared | snap.counters.keys()):
@@ -77,25 +109,75 @@ def collect_stats(proxy: Lifecycle, snap: Snapshot) -> list[fmt.Stat]:
     return out
 
 
-def cluster_views(proxy: Lifecycle, snap: Snapshot) -> list[fmt.ClusterView]:
-    """Configured clusters with their endpoints; original_dst with the destinations it has open."""
+def cluster_views(config: Config, snap: Snapshot) -> list[fmt.ClusterView]:
+    """Configured clusters with their endpoints and circuit breakers, named as the bootstrap
+    names them; the proxy's own original_dst (when a chain forwards to the original
+    destination) with the destinations it has open."""
     hosts = snap.hosts
-    views = [fmt.ClusterView(c.name, tuple(fmt.HostView(e.host, e.port, hosts.get(c.name, {}).get((e.host, e.port), {}))
-                                           for e in c.endpoints)) for c in proxy.config.clusters]
-    passthrough = sorted(hosts.get(ORIGINAL_DST, {}).items())
-    views.append(fmt.ClusterView(ORIGINAL_DST, tuple(fmt.HostView(h, p, stats) for (h, p), stats in passthrough)))
+    envoy = _bootstrap_clusters(config)
+    views = []
+    for c in config.clusters:
+        data = envoy.get(c.name)
+        open_hosts = hosts.get(c.name, {})
+        endpoints = tuple(fmt.HostView(e.host, e.port, open_hosts.get((e.host, e.port), {})) for e in c.endpoints)
+        if c.kind == "original_dst":  # Envoy lists the destinations an ORIGINAL_DST cluster holds
+            endpoints = tuple(fmt.HostView(h, p, stats) for (h, p), stats in sorted(open_hosts.items()))
+        views.append(fmt.ClusterView(data.get("name", c.name) if data else c.name, endpoints,
+                                     _thresholds(data, c.max_connections), c.name))
+    if _forwards_to_original(config):
+        passthrough = sorted(hosts.get(ORIGINAL_DST, {}).items())
+        views.append(fmt.ClusterView(ORIGINAL_DST, tuple(fmt.HostView(h, p, stats) for (h, p), stats in passthrough),
+                                     _thresholds(None, None)))
     return sorted(views, key=lambda v: v.name)
+
+
+def _bootstrap_clusters(config: Config) -> dict[str, dict]:
+    """The bootstrap's clusters by the model's name for them (config/envoy: same order)."""
+    if config.bootstrap is None:
+        return {}
+    listed = config.bootstrap.get("static_resources", {}).get("clusters", [])
+    return {model.name: data for model, data in zip(config.clusters, listed, strict=False)}
+
+
+def _thresholds(data: dict | None, max_connections: int | None) -> tuple[fmt.Threshold, ...]:
+    """Envoy's two priorities: the first threshold of each in the bootstrap, Envoy's defaults
+    for what it leaves out; our YAML has only max_connections (none: no limit)."""
+    out = []
+    for default in fmt.ENVOY_THRESHOLDS:
+        values = default._asdict()
+        if data is None:
+            if default.priority == "default":
+                values["max_connections"] = UINT32_MAX if max_connections is None else max_connections
+        else:
+            given: dict = next((t for t in data.get("circuit_breakers", {}).get("thresholds", [])
+                          if t.get("priority", "DEFAULT").lower() == default.priority), {})
+            values.update({k: int(v) for k, v in given.items() if k in fmt.THRESHOLD_FIELDS})
+        out.append(fmt.Threshold(**values))
+    return tuple(out)
+
+
+def _forwards_to_original(config: Config) -> bool:
+    return any(chain.action == "original" for listener in config.listeners
+               for chain in (*listener.chains, *((listener.default_chain,) if listener.default_chain else ())))
 
 
 # --- endpoints -------------------------------------------------------------------
 
+def _reply(body: str, content_type: str, status: int = 200) -> web.Response:
+    """An answer with Envoy's exact Content-Type and its other headers."""
+    return web.Response(body=body.encode(), status=status, headers={"Content-Type": content_type, **HEADERS})
+
+
 def _text(body: str, status: int = 200) -> web.Response:
-    return web.Response(text=body, status=status, content_type="text/plain")
+    return _reply(body, TEXT, status)
 
 
-def _json(body: str | dict) -> web.Response:
-    return web.Response(text=body if isinstance(body, str) else json.dumps(body, indent=2),
-                        content_type="application/json")
+def _json(body: str | dict, status: int = 200) -> web.Response:
+    return _reply(body if isinstance(body, str) else json.dumps(body, indent=1), JSON, status)
+
+
+def _state(request: web.Request) -> AdminState:
+    return request.app[STATE]
 
 
 @functools.cache
@@ -104,7 +186,7 @@ def _page() -> str:
 
 
 async def home(request: web.Request, proxy: Lifecycle) -> web.Response:
-    return web.Response(text=_page(), content_type="text/html")
+    return _reply(_page(), HTML)
 
 
 async def help_(request: web.Request, proxy: Lifecycle) -> web.Response:
@@ -117,24 +199,43 @@ async def ready(request: web.Request, proxy: Lifecycle) -> web.Response:
 
 
 async def server_info(request: web.Request, proxy: Lifecycle) -> web.Response:
-    config, uptime = proxy.config, f"{int(time.monotonic() - proxy.started_mono)}s"
-    return _json({
-        "version": f"sidecar-proxy/{__version__}",
-        "state": proxy.state.name,
-        "uptime_current_epoch": uptime,
-        "uptime_all_epochs": uptime,
-        "command_line_options": {
-            "argv": list(proxy.argv), "concurrency": config.concurrency, "mode": "Serve", "restart_epoch": 0,
-            "log_level": logs.level_name(logging.getLogger().level),
-            "log_format": config.log_format, "loop": config.loop,
-            "drain_time": f"{config.drain_timeout:g}s",
-        },
-        "node": {"user_agent_name": "sidecar-proxy", "user_agent_version": __version__},
-    })
+    node = configdump.plain("envoy.config.core.v3.Node", _state(request).node, always_print=True)
+    info = envoyinfo.server_info(proxy.config, proxy.state.name, int(time.monotonic() - proxy.started_mono), node)
+    return _json(info)
 
 
 async def config_dump(request: web.Request, proxy: Lifecycle) -> web.Response:
-    return _json(proxy.config.to_dict())
+    bootstrap = configdump.bootstrap_data(proxy.config, _state(request).node)
+    reply = configdump.render(bootstrap, proxy.started_wall, request.query)
+    return _reply(reply.body, reply.content_type, reply.status)
+
+
+async def certs(request: web.Request, proxy: Lifecycle) -> web.Response:
+    return _json({"certificates": []})
+
+
+async def runtime(request: web.Request, proxy: Lifecycle) -> web.Response:
+    return _json(envoyinfo.runtime(proxy.config.bootstrap))
+
+
+async def memory(request: web.Request, proxy: Lifecycle) -> web.Response:
+    return _json(envoyinfo.memory())
+
+
+async def init_dump(request: web.Request, proxy: Lifecycle) -> web.Response:
+    return _json({})  # static listeners and clusters: nothing waits to be initialised, as in Envoy
+
+
+async def hot_restart_version(request: web.Request, proxy: Lifecycle) -> web.Response:
+    return _text(envoyinfo.HOT_RESTART_VERSION)
+
+
+async def reset_counters(request: web.Request, proxy: Lifecycle) -> web.Response:
+    """Every counter counts from zero again (gauges and /clusters' per-host figures do not, as in Envoy)."""
+    snap = await proxy.snapshot(0)
+    _state(request).reset_at = {s.name: s.value for s in collect_stats(proxy, snap) if not s.gauge}
+    log.info("admin: counters reset")
+    return _text("OK\n")
 
 
 async def listeners(request: web.Request, proxy: Lifecycle) -> web.Response:
@@ -145,7 +246,7 @@ async def listeners(request: web.Request, proxy: Lifecycle) -> web.Response:
 
 
 async def clusters(request: web.Request, proxy: Lifecycle) -> web.Response:
-    views = cluster_views(proxy, await proxy.snapshot(0))
+    views = cluster_views(proxy.config, await proxy.snapshot(0))
     if fmt.format_param(request.query, fmt.LISTING_FORMATS) == "json":
         return _json(fmt.render_clusters_json(views))
     return _text(fmt.render_clusters_text(views))
@@ -156,13 +257,12 @@ async def stats(request: web.Request, proxy: Lifecycle, default_format: str = "t
     chosen = fmt.format_param({"format": query.get("format", default_format)}, fmt.STATS_FORMATS)
     pattern = query.get("filter")
     fmt.compile_filter(pattern)  # a bad pattern is a 400 before any work
-    selected = fmt.select(collect_stats(proxy, await proxy.snapshot(0)), pattern=pattern,
-                          used_only="usedonly" in query)
+    selected = fmt.select(collect_stats(proxy, await proxy.snapshot(0), _state(request).reset_at),
+                          pattern=pattern, used_only="usedonly" in query)
     if chosen == "json":
         return _json(fmt.render_json(selected))
     if chosen == "prometheus":
-        return web.Response(text=fmt.render_prometheus(selected),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return _text(fmt.render_prometheus(selected))
     return _text(fmt.render_text(selected))
 
 
@@ -204,42 +304,61 @@ async def quitquitquit(request: web.Request, proxy: Lifecycle) -> web.Response:
 
 
 async def logging_(request: web.Request, proxy: Lifecycle) -> web.Response:
-    loggers = logs.our_loggers()
-    changes = []
-    for name, value in request.query.items():
-        if name != "level" and name not in loggers:
-            raise fmt.BadRequest(f"error: unknown logger {name!r} (loggers: {', '.join(sorted(loggers))})")
-        if value not in logs.LEVELS:
-            raise fmt.BadRequest(f"error: unknown logger level {value!r} (levels: {', '.join(logs.LEVELS)})")
-        changes.append((name, logs.LEVELS[value]))
-    logs.apply_levels(changes)
-    await proxy.log_levels_changed(changes)
-    lines = [f"  {name}: {logs.level_name(logger.getEffectiveLevel())}\n" for name, logger in sorted(loggers.items())]
-    return _text("active loggers:\n" + "".join(lines))
+    """Envoy's /logging (loggers.py): Envoy's logger names, and ours."""
+    state, ours = _state(request), logs.our_loggers()
+    error = ""
+    try:
+        everything, named = loggers.requested(request.query.items(), ours)
+    except loggers.LoggingError as exc:
+        error = f"error: {exc}\n\n{loggers.USAGE}"
+    else:
+        changes: list[tuple[str, int]] = []
+        if everything is not None:
+            state.envoy_levels = dict.fromkeys(state.envoy_levels, everything)
+            changes.append(("level", logs.LEVELS[everything]))
+        elif named:
+            state.envoy_levels.update({n: lv for n, lv in named.items() if n in state.envoy_levels})
+            changes += [(n, logs.LEVELS[lv]) for n, lv in loggers.ours_from(
+                {n: lv for n, lv in state.envoy_levels.items() if n in named})]
+            changes += [(n, logs.LEVELS[lv]) for n, lv in named.items() if n in ours]
+        if changes:
+            logs.apply_levels(changes)
+            await proxy.log_levels_changed(changes)
+    levels = {name: logs.level_name(logger.getEffectiveLevel()) for name, logger in ours.items()}
+    return _text(error + loggers.listing(state.envoy_levels, levels), 400 if error else 200)
 
 
 # path -> (handler, mutates, help): Envoy's paths and help texts where Envoy has them
 ENDPOINTS: dict[str, tuple[Handler, bool, str]] = {
     "/": (home, False, "Admin home page: a live view of listeners, chains and connections"),
-    "/help": (help_, False, "print out list of admin commands"),
-    "/ready": (ready, False, "print server state, return 200 if LIVE, otherwise return 503"),
-    "/server_info": (server_info, False, "print server version/status information"),
-    "/config_dump": (config_dump, False, "dump current configuration"),
-    "/listeners": (listeners, False, "print listener info (?format=json)"),
+    "/certs": (certs, False, "print certs on machine"),
     "/clusters": (clusters, False, "upstream cluster status (?format=json)"),
-    "/stats": (stats, False, "print server stats (?filter=REGEX, ?usedonly, ?format=json|prometheus)"),
-    "/stats/prometheus": (stats_prometheus, False, "print server stats in prometheus format"),
+    "/config_dump": (config_dump, False, "dump current Envoy configs (?resource=, ?mask=, ?name_regex=, "
+                                         "?include_eds)"),
     "/connections": (connections, False, "live connections as JSON (?limit=N)"),
+    "/drain_listeners": (drain_listeners, True, "drain listeners"),
     "/healthcheck/fail": (healthcheck_fail, True, "cause the server to fail health checks"),
     "/healthcheck/ok": (healthcheck_ok, True, "cause the server to pass health checks"),
-    "/drain_listeners": (drain_listeners, True, "drain listeners"),
+    "/help": (help_, False, "print out list of admin commands"),
+    "/hot_restart_version": (hot_restart_version, False, "print the hot restart compatibility version"),
+    "/init_dump": (init_dump, False, "dump current Envoy init manager information (experimental)"),
+    "/listeners": (listeners, False, "print listener info (?format=json)"),
+    "/logging": (logging_, True, "query/change logging levels (?level=, ?paths=NAME:LEVEL,..., ?NAME=LEVEL)"),
+    "/memory": (memory, False, "print current allocation/heap usage"),
     "/quitquitquit": (quitquitquit, True, "exit the server"),
-    "/logging": (logging_, True, "query/change logging levels (?level=LEVEL, ?LOGGER=LEVEL)"),
+    "/ready": (ready, False, "print server state, return 200 if LIVE, otherwise return 503"),
+    "/reset_counters": (reset_counters, True, "reset all counters to zero"),
+    "/runtime": (runtime, False, "print runtime values"),
+    "/server_info": (server_info, False, "print server version/status information"),
+    "/stats": (stats, False, "print server stats (?filter=REGEX, ?usedonly, ?format=json|prometheus)"),
+    "/stats/prometheus": (stats_prometheus, False, "print server stats in prometheus format"),
 }
 
 
 def usage() -> str:
-    return "admin commands are:\n" + "".join(f"  {path}: {h}\n" for path, (_, _, h) in ENDPOINTS.items())
+    """Envoy's list: each path, `(POST)` where it changes something, and what it does."""
+    return "admin commands are:\n" + "".join(f"  {path}{' (POST)' if mutates else ''}: {h}\n"
+                                             for path, (_, mutates, h) in ENDPOINTS.items())
 
 
 def build_app(proxy: Lifecycle) -> web.Application:
@@ -267,6 +386,7 @@ def build_app(proxy: Lifecycle) -> web.Application:
         return serve
 
     app = web.Application(middlewares=[errors], client_max_size=BODY_LIMIT)
+    app[STATE] = AdminState(proxy.config)
     for path, (handler, mutates, _) in ENDPOINTS.items():
         app.router.add_route("*", path, route(handler, mutates))
     return app

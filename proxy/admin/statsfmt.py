@@ -163,30 +163,58 @@ def render_listeners_json(listeners: Sequence[ListenerView]) -> str:
 
 # --- /clusters --------------------------------------------------------------------
 
+# Per host, in Envoy's order: text sorts by name; JSON has the counters, then the gauges.
+# rq_pending_active is Envoy's gauge of requests waiting for a connection: a TCP proxy
+# that connects per connection never has one waiting.
+TEXT_HOST_STATS = tuple(sorted((*HOST_STATS, "rq_pending_active")))
+JSON_HOST_STATS = (*(n for n in TEXT_HOST_STATS if n not in HOST_GAUGES and n != "rq_pending_active"),
+                   *(n for n in TEXT_HOST_STATS if n in HOST_GAUGES or n == "rq_pending_active"))
+THRESHOLD_FIELDS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
+
+
 class HostView(NamedTuple):
     host: str
     port: int
     stats: dict[str, int]  # HOST_STATS names; missing ones are 0
 
 
+class Threshold(NamedTuple):
+    """A circuit-breaker threshold as Envoy prints it: (priority, max_connections, max_pending_requests,
+    max_requests, max_retries); priority is "default" or "high"."""
+
+    priority: str
+    max_connections: int
+    max_pending_requests: int
+    max_requests: int
+    max_retries: int
+
+
+ENVOY_THRESHOLDS = (Threshold("default", 1024, 1024, 1024, 3), Threshold("high", 1024, 1024, 1024, 3))
+
+
 class ClusterView(NamedTuple):
     name: str
     hosts: tuple[HostView, ...]
+    thresholds: tuple[Threshold, ...] = ENVOY_THRESHOLDS
+    observability_name: str = ""  # "": the name (the name its stats carry)
 
 
 def render_clusters_text(clusters: Sequence[ClusterView]) -> str:
-    """Envoy's text: per cluster `added_via_api`, then per host its stats and properties.
+    """Envoy's text: per cluster its observability name, circuit breakers and `added_via_api`,
+    then per host its stats and properties.
 
-    We have no circuit breakers, outlier detection or health checks, so we
-    print no lines for them; each host is `healthy` as in an Envoy without
-    health checking.
+    There is no outlier detection or health checking, so each host is
+    `healthy` as in an Envoy without them, and no line is printed for them.
     """
     out = []
     for c in clusters:
+        out.append(f"{c.name}::observability_name::{c.observability_name or c.name}\n")
+        for t in c.thresholds:
+            out.extend(f"{c.name}::{t.priority}_priority::{name}::{getattr(t, name)}\n" for name in THRESHOLD_FIELDS)
         out.append(f"{c.name}::added_via_api::false\n")
         for h in c.hosts:
             prefix = f"{c.name}::{hostport(h.host, h.port)}::"
-            out.extend(f"{prefix}{name}::{h.stats.get(name, 0)}\n" for name in HOST_STATS)
+            out.extend(f"{prefix}{name}::{h.stats.get(name, 0)}\n" for name in TEXT_HOST_STATS)
             out.extend(f"{prefix}{key}::{value}\n" for key, value in (
                 ("hostname", ""), ("health_flags", "healthy"), ("weight", 1), ("region", ""),
                 ("zone", ""), ("sub_zone", ""), ("canary", "false"), ("priority", 0),
@@ -194,20 +222,32 @@ def render_clusters_text(clusters: Sequence[ClusterView]) -> str:
     return "".join(out)
 
 
+def _threshold_json(t: Threshold) -> dict:
+    return {**({"priority": "HIGH"} if t.priority == "high" else {}),
+            **{name: getattr(t, name) for name in THRESHOLD_FIELDS}}
+
+
 def render_clusters_json(clusters: Sequence[ClusterView]) -> str:
-    """Envoy's admin.v3.Clusters as JSON (uint64 stat values are strings, as protobuf writes them)."""
+    """Envoy's admin.v3.Clusters as protobuf's JSON: a field at its default (a zero, false,
+    an empty list, COUNTER) is left out, uint64 stat values are strings."""
     statuses = []
     for c in clusters:
+        status: dict = {"name": c.name}
         hosts = []
         for h in c.hosts:
-            hosts.append({
-                "address": _socket_address(h.host, h.port),
-                "stats": [{"name": name, "value": str(h.stats.get(name, 0)),
-                           "type": "GAUGE" if name in HOST_GAUGES else "COUNTER"} for name in HOST_STATS],
-                "health_status": {"eds_health_status": "HEALTHY"},
-                "weight": 1,
-            })
-        statuses.append({"name": c.name, "added_via_api": False, "host_statuses": hosts})
+            stats = []
+            for name in JSON_HOST_STATS:
+                value = h.stats.get(name, 0)
+                gauge = name in HOST_GAUGES or name == "rq_pending_active"
+                stats.append({**({"type": "GAUGE"} if gauge else {}), **({"value": str(value)} if value else {}),
+                              "name": name})
+            hosts.append({"address": _socket_address(h.host, h.port), "stats": stats,
+                          "health_status": {"eds_health_status": "HEALTHY"}, "weight": 1, "locality": {}})
+        if hosts:
+            status["host_statuses"] = hosts
+        status["circuit_breakers"] = {"thresholds": [_threshold_json(t) for t in c.thresholds]}
+        status["observability_name"] = c.observability_name or c.name
+        statuses.append(status)
     return json.dumps({"cluster_statuses": statuses}, indent=1)
 
 

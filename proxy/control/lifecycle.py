@@ -73,6 +73,7 @@ class Lifecycle(Protocol):
     draining: bool
     health_check_failed: bool  # /healthcheck/fail was called
     started_mono: float  # time.monotonic() at start, for uptimes
+    started_wall: float  # time.time() at start: when the configuration took effect (/config_dump)
 
     @property
     def state(self) -> State: ...

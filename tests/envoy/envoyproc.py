@@ -7,6 +7,7 @@ loopback. The tests compare it with the proxy on the same input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
-from proxy.demo.netns import NetNs
+from proxy.demo.netns import NetNs, unique_suffix
 from proxy.demo.sandbox import setpriv_argv
 
 
@@ -96,3 +99,51 @@ class EnvoyProcess:
         self.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.proc.returncode
+
+
+class AdminReply(NamedTuple):
+    status: int
+    content_type: str
+    body: str
+
+
+def admin_request(ns: NetNs, port: int, method: str, path: str, timeout: float = 10.0) -> AdminReply:
+    """One admin API request from inside `ns`, over HTTP/1.1 (Envoy answers HTTP/1.0 with 426),
+    the chunked body put together."""
+    with ns.connect(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+                  f"Connection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    return AdminReply(int(lines[0].split()[1]), headers.get("content-type", ""), body.decode())
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size.split(b";")[0], 16)
+        if n == 0:
+            break
+        out, body = out + body[:n], body[n + 2:]
+    return out
+
+
+@contextlib.contextmanager
+def scratch_namespace(prefix: str) -> Iterator[tuple[NetNs, str]]:
+    """A namespace named `<prefix>-<unique>` with loopback only, and a directory UID 1337
+    can write; both removed afterwards."""
+    ns = NetNs(f"{prefix}-{unique_suffix()}")
+    directory = tempfile.mkdtemp(prefix=f"{prefix}-")
+    os.chmod(directory, 0o777)
+    try:
+        yield ns, directory
+    finally:
+        ns.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -155,31 +155,52 @@ def test_listeners_text_and_json():
 
 
 CLUSTERS = [ClusterView("web", (HostView("198.51.100.20", 8080, {"cx_total": 3, "cx_active": 1, "rq_total": 3}),
-                                HostView("2001:db8:2::20", 8080, {}))),
+                                HostView("2001:db8:2::20", 8080, {})),
+                        (fmt.Threshold("default", 100, 1024, 1024, 3), fmt.Threshold("high", 1024, 1024, 1024, 3)),
+                        "web"),
             ClusterView("original_dst", ())]
 
 
 def test_clusters_text_is_envoys():
+    """Checked against Envoy 1.40's /clusters: the cluster's lines, then each host's, in this order."""
     lines = fmt.render_clusters_text(CLUSTERS).splitlines()
     host = "web::198.51.100.20:8080::"
-    assert lines[:10] == ["web::added_via_api::false", host + "cx_active::1", host + "cx_connect_fail::0",
-                          host + "cx_total::3", host + "rq_active::0", host + "rq_error::0",
-                          host + "rq_success::0", host + "rq_timeout::0", host + "rq_total::3",
-                          host + "hostname::"]
+    assert lines[:20] == [
+        "web::observability_name::web",
+        "web::default_priority::max_connections::100", "web::default_priority::max_pending_requests::1024",
+        "web::default_priority::max_requests::1024", "web::default_priority::max_retries::3",
+        "web::high_priority::max_connections::1024", "web::high_priority::max_pending_requests::1024",
+        "web::high_priority::max_requests::1024", "web::high_priority::max_retries::3",
+        "web::added_via_api::false", host + "cx_active::1", host + "cx_connect_fail::0",
+        host + "cx_total::3", host + "rq_active::0", host + "rq_error::0", host + "rq_pending_active::0",
+        host + "rq_success::0", host + "rq_timeout::0", host + "rq_total::3", host + "hostname::"]
     assert host + "health_flags::healthy" in lines and host + "success_rate::-1" in lines
     assert "web::[2001:db8:2::20]:8080::cx_total::0" in lines
-    assert lines[-1] == "original_dst::added_via_api::false"
+    assert lines[-10:] == ["original_dst::observability_name::original_dst",
+                           *(f"original_dst::{p}_priority::{name}::{value}" for p in ("default", "high")
+                             for name, value in (("max_connections", 1024), ("max_pending_requests", 1024),
+                                                 ("max_requests", 1024), ("max_retries", 3))),
+                           "original_dst::added_via_api::false"]
 
 
 def test_clusters_json_is_envoys_proto_json():
+    """A field at its default is left out (a zero stat has no value, a counter no type), as Envoy's JSON."""
     out = json.loads(fmt.render_clusters_json(CLUSTERS))
     web = out["cluster_statuses"][0]
-    assert web["name"] == "web" and web["added_via_api"] is False
+    assert web["name"] == "web" and "added_via_api" not in web and web["observability_name"] == "web"
+    assert web["circuit_breakers"] == {"thresholds": [
+        {"max_connections": 100, "max_pending_requests": 1024, "max_requests": 1024, "max_retries": 3},
+        {"priority": "HIGH", "max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024,
+         "max_retries": 3}]}
     host = web["host_statuses"][0]
     assert host["address"] == {"socket_address": {"address": "198.51.100.20", "port_value": 8080}}
-    stats = {m["name"]: (m["value"], m["type"]) for m in host["stats"]}
-    assert stats["cx_total"] == ("3", "COUNTER") and stats["cx_active"] == ("1", "GAUGE")
-    assert out["cluster_statuses"][1] == {"name": "original_dst", "added_via_api": False, "host_statuses": []}
+    assert host["stats"] == [
+        {"name": "cx_connect_fail"}, {"value": "3", "name": "cx_total"}, {"name": "rq_error"},
+        {"name": "rq_success"}, {"name": "rq_timeout"}, {"value": "3", "name": "rq_total"},
+        {"type": "GAUGE", "value": "1", "name": "cx_active"}, {"type": "GAUGE", "name": "rq_active"},
+        {"type": "GAUGE", "name": "rq_pending_active"}]
+    assert (host["health_status"], host["weight"], host["locality"]) == ({"eds_health_status": "HEALTHY"}, 1, {})
+    assert "host_statuses" not in out["cluster_statuses"][1]
 
 
 # --- the counters themselves -------------------------------------------------------------
