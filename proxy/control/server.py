@@ -30,7 +30,7 @@ from ..datapath.stats import Stats
 from ..datapath.upstream import EXHAUSTION
 from . import logs
 from .lifecycle import AdminStarter, Runner, StartupError
-from .sockets import BACKLOG, Bound, open_listen_sockets
+from .sockets import BACKLOG, Bound, check_ports_free, open_listen_sockets
 
 log = logging.getLogger("proxy.server")
 
@@ -88,6 +88,8 @@ class Proxy(Runner):
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> bool:
         config, shared = self.config, self.shared
         assert shared is not None  # made by _open
+        if self.sockets is None:  # (a worker's come from the supervisor)
+            check_ports_free(config)
         sockets = self.sockets if self.sockets is not None else open_listen_sockets(config)
         self.sockets = sockets
         firsts: dict[int, tuple[str, int]] = {}  # a listener's stats are named by its first bound address

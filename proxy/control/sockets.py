@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ..config import Config, Endpoint
@@ -55,8 +56,33 @@ def bind(address: str, port: int, dual_stack: bool, reuse_port: bool = False,
         raise
 
 
-def open_listen_sockets(config: Config, reuse_port: bool = False) -> list[Bound]:
-    """Bind every address of every listener that binds, in the configuration's order."""
+def open_listen_sockets(config: Config) -> list[Bound]:
+    """Bind every address of every listener that binds, in the configuration's order.
+
+    Every socket takes SO_REUSEPORT, as Envoy's listeners do: the workers
+    (supervisor.py) each bind the same addresses, and one listener's
+    addresses may overlap another's (`::` and `::1` on one port). Call
+    `check_ports_free` first: SO_REUSEPORT would let the proxy share a port
+    with another process of its UID without a word.
+    """
+    return _each_address(config, lambda host, port, dual_stack: bind(host, port, dual_stack, True, relayed=True),
+                         warn=True)
+
+
+def check_ports_free(config: Config) -> None:
+    """StartupError unless every address the listeners bind is free: each is
+    bound alone, without SO_REUSEPORT, and closed again."""
+    for bound in _each_address(config, _probe, warn=False):
+        bound.sock.close()
+
+
+def _probe(host: str, port: int, dual_stack: bool) -> socket.socket:
+    sock = bind(host, port, dual_stack)
+    sock.close()  # before the next address: our own addresses may overlap
+    return sock
+
+
+def _each_address(config: Config, open_one: Callable[[str, int, bool], socket.socket], warn: bool) -> list[Bound]:
     sockets: list[Bound] = []
     try:
         for index, listener in enumerate(config.listeners):
@@ -64,13 +90,13 @@ def open_listen_sockets(config: Config, reuse_port: bool = False) -> list[Bound]
                 continue
             for address in listener.addresses:
                 try:
-                    sock = bind(address.host, address.port, listener.v4_on_v6 and address.host == "::", reuse_port,
-                                relayed=True)
+                    sock = open_one(address.host, address.port, listener.v4_on_v6 and address.host == "::")
                 except OSError as exc:
                     if not _ipv6_missing(listener.addresses, exc):
                         raise StartupError(f"listener {listener.name}: cannot bind {address}: {exc.strerror}") from None
-                    log.warning("no IPv6 here (%s); listener %s listens on IPv4 only", exc.strerror, listener.name)
-                    sock = bind("0.0.0.0", address.port, False, reuse_port, relayed=True)
+                    if warn:
+                        log.warning("no IPv6 here (%s); listener %s listens on IPv4 only", exc.strerror, listener.name)
+                    sock = open_one("0.0.0.0", address.port, False)
                 sockets.append(Bound(index, sock))
     except BaseException:
         for bound in sockets:

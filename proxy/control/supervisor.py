@@ -70,7 +70,7 @@ from ..datapath.stats import is_gauge
 from . import logs
 from .channel import Channel, ChannelClosed
 from .lifecycle import AdminStarter, Runner, StartupError, State
-from .sockets import Bound, open_listen_sockets
+from .sockets import Bound, check_ports_free, open_listen_sockets
 from .watchdog import KILL_AFTER, PING_DEADLINE, PING_INTERVAL, Restarts
 
 log = logging.getLogger("proxy.workers")
@@ -216,8 +216,7 @@ class Supervisor(Runner):
     # starting workers ------------------------------------------------------------------
     async def _start_workers(self) -> None:
         config, n = self.config, self.config.concurrency
-        for bound in open_listen_sockets(config):  # nothing else holds the ports
-            bound.sock.close()
+        check_ports_free(config)
         self.counters.update({RESTARTS_STAT: 0, MISS_STAT: 0})
         for index in range(n):
             self.workers.append(await self._spawn(index, 0))
@@ -225,7 +224,7 @@ class Supervisor(Runner):
 
     async def _spawn(self, index: int, generation: int) -> WorkerProcess:
         """Worker `index` on sockets of its own (bound again with SO_REUSEPORT), its watchdog running."""
-        share = open_listen_sockets(self.config, reuse_port=True)
+        share = open_listen_sockets(self.config)
         if not self.listeners:  # what the admin API lists: the addresses as bound
             for bound in share:
                 name = self.config.listeners[bound.listener].name
