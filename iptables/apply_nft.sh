@@ -42,6 +42,7 @@ nft_install() {
 	_ni_target=$(nft_input)
 	method_prepare
 	if ! nft_run "$_ni_target"; then
+		routes_rollback
 		method_rollback
 		fail "$RESTORE_ERR; rolled back, the rules are as they were"
 	fi

@@ -40,6 +40,11 @@ compare_installed() {
 			_check_pair "$_id_dir" "IPv$_id_family" || _id_status=1
 		done
 	fi
+	# the policy routing of --inbound-mode tproxy (route.sh)
+	if [ "$touch6" = true ] || { [ "$backend" = nft-native ] && has_ipv6; }; then _id_rf='4 6'; else _id_rf=4; fi
+	routes_listing "$_id_rf" >"$_id_dir/installed"
+	if [ "$ipv6" = true ]; then routes_desired '4 6'; else routes_desired 4; fi >"$_id_dir/desired"
+	_check_pair "$_id_dir" "policy routing" || _id_status=1
 	rm -rf "$_id_dir"
 	return "$_id_status"
 }

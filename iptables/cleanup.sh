@@ -6,7 +6,8 @@
 # and both iptables backends, one iptables-restore per family and backend,
 # so other people's rules and chains are never touched; with nft-native,
 # ours is one table, deleted whole (apply_nft.sh). Then each method undoes
-# its own set-up (the cgroup method removes the net_cls cgroup it created).
+# its own set-up (the cgroup method removes the net_cls cgroup it created),
+# and the policy routing of --inbound-mode tproxy goes (route.sh).
 #
 # Tolerant and idempotent: whatever is already gone is skipped, and running
 # it twice is running it once. It takes redirect.sh's command line and
@@ -33,6 +34,10 @@ nothing else. Takes redirect.sh's options and environment; uses these:
   --cgroup-dir DIR            the cgroup to remove if its classid is ours (or --cgroup)
                               (SIDECAR_CGROUP_DIR, /sys/fs/cgroup/net_cls/sidecar-proxy)
   --cgroup-classid ID         (ISTIO_NET_CLS_ID, 0x100001)
+  --tproxy-mark MARK          the policy routing rule to remove: fwmark MARK
+                              (INBOUND_TPROXY_MARK, 0x539)
+  --tproxy-table N            ... lookup N, and the local route in table N
+                              (INBOUND_TPROXY_ROUTE_TABLE, 133)
   --dry-run                   print the iptables-restore (or nft) input, remove nothing
   -h, --help                  this text
 
@@ -45,6 +50,7 @@ validate() {
 	check_choice --backend "$opt_backend" $BACKENDS
 	check_choice --ipv6 "$opt_ipv6" auto on off
 	check_cgroup_options
+	check_inbound_mode_options
 	case "$opt_ipv6" in
 	off) ipv6=false ;;
 	*) if has_ipv6; then ipv6=true; else ipv6=false; fi ;;
@@ -81,6 +87,20 @@ cleanup_family() {
 	drop_emptied_tables "$1" "$REPLY"
 }
 
+# cleanup_routes: the policy routing of --inbound-mode tproxy (route.sh),
+# for the mark and table of --tproxy-mark and --tproxy-table.
+cleanup_routes() {
+	if has_ipv6; then _cr_all='4 6'; else _cr_all=4; fi
+	if [ "$opt_dry_run" = true ]; then
+		_cr_have=$(routes_listing "$_cr_all")
+		[ -z "$_cr_have" ] || printf '# ==== sidecar-proxy policy routing removal ====\n%s\n' "$_cr_have"
+		! passthrough6_present || printf '# would delete ::6/128 from lo (--inbound-source 127.0.0.6)\n'
+		return 0
+	fi
+	routes_remove "$_cr_all" || fail "$ROUTE_ERR"
+	! has_ipv6 || passthrough6_remove || fail "$ROUTE_ERR"
+}
+
 main() {
 	options_from_env
 	options_parse "$@"
@@ -100,6 +120,7 @@ main() {
 	else
 		cleanup_backend "$opt_backend"
 	fi
+	cleanup_routes
 	# Every method undoes its own set-up; each file defines the same
 	# function names, hence one subshell per method.
 	for _method in $METHODS; do

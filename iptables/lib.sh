@@ -1,7 +1,8 @@
 # shellcheck shell=sh
 # lib.sh: what redirect.sh and cleanup.sh share. Each of them sets HERE (this
 # directory) and sources this file, which names the program and loads the
-# rest: addr.sh, rules.sh, restore.sh, apply.sh, apply_nft.sh and check.sh
+# rest: addr.sh, rules.sh, restore.sh, apply.sh, apply_nft.sh, check.sh and
+# route.sh
 # (nft.sh, the other renderer, when the backend is nft-native:
 # load_renderer).
 #
@@ -29,6 +30,7 @@ PROG="${0##*/}"
 . "$HERE/apply.sh"
 . "$HERE/apply_nft.sh"
 . "$HERE/check.sh"
+. "$HERE/route.sh"
 
 # Our chains all start with this; cleanup.sh recognises our objects by it.
 CHAIN_PREFIX=SIDECAR_
@@ -106,6 +108,11 @@ options_from_env() {
 	opt_ipv6="${SIDECAR_IPV6:-auto}"
 	opt_backend="${SIDECAR_BACKEND:-auto}"
 	opt_drop_invalid="${SIDECAR_DROP_INVALID:-false}"
+	# Istio's names for the TPROXY settings (INBOUND_INTERCEPTION_MODE, ...)
+	opt_inbound_mode="${INBOUND_INTERCEPTION_MODE:-redirect}"
+	opt_tproxy_mark="${INBOUND_TPROXY_MARK:-0x539}"
+	opt_tproxy_table="${INBOUND_TPROXY_ROUTE_TABLE:-133}"
+	opt_inbound_source="${SIDECAR_INBOUND_SOURCE:-pod-ip}"
 	opt_dry_run=false
 	opt_check=false
 	opt_reconcile=false
@@ -166,6 +173,10 @@ option_set() {
 	--exclude-cidrs) opt_exclude_cidrs="$2" ;;
 	--ipv6) opt_ipv6="$2" ;;
 	--backend) opt_backend="$2" ;;
+	--inbound-mode) opt_inbound_mode="$2" ;;
+	--tproxy-mark) opt_tproxy_mark="$2" ;;
+	--tproxy-table) opt_tproxy_table="$2" ;;
+	--inbound-source) opt_inbound_source="$2" ;;
 	*) option_set_more "$1" "$2" || die "$1: unknown option (see --help)" ;;
 	esac
 }
@@ -304,6 +315,31 @@ check_cgroup_dir() {
 	REPLY="$_cd_dir"
 }
 
+# check_inbound_mode_options: --inbound-mode, --tproxy-mark, --tproxy-table
+# and --inbound-source (also read by cleanup.sh): the mark as a decimal in
+# tproxy_mark, the table in opt_tproxy_table.
+check_inbound_mode_options() {
+	check_choice --inbound-mode "$opt_inbound_mode" redirect tproxy
+	check_u32 --tproxy-mark "$opt_tproxy_mark" "mark"
+	tproxy_mark="$REPLY"
+	# 0 (unspec) and 253-255 (default, main, local) are the kernel's own tables
+	_ct_ok=false
+	if _is_plain_number "$opt_tproxy_table" 10 && [ "$opt_tproxy_table" -le 4294967295 ]; then
+		case "$opt_tproxy_table" in
+		253 | 254 | 255) ;;
+		*) _ct_ok=true ;;
+		esac
+	fi
+	if [ "$_ct_ok" = false ]; then
+		shown "$opt_tproxy_table"
+		die "--tproxy-table: $REPLY is not a routing table of ours (1-252 or 256-4294967295)"
+	fi
+	check_choice --inbound-source "$opt_inbound_source" pod-ip 127.0.0.6
+	if [ "$opt_inbound_source" != pod-ip ] && [ "$opt_inbound_mode" = tproxy ]; then
+		die "--inbound-source: $opt_inbound_source is for --inbound-mode redirect (with tproxy the app sees the client's address)"
+	fi
+}
+
 # for_each SEP LIST COMMAND...: run `COMMAND... ITEM` for every SEP-separated
 # ITEM of LIST, empty items included (so that "80,,443" is caught). Nothing
 # for an empty LIST. Not reentrant: COMMAND must not call for_each.
@@ -351,6 +387,7 @@ validate_options() {
 	*true*true*) die "--dry-run, --check and --reconcile: one at a time" ;;
 	esac
 	check_port --proxy-port "$opt_proxy_port"
+	check_inbound_mode_options
 
 	if [ "$opt_inbound_ports" = '*' ]; then
 		inbound=all

@@ -31,6 +31,7 @@
 #   nat_output        type nat hook output priority -110
 #   raw_output        type filter hook output priority raw - 10      (-310)
 #   mangle_prerouting type filter hook prerouting priority mangle - 10 (-160)
+#   mangle_output     type route hook output priority mangle - 10      (-160)
 #
 # The text is written the way `nft list table` prints it (tabs, the order
 # of terms, a host address without its /32 or /128, marks in 8 hex digits,
@@ -130,6 +131,8 @@ hook() {
 	'nat OUTPUT') _hk_base=nat_output _hk_info='type nat hook output priority -110' ;;
 	'raw OUTPUT') _hk_base=raw_output _hk_info='type filter hook output priority raw - 10' ;;
 	'mangle PREROUTING') _hk_base=mangle_prerouting _hk_info='type filter hook prerouting priority mangle - 10' ;;
+	# a route chain: a mark set here routes the packet again, as in iptables' mangle OUTPUT
+	'mangle OUTPUT') _hk_base=mangle_output _hk_info='type route hook output priority mangle - 10' ;;
 	*) fail "internal error: no nft hook for table $_nf_table, chain $1" ;;
 	esac
 	case "$NL$_nf_bases" in
@@ -198,10 +201,12 @@ _nf_rule_text() {
 		from=*) _nf_address saddr "$_rt_value" ;;
 		to=*) _nf_address daddr "$_rt_value" ;;
 		!to=*) _nf_address 'daddr !=' "$_rt_value" ;;
+		in=*) _rt_match="iifname \"$_rt_value\"" ;;
 		out=*) _rt_match="oifname \"$_rt_value\"" ;;
 		uid=*) _rt_match="meta skuid $_rt_value" ;;
 		gid=*) _rt_match="meta skgid $_rt_value" ;;
 		mark=*) _rt_match="meta mark $(printf '0x%08x' "$_rt_value")" ;;
+		connmark=*) _rt_match="ct mark $(printf '0x%08x' "$_rt_value")" ;;
 		classid=*) _rt_match="meta cgroup $_rt_value" ;;
 		cgroup-path=*) _nf_cgroupv2 "$_rt_value" ;;
 		ctstate=INVALID) _rt_match='ct state invalid' ;;
@@ -255,6 +260,10 @@ _nf_target() {
 	DROP) REPLY='drop' ;;
 	REDIRECT=*) REPLY="redirect to :${1#REDIRECT=}" ;;
 	ZONE=*) REPLY="ct original zone set ${1#ZONE=}" ;;
+	# inet: the port alone, the address stays the packet's (either family)
+	TPROXY=*) REPLY="meta mark set $(printf '0x%08x' "$tproxy_mark") tproxy to :${1#TPROXY=} accept" ;;
+	CONNMARK=save) REPLY='ct mark set meta mark' ;;
+	CONNMARK=restore) REPLY='meta mark set ct mark' ;;
 	"$CHAIN_PREFIX"*) REPLY="jump $1" ;;
 	*) fail "internal error: no nft verdict for the target $1" ;;
 	esac

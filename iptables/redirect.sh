@@ -49,6 +49,13 @@ namespace to the sidecar proxy. Options (environment variable, default):
   --ipv6 auto|on|off          also IPv6 (SIDECAR_IPV6, auto: if the kernel has it)
   --backend B                 auto, nft or legacy (iptables-restore), nft-native
                               (nft -f) (SIDECAR_BACKEND, auto: the one in use)
+  --inbound-mode redirect|tproxy
+                              inbound by nat REDIRECT, or by TPROXY so that the app
+                              sees the client's address (INBOUND_INTERCEPTION_MODE, redirect)
+  --tproxy-mark MARK          tproxy: the mark of TPROXY'd packets (INBOUND_TPROXY_MARK, 0x539)
+  --tproxy-table N            tproxy: the routing table for it (INBOUND_TPROXY_ROUTE_TABLE, 133)
+  --inbound-source S          redirect: pod-ip, or 127.0.0.6 when the proxy connects to the
+                              app from there (SIDECAR_INBOUND_SOURCE, pod-ip)
   --drop-invalid              drop TCP packets conntrack finds INVALID
                               (SIDECAR_DROP_INVALID=true)
   --dry-run                   print the iptables-restore (or nft) input, touch nothing
@@ -106,11 +113,37 @@ install() {
 	printf '%s: installed: method %s, %s, backend %s\n' "$PROG" "$opt_method" "$families" "$backend"
 }
 
+# apply_rules: the rules, and the policy routing of --inbound-mode tproxy:
+# added before the rules (it only concerns packets with the tproxy mark,
+# which nothing sets before the rules are in) and removed again if they
+# fail; without tproxy, the routing an earlier run added goes.
 apply_rules() {
+	route_families=4
+	[ "$ipv6" = false ] || route_families='4 6'
+	routes_added=''
+	if tproxy_on; then
+		routes_install "$route_families" || {
+			routes_rollback
+			fail "$ROUTE_ERR; nothing else was changed"
+		}
+	fi
+	if [ "$opt_inbound_source" != pod-ip ] && [ "$ipv6" = true ]; then
+		passthrough6_install || {
+			routes_rollback
+			fail "$ROUTE_ERR; nothing else was changed"
+		}
+	fi
 	if [ "$backend" = nft-native ]; then
 		nft_install
 	else
 		install_iptables
+	fi
+	if ! tproxy_on; then
+		if has_ipv6; then _ar_all='4 6'; else _ar_all=4; fi
+		routes_remove "$_ar_all" || warn "$ROUTE_ERR"
+	fi
+	if [ "$opt_inbound_source" = pod-ip ] && has_ipv6; then
+		passthrough6_remove || warn "$ROUTE_ERR"
 	fi
 }
 
@@ -173,6 +206,7 @@ install_family() {
 # IPv6 is tried), undo the method's set-up, and fail.
 rollback_and_fail() {
 	_rf_err="$1"
+	routes_rollback
 	if rollback_family 4 "$before4" && { [ "$touch6" = false ] || rollback_family 6 "$before6"; }; then
 		method_rollback
 		fail "$_rf_err; rolled back, the rules are as they were"

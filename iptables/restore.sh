@@ -22,7 +22,7 @@
 
 # restore_input 4|6: the complete restore input for one address family.
 restore_input() {
-	if [ "$1" = 4 ]; then _ri_prog=iptables-restore; else _ri_prog=ip6tables-restore; fi
+	if [ "$1" = 4 ]; then _ri_prog=iptables-restore _ri_any=0.0.0.0; else _ri_prog=ip6tables-restore _ri_any=::; fi
 	printf '# ==== sidecar-proxy IPv%s rules (method %s): input for %s --noflush ====\n' \
 		"$1" "$opt_method" "$_ri_prog"
 	_rs_table=''
@@ -139,6 +139,9 @@ _restore_target() {
 	case "$1" in
 	REDIRECT=*) REPLY="REDIRECT --to-ports ${1#REDIRECT=}" ;;
 	ZONE=*) REPLY="CT --zone-orig ${1#ZONE=}" ;;
+	TPROXY=*) REPLY="TPROXY --on-port ${1#TPROXY=} --on-ip $_ri_any --tproxy-mark $(printf '0x%x' "$tproxy_mark")/0xffffffff" ;;
+	CONNMARK=save) REPLY="CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff" ;;
+	CONNMARK=restore) REPLY="CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff" ;;
 	*) REPLY="$1" ;;
 	esac
 }
@@ -158,11 +161,13 @@ _restore_matches() {
 		to=*/0) _rm_text='' ;;
 		to=*) _rm_text="-d $_rm_value" ;;
 		!to=*) _rm_text="! -d $_rm_value" ;;
+		in=*) _rm_text="-i $_rm_value" ;;
 		out=*) _rm_text="-o $_rm_value" ;;
 		uid=*) _rm_text="-m owner --uid-owner $_rm_value" ;;
 		gid=*) _rm_text="-m owner --gid-owner $_rm_value" ;;
 		# iptables-save prints marks in hex
 		mark=*) _rm_text="-m mark --mark $(printf '0x%x' "$_rm_value")" ;;
+		connmark=*) _rm_text="-m connmark --mark $(printf '0x%x' "$_rm_value")" ;;
 		classid=*) _rm_text="-m cgroup --cgroup $_rm_value" ;;
 		cgroup-path=*) _rm_text="-m cgroup --path \"$_rm_value\"" ;;
 		ctstate=*) _rm_text="-m conntrack --ctstate $_rm_value" ;;

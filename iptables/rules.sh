@@ -15,6 +15,16 @@
 #   raw OUTPUT -p tcp -> SIDECAR_PROXY_ZONE  the proxy's own connections get
 #       a conntrack zone of their own (methods with a bypass)
 #   mangle PREROUTING -p tcp -> SIDECAR_DROP_INVALID   (--drop-invalid)
+#   --inbound-mode tproxy: inbound is not NATed but handed to the proxy by
+#   TPROXY, so that the proxy sees (and passes on) the client's address:
+#   mangle PREROUTING -p tcp -> SIDECAR_TPROXY_INBOUND (no nat PREROUTING
+#       hook): the proxy's own connection to the app and lo RETURN,
+#       exclusions RETURN, the captured ports -> SIDECAR_TPROXY (TPROXY to
+#       the proxy port, with the tproxy mark); the mark is saved to the
+#       connection (CONNMARK)
+#   mangle OUTPUT -p tcp -> SIDECAR_TPROXY_OUTPUT: the connection's mark
+#       back on its packets (the app's replies to the client's address are
+#       routed to lo by the policy routing, apply.sh: tproxy_routes)
 #
 # Built-in chains get only the jumps (hook), which the renderer puts after
 # the rules of our chains. Each part below brings its chains' rules and
@@ -47,6 +57,10 @@
 #   mark=MARK                         the packet's mark
 #   classid=ID  cgroup-path=PATH      the socket's net_cls classid, cgroup v2
 #   ctstate=STATE                     conntrack's state of the packet
+#   in=IFACE                          arrived through IFACE
+#   connmark=MARK                     the connection's mark
+# and the targets TPROXY=PORT (the tproxy mark, --on-ip of the family),
+# CONNMARK=save and CONNMARK=restore (the whole mark).
 
 # Loaded by lib.sh; redirect.sh and lib.sh set the options and other
 # globals read here:
@@ -65,7 +79,17 @@ family_rules() {
 	[ "$inbound" = none ] || inbound_rules
 	output_rules "$1"
 	! method_bypasses_proxy || proxy_zone_rules
-	[ "$drop_invalid" = false ] || drop_invalid_rules
+	if [ "$drop_invalid" = true ] || tproxy_on; then
+		table mangle
+		[ "$drop_invalid" = false ] || drop_invalid_rules
+		! tproxy_on || tproxy_rules
+	fi
+}
+
+# tproxy_on: is inbound captured by TPROXY (--inbound-mode tproxy, and
+# inbound capture on)?
+tproxy_on() {
+	[ "$opt_inbound_mode" = tproxy ] && [ "$inbound" != none ]
 }
 
 # inbound_rules: connections arriving at the pod (all of it is left out
@@ -73,24 +97,43 @@ family_rules() {
 inbound_rules() {
 	why "A captured inbound connection goes to the same port; the proxy tells inbound from outbound by the original destination (one of the pod's own addresses)."
 	rule SIDECAR_IN_REDIRECT "inbound to proxy port $opt_proxy_port" "REDIRECT=$opt_proxy_port" tcp
+	inbound_capture_rules SIDECAR_INBOUND SIDECAR_IN_REDIRECT
+	# with tproxy, connections from outside take the mangle path
+	# (tproxy_rules); the chain above still serves the app calling its own
+	# pod IP, which never passes PREROUTING
+	tproxy_on || hook PREROUTING SIDECAR_INBOUND "inbound capture" "inbound TCP connections enter our inbound chain."
+}
+
+# inbound_capture_rules CHAIN TARGET: which inbound connections CHAIN sends
+# to TARGET (the nat REDIRECT, or TPROXY): not those to the proxy port
+# itself, nor the excluded ports; every other port, or the listed ones.
+inbound_capture_rules() {
 	why "A connection made to the proxy port itself reaches the proxy as it is: redirecting it would give the proxy its own port as the original destination, a loop."
-	rule SIDECAR_INBOUND "inbound to the proxy port itself" RETURN "port=$opt_proxy_port"
+	rule "$1" "inbound to the proxy port itself" RETURN "port=$opt_proxy_port"
 	if [ -n "$opt_exclude_inbound_ports" ]; then
 		why "Excluded inbound ports (--exclude-inbound-ports) go straight to the app."
-		rules_per_ports SIDECAR_INBOUND "$opt_exclude_inbound_ports" "excluded inbound port" RETURN
+		rules_per_ports "$1" "$opt_exclude_inbound_ports" "excluded inbound port" RETURN
 	fi
 	if [ "$inbound" = all ]; then
 		why "Every other inbound TCP connection goes through the proxy (the design note: assume all inbound traffic does)."
-		rule SIDECAR_INBOUND "inbound, every port" SIDECAR_IN_REDIRECT
+		rule "$1" "inbound, every port" "$2"
 	else
 		why "Inbound connections to the listed ports (--inbound-ports) go through the proxy; other ports go straight to the app."
-		rules_per_ports SIDECAR_INBOUND "$opt_inbound_ports" "captured inbound port" SIDECAR_IN_REDIRECT
+		rules_per_ports "$1" "$opt_inbound_ports" "captured inbound port" "$2"
 	fi
-	hook PREROUTING SIDECAR_INBOUND "inbound capture" "inbound TCP connections enter our inbound chain."
 }
 
 # output_rules 4|6: connections the pod opens.
 output_rules() {
+	if tproxy_on; then
+		why "The proxy's connection to the app for a TPROXY'd client carries the tproxy mark (and the client's address): it goes to the app as it is, whatever the bypass method."
+		rule SIDECAR_OUTPUT "proxy to the app, tproxy mark $(printf '0x%x' "$tproxy_mark")" RETURN out=lo "mark=$tproxy_mark"
+	fi
+	if [ "$opt_inbound_source" != pod-ip ]; then
+		if [ "$1" = 4 ]; then _or_src=127.0.0.6/32; else _or_src=::6/128; fi
+		why "The proxy connects to the app from ${_or_src%/*} (--inbound-source, Istio's InboundPassthroughBindIpv4/Ipv6): such a connection is the proxy's, never captured again, whatever the bypass method."
+		rule SIDECAR_OUTPUT "proxy to the app, from ${_or_src%/*}" RETURN "from=$_or_src" out=lo
+	fi
 	method_output_bypass "$1"
 
 	why "Connections from the loopback address ($fam_lo) are never captured: the design note's ! -s 127.0.0.1/32."
@@ -173,10 +216,32 @@ _proxy_zone_rule() {
 PROXY_ZONE=1
 
 drop_invalid_rules() {
-	table mangle
 	why "A TCP packet conntrack cannot place in any connection (state INVALID, e.g. out of window) is never NATed: it would reach the app with its original address, and the app's reset would kill the proxied connection. Drop it instead (what Istio does with INVALID_DROP)."
 	rule SIDECAR_DROP_INVALID "conntrack INVALID" DROP tcp ctstate=INVALID
 	hook PREROUTING SIDECAR_DROP_INVALID "drop invalid" "every inbound TCP packet passes the INVALID check first."
+}
+
+# tproxy_rules: inbound connections from outside are handed to the proxy's
+# transparent listener by TPROXY, unNATed: the proxy reads the original
+# destination with getsockname and connects to the app from the client's
+# address (Istio's TPROXY interception mode). The tproxy mark routes them
+# to the local stack (apply.sh: ip rule fwmark MARK lookup TABLE, ip route
+# local default dev lo table TABLE).
+tproxy_rules() {
+	_tr_mark=$(printf '0x%x' "$tproxy_mark")
+	why "The proxy's own connection to the app (over lo, with the tproxy mark it set): the connection keeps the mark (CONNMARK), so that the app's replies, addressed to the client, are routed back to the proxy."
+	rule SIDECAR_TPROXY_INBOUND "proxy to the app, save mark $_tr_mark" CONNMARK=save tcp "mark=$tproxy_mark"
+	why "Nor is that connection captured again."
+	rule SIDECAR_TPROXY_INBOUND "proxy to the app, tproxy mark $_tr_mark" RETURN tcp "mark=$tproxy_mark"
+	why "Whatever arrives through lo was sent inside the pod: the nat OUTPUT rules decided about it already."
+	rule SIDECAR_TPROXY_INBOUND "stays on lo" RETURN in=lo
+	inbound_capture_rules SIDECAR_TPROXY_INBOUND SIDECAR_TPROXY
+	why "A captured inbound connection goes to the proxy's transparent listener, its destination untouched (the proxy reads it with getsockname); the mark routes it to the local stack."
+	rule SIDECAR_TPROXY "inbound to proxy port $opt_proxy_port, tproxy" "TPROXY=$opt_proxy_port" tcp
+	hook PREROUTING SIDECAR_TPROXY_INBOUND "inbound capture, tproxy" "inbound TCP packets enter our TPROXY chain."
+	why "Packets of a connection that carries the tproxy mark get it back (the app's replies to the proxy's connection), so that the policy routing sends them to lo, to the proxy, and not out to the client."
+	rule SIDECAR_TPROXY_OUTPUT "restore tproxy mark $_tr_mark" CONNMARK=restore tcp "connmark=$tproxy_mark"
+	hook OUTPUT SIDECAR_TPROXY_OUTPUT "tproxy replies" "outbound TCP packets get their connection's tproxy mark back."
 }
 
 # family_words 4|6 V4WORDS V6WORDS: the list of the given family, in REPLY.

@@ -1,0 +1,133 @@
+# shellcheck shell=sh
+# route.sh: the policy routing of --inbound-mode tproxy, the only part that
+# runs `ip`. A packet with the tproxy mark is delivered to this host,
+# whatever its destination:
+#
+#   ip rule add fwmark MARK lookup TABLE           (and ip -6)
+#   ip route add local default dev lo table TABLE  (and ip -6)
+#
+# (Istio's tools/istio-iptables: the same two, mark 1337 and table 133 by
+# default.) It is what lets the TPROXY'd connection reach the proxy, and the
+# app's replies to the client's address, marked again by CONNMARK, come
+# back to the proxy instead of leaving for the client.
+#
+# Installed with the rules, removed by cleanup.sh and by a re-run that no
+# longer wants them; a rule or route that is there already is left as it is
+# (a re-run adds nothing), and a failed install removes what this run added.
+
+# Loaded by lib.sh; redirect.sh and lib.sh set the options read here, and
+# the scripts read ROUTE_ERR:
+# shellcheck disable=SC2154,SC2034
+
+# route_rule_present 4|6: is `fwmark MARK lookup TABLE` there?
+route_rule_present() {
+	[ -n "$(ip "-$1" rule show fwmark "$tproxy_mark" lookup "$opt_tproxy_table" 2>/dev/null)" ]
+}
+
+# route_local_present 4|6: is the `local default dev lo` route in TABLE?
+route_local_present() {
+	# a table that does not exist yet is an error for ip: none there
+	case "$(ip "-$1" route show table "$opt_tproxy_table" 2>/dev/null)" in
+	*'local default dev lo'*) return 0 ;;
+	esac
+	return 1
+}
+
+# routes_install FAMILIES: the rule and the route for each family (4, 6)
+# that lacks them; what was added is in routes_added (for routes_rollback).
+routes_install() {
+	routes_added=''
+	for _ri_f in $1; do
+		if ! route_rule_present "$_ri_f"; then
+			_ri_err=$(ip "-$_ri_f" rule add fwmark "$tproxy_mark" lookup "$opt_tproxy_table" 2>&1) ||
+				return_route_error "ip -$_ri_f rule add fwmark $tproxy_mark lookup $opt_tproxy_table: $_ri_err" || return 1
+			routes_added="$routes_added rule$_ri_f"
+		fi
+		if ! route_local_present "$_ri_f"; then
+			_ri_err=$(ip "-$_ri_f" route add local default dev lo table "$opt_tproxy_table" 2>&1) ||
+				return_route_error "ip -$_ri_f route add local default dev lo table $opt_tproxy_table: $_ri_err" || return 1
+			routes_added="$routes_added route$_ri_f"
+		fi
+	done
+}
+
+# return_route_error MESSAGE: keep MESSAGE (one line) in ROUTE_ERR; fails.
+return_route_error() {
+	_one_line "$1"
+	ROUTE_ERR="$REPLY"
+	return 1
+}
+
+# routes_rollback: remove what routes_install added in this run.
+routes_rollback() {
+	for _rr_what in ${routes_added:-}; do
+		case "$_rr_what" in
+		rule*) ip "-${_rr_what#rule}" rule del fwmark "$tproxy_mark" lookup "$opt_tproxy_table" 2>/dev/null || : ;;
+		route*) ip "-${_rr_what#route}" route del local default dev lo table "$opt_tproxy_table" 2>/dev/null || : ;;
+		addr6) ip -6 addr del ::6/128 dev lo 2>/dev/null || : ;;
+		esac
+	done
+	routes_added=''
+}
+
+# routes_remove FAMILIES: cleanup.sh, and a re-run without tproxy: every
+# copy of the rule and the route goes; what is not there is skipped.
+# Returns 1 with ROUTE_ERR if ip refuses.
+routes_remove() {
+	for _rm_f in $1; do
+		while route_rule_present "$_rm_f"; do
+			_rm_err=$(ip "-$_rm_f" rule del fwmark "$tproxy_mark" lookup "$opt_tproxy_table" 2>&1) ||
+				return_route_error "ip -$_rm_f rule del fwmark $tproxy_mark lookup $opt_tproxy_table: $_rm_err" || return 1
+		done
+		if route_local_present "$_rm_f"; then
+			_rm_err=$(ip "-$_rm_f" route del local default dev lo table "$opt_tproxy_table" 2>&1) ||
+				return_route_error "ip -$_rm_f route del local default dev lo table $opt_tproxy_table: $_rm_err" || return 1
+		fi
+	done
+}
+
+# routes_listing FAMILIES: what is installed, in the form routes_desired
+# writes (for --check).
+routes_listing() {
+	for _rl_f in $1; do
+		! route_rule_present "$_rl_f" || printf 'ip -%s rule fwmark %s lookup %s\n' "$_rl_f" "$(printf '0x%x' "$tproxy_mark")" "$opt_tproxy_table"
+		! route_local_present "$_rl_f" || printf 'ip -%s route local default dev lo table %s\n' "$_rl_f" "$opt_tproxy_table"
+	done
+}
+
+# routes_desired FAMILIES: the policy routing the options want.
+routes_desired() {
+	tproxy_on || return 0
+	for _rd_f in $1; do
+		printf 'ip -%s rule fwmark %s lookup %s\n' "$_rd_f" "$(printf '0x%x' "$tproxy_mark")" "$opt_tproxy_table"
+		printf 'ip -%s route local default dev lo table %s\n' "$_rd_f" "$opt_tproxy_table"
+	done
+}
+
+# --inbound-source 127.0.0.6: the proxy connects to the app from 127.0.0.6,
+# which is on lo already (all of 127.0.0.0/8 is), and for IPv6 from ::6,
+# which is not: it goes onto lo as Istio's init step puts it there.
+
+# passthrough6_present: is ::6/128 on lo?
+passthrough6_present() {
+	case "$(ip -6 addr show dev lo 2>/dev/null)" in
+	*' ::6/128 '*) return 0 ;;
+	esac
+	return 1
+}
+
+# passthrough6_install: ::6/128 on lo, if it is not there (routes_added
+# records it for routes_rollback).
+passthrough6_install() {
+	passthrough6_present && return 0
+	_pi_err=$(ip -6 addr add ::6/128 dev lo 2>&1) ||
+		return_route_error "ip -6 addr add ::6/128 dev lo: $_pi_err" || return 1
+	routes_added="${routes_added:-} addr6"
+}
+
+# passthrough6_remove: ::6/128 off lo, if it is there.
+passthrough6_remove() {
+	passthrough6_present || return 0
+	_pr_err=$(ip -6 addr del ::6/128 dev lo 2>&1) ||
+		return_route_error "ip -6 addr del ::6/128 dev lo: $_pr_err" || return 1
+}
