@@ -171,6 +171,9 @@ def plain_listener(name: str, address: str, port: int, cluster: str, max_connect
                     max_connections=max_connections)
 
 
+DEFAULT_TPROXY_MARK = 0x539  # Istio's INBOUND_TPROXY_MARK (1337)
+
+
 @dataclass(frozen=True)
 class Config:
     listeners: tuple[Listener, ...] = (redirect_listener(),)
@@ -186,6 +189,14 @@ class Config:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     splice: str = "auto"  # bulk directions move by splice(2) (datapath/splice.py), or never
+    # Inbound by TPROXY (iptables/redirect.sh --inbound-mode tproxy): the redirected
+    # listeners take IP_TRANSPARENT, the original destination of a TPROXY'd connection is
+    # its local address, and the connection to the app comes from the client's address
+    # with tproxy_mark (Envoy's original_src). Needs CAP_NET_ADMIN.
+    inbound_mode: str = "redirect"
+    tproxy_mark: int = DEFAULT_TPROXY_MARK
+    # REDIRECT mode: the source of the proxy's connections to the app ("127.0.0.6": ::6 for IPv6)
+    inbound_source: str = "pod-ip"
     # The admin API (proxy/admin). admin_port None: no admin API (our YAML's
     # `admin_port: 0`, or a bootstrap without `admin`); 0: a port the kernel
     # picks (Envoy's port_value 0; our YAML's `admin_port: ephemeral`). A

@@ -81,6 +81,14 @@ def parse_access_log(value: Any, where: str) -> str:
     return "off" if value is False else parse_path(value, where)
 
 
+# How inbound connections reach the proxy (iptables/redirect.sh --inbound-mode):
+# nat REDIRECT, or TPROXY (the app then sees the client's address).
+INBOUND_MODES = ("redirect", "tproxy")
+# Where the proxy's connection to the app comes from with REDIRECT: the pod's
+# address (the kernel's choice), or Istio's InboundPassthroughBindIpv4 (::6 for IPv6).
+INBOUND_SOURCES = ("pod-ip", "127.0.0.6")
+
+
 def parse_splice(value: Any, where: str) -> str:
     """auto or off; YAML reads a bare off as false (and on as true), so those count too."""
     if value is False or value is True:
@@ -269,6 +277,9 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
     "splice": parse_splice,
+    "inbound_mode": parse_choice(INBOUND_MODES),
+    "tproxy_mark": parse_mark,
+    "inbound_source": parse_choice(INBOUND_SOURCES),
     "admin_address": parse_address,
     "admin_port": parse_admin_port,
     "admin_allow_remote": parse_bool,
@@ -299,4 +310,6 @@ OPTIONAL = ("mark", "cgroup", "max_connections", "admin_address_path", "log_patt
             "command_line")
 
 # The design note's environment variables the proxy honours.
-ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark"}
+ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark",
+               # Istio's names, as iptables/redirect.sh reads them
+               "INBOUND_INTERCEPTION_MODE": "inbound_mode", "INBOUND_TPROXY_MARK": "tproxy_mark"}

@@ -43,7 +43,7 @@ from typing import Protocol
 
 from ..config import Config, hostport
 from ..datapath.snapshot import Snapshot
-from ..datapath.sockopts import can_mark
+from ..datapath.sockopts import can_mark, can_transparent
 
 log = logging.getLogger("proxy.server")
 
@@ -123,7 +123,18 @@ def join_cgroup(directory: str) -> None:
 
 
 def check_mark_privilege(config: Config) -> None:
+    """SO_MARK and IP_TRANSPARENT, where the config needs them: a StartupError naming
+    the capability and why, before any socket is opened."""
+    if config.inbound_mode == "tproxy":
+        reason = can_transparent()
+        if reason is not None:
+            raise StartupError(f"privilege: inbound_mode tproxy needs CAP_NET_ADMIN, which this process lacks "
+                               f"({reason}): IP_TRANSPARENT lets the listener take TPROXY'd connections and the "
+                               "connection to the app come from the client's address; grant it or use "
+                               "inbound_mode redirect")
     marks = {m for m in (config.mark, *(c.mark for c in config.clusters)) if m is not None}
+    if config.inbound_mode == "tproxy":
+        marks.add(config.tproxy_mark)
     for mark in sorted(marks):
         reason = can_mark(mark)
         if reason is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..config import Config, Endpoint
-from ..datapath.sockopts import arm_reset
+from ..datapath.sockopts import arm_reset, set_transparent
 from .lifecycle import StartupError
 
 log = logging.getLogger("proxy.server")
@@ -30,18 +30,21 @@ class Bound(NamedTuple):
 
 
 def bind(address: str, port: int, dual_stack: bool, reuse_port: bool = False,
-         relayed: bool = False) -> socket.socket:
+         relayed: bool = False, transparent: bool = False) -> socket.socket:
     """A listening socket. `relayed`: its connections are relayed (datapath/relay.py):
     they are accepted with SO_LINGER 0 already set, which accept() copies from
     the listening socket, so that a process that dies resets them, and it
     costs no call per connection. (Not for the admin API: its answers end
-    with a FIN.)"""
+    with a FIN.) `transparent`: IP_TRANSPARENT, to take TPROXY'd connections
+    (inbound_mode: tproxy)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if relayed:
             arm_reset(sock)
+        if transparent:
+            set_transparent(sock, family == socket.AF_INET6)
         if reuse_port:  # one of several workers' sockets on this port (supervisor.py)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -65,8 +68,9 @@ def open_listen_sockets(config: Config) -> list[Bound]:
     `check_ports_free` first: SO_REUSEPORT would let the proxy share a port
     with another process of its UID without a word.
     """
-    return _each_address(config, lambda host, port, dual_stack: bind(host, port, dual_stack, True, relayed=True),
-                         warn=True)
+    def open_one(host: str, port: int, dual_stack: bool, transparent: bool) -> socket.socket:
+        return bind(host, port, dual_stack, True, relayed=True, transparent=transparent)
+    return _each_address(config, open_one, warn=True)
 
 
 def check_ports_free(config: Config) -> None:
@@ -76,27 +80,31 @@ def check_ports_free(config: Config) -> None:
         bound.sock.close()
 
 
-def _probe(host: str, port: int, dual_stack: bool) -> socket.socket:
-    sock = bind(host, port, dual_stack)
+def _probe(host: str, port: int, dual_stack: bool, _transparent: bool) -> socket.socket:
+    sock = bind(host, port, dual_stack)  # whether the port is free needs no IP_TRANSPARENT
     sock.close()  # before the next address: our own addresses may overlap
     return sock
 
 
-def _each_address(config: Config, open_one: Callable[[str, int, bool], socket.socket], warn: bool) -> list[Bound]:
+def _each_address(config: Config, open_one: Callable[[str, int, bool, bool], socket.socket],
+                  warn: bool) -> list[Bound]:
+    """`open_one(host, port, dual_stack, transparent)` for every address; transparent: a
+    redirected listener with inbound_mode tproxy."""
     sockets: list[Bound] = []
     try:
         for index, listener in enumerate(config.listeners):
             if not listener.bind:
                 continue
+            transparent = listener.original_dst and config.inbound_mode == "tproxy"
             for address in listener.addresses:
                 try:
-                    sock = open_one(address.host, address.port, listener.v4_on_v6 and address.host == "::")
+                    sock = open_one(address.host, address.port, listener.v4_on_v6 and address.host == "::", transparent)
                 except OSError as exc:
                     if not _ipv6_missing(listener.addresses, exc):
                         raise StartupError(f"listener {listener.name}: cannot bind {address}: {exc.strerror}") from None
                     if warn:
                         log.warning("no IPv6 here (%s); listener %s listens on IPv4 only", exc.strerror, listener.name)
-                    sock = open_one("0.0.0.0", address.port, False)
+                    sock = open_one("0.0.0.0", address.port, False, transparent)
                 sockets.append(Bound(index, sock))
     except BaseException:
         for bound in sockets:

@@ -4,7 +4,7 @@ The data path, in the order it runs for every accepted connection, and the
 file that holds each step (read them in this order):
 
     accept                      the event loop; a Relay's Downstream is the protocol   (relay.py)
-    -> original destination     sockopts.original_dst                                  (sockopts.py)
+    -> original destination     sockopts.original_dst (TPROXY: tproxied_dst)           (sockopts.py)
     -> loop guard               our own listener, or one of our own upstream sockets?  (here)
     -> direction                original destination is a pod address: inbound         (localaddrs.py)
     -> chain selection          Envoy's precedence                                     (chains.py)
@@ -57,7 +57,7 @@ from .chains import ChainTable
 from .limits import Gate, admit, move, release
 from .localaddrs import LocalAddresses
 from .relay import Relay, Upstream
-from .sockopts import original_dst, unmapped
+from .sockopts import original_dst, tproxied_dst, unmapped
 from .stats import Names, Stats, stat_address
 from .upstream import EXHAUSTION, Connector, OwnSockets
 
@@ -93,6 +93,7 @@ class Shared:
         self.live: dict[int, Relay] = {}
         self.gate = Gate(config.max_connections)  # the whole proxy's connection limit (limits.py)
         self.own = OwnSockets()
+        self.tproxy = config.inbound_mode == "tproxy"  # TPROXY'd inbound: the local address is the destination
         self.listener_stats: dict[str, Names] = {}  # listener name -> its stats
         self.exhaustion_logged = float("-inf")
         self.connector = Connector(config, stats, self.own, loop, self._connect_exhaustion)
@@ -245,8 +246,12 @@ class Listener:
                 relay.destination = Endpoint(intern(unmapped(host)), port)
             self._route(relay, src, src_port, "outbound" if self.spec.direction == "any" else self.spec.direction)
             return
-        try:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
-            orig = original_dst(transport.get_extra_info("socket"), ipv4=":" not in src)
+        try:
+            orig = None
+            if shared.tproxy:  # a TPROXY'd connection arrives as it was addressed (sockopts.py)
+                orig = tproxied_dst(transport.get_extra_info("sockname"), self.port)
+            if orig is None:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
+                orig = original_dst(transport.get_extra_info("socket"), ipv4=":" not in src)
         except OSError as exc:
             self._count(relay)
             self._refuse(relay, "error", f"cannot read the original destination: {exc}")

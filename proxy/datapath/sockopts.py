@@ -1,4 +1,4 @@
-"""Socket options the proxy lives by: SO_ORIGINAL_DST and SO_MARK.
+"""Socket options the proxy lives by: SO_ORIGINAL_DST, SO_MARK and IP_TRANSPARENT.
 
 When iptables REDIRECTs a connection, the kernel rewrites its destination to
 the proxy's port; conntrack remembers the original one, and the accepted
@@ -17,6 +17,13 @@ or an original destination equal to the proxy's own address, which the
 caller's loop guard recognises. "Not redirected" is a value the caller
 decides about, not a crash.
 
+With TPROXY (inbound_mode: tproxy) nothing is rewritten: the connection is
+delivered, as it was addressed, to a listener with IP_TRANSPARENT, so its
+local address (getsockname) *is* the original destination (`tproxied_dst`).
+The connection to the app then comes from the client's address, which is
+not ours: that bind needs IP_TRANSPARENT on the upstream socket too. Both
+need CAP_NET_ADMIN.
+
 The accept path avoids `ipaddress` objects: addresses travel as the strings
 inet_ntop writes (canonical, compressed), which compare equal whenever the
 addresses do.
@@ -34,6 +41,8 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)  # linux/in.h
+IPV6_TRANSPARENT = 75  # linux/in6.h
 
 
 class SocketLike(Protocol):
@@ -94,6 +103,36 @@ def original_dst(sock: SocketLike, ipv4: bool) -> tuple[str, int] | None:
             return None  # no conntrack entry: a direct connection
         raise
     return parse_sockaddr(raw)
+
+
+def tproxied_dst(sockname: tuple[str, int], listener_port: int) -> tuple[str, int] | None:
+    """The original destination of a TPROXY'd connection: its local address, when that
+    is not the listener's own port (a REDIRECTed connection is rewritten to the
+    listener's port, and the rules never TPROXY a connection made to that port
+    itself); None for a connection that was not TPROXY'd."""
+    host, port = sockname[0], sockname[1]
+    if port == listener_port:
+        return None
+    return unmapped(host), port
+
+
+def set_transparent(sock: SocketLike, ipv6: bool) -> None:
+    """IP_TRANSPARENT (and IPV6_TRANSPARENT on an IPv6 socket): the socket may accept
+    connections addressed elsewhere (TPROXY) and bind to an address that is not
+    this host's (the client's). Needs CAP_NET_ADMIN: PermissionError without."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    if ipv6:
+        sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+
+
+def can_transparent() -> str | None:
+    """None if this process may set IP_TRANSPARENT, else the reason it may not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            set_transparent(probe, ipv6=False)
+        except PermissionError as exc:
+            return f"setsockopt(IP_TRANSPARENT): {exc.strerror}"
+    return None
 
 
 def set_mark(sock: SocketLike, mark: int) -> None:

@@ -31,6 +31,7 @@ descriptors left) is an OSError here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import socket
@@ -43,7 +44,7 @@ from typing import Any, cast
 from ..config import ORIGINAL_DST, Chain, Config, Endpoint
 from .balance import LeastRequest, attempts, pick_weighted, policy_for
 from .relay import Relay, Upstream
-from .sockopts import set_mark, unmapped
+from .sockopts import set_mark, set_transparent, unmapped
 from .stats import Names, Stats
 
 log = logging.getLogger("proxy.listener")
@@ -65,7 +66,12 @@ CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy
 
 
 class MarkDenied(Exception):
-    """SO_MARK was refused: a privilege problem, not the upstream's fault."""
+    """SO_MARK (or IP_TRANSPARENT) was refused: a privilege problem, not the upstream's fault."""
+
+
+# inbound_source "127.0.0.6": Istio's InboundPassthroughBindIpv4 and InboundPassthroughBindIpv6
+INBOUND_PASSTHROUGH_V4 = "127.0.0.6"
+INBOUND_PASSTHROUGH_V6 = "::6"
 
 
 OwnKey = tuple[str, int, str, int]  # (source, source port, destination, destination port) of our socket
@@ -102,20 +108,33 @@ class OwnSockets:
 
 
 def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets,
-                source: str | None = None) -> tuple[socket.socket, OwnKey]:
+                source: str | None = None, transparent: bool = False) -> tuple[socket.socket, OwnKey]:
     """A socket whose connect() to `endpoint` has begun, and its loop-guard key;
-    `source`: the address to connect from (Envoy's upstream_bind_config).
+    `source`: the address to connect from (Envoy's upstream_bind_config);
+    `transparent`: IP_TRANSPARENT, so that `source` may be an address that is not
+    ours (the client's, with TPROXY: Envoy's original_src; the port stays the
+    kernel's choice, as there: bound to the client's port too, the connection
+    would have the very addresses and ports of the client's own connection to
+    the app's address, which the kernel delivers to the proxy's socket).
 
     Raises MarkDenied, or OSError for what fails at once (EMFILE, ENETUNREACH, ...).
     """
-    sock = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET, _NONBLOCKING_STREAM)
+    ipv6 = ":" in endpoint.host
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, _NONBLOCKING_STREAM)
     try:
+        if transparent:
+            try:
+                set_transparent(sock, ipv6)
+            except PermissionError as exc:
+                raise MarkDenied(f"setsockopt(IP_TRANSPARENT): {exc.strerror}") from None
         if mark is not None:
             try:
                 set_mark(sock, mark)
             except PermissionError as exc:
                 raise MarkDenied(f"setsockopt(SO_MARK {mark:#x}): {exc.strerror}") from None
         if source is not None:
+            if ipv6 and source == INBOUND_PASSTHROUGH_V4:
+                source = INBOUND_PASSTHROUGH_V6
             sock.bind((source, 0))
         err = sock.connect_ex((endpoint.host, endpoint.port))
         if err != errno.EINPROGRESS and err != 0:
@@ -170,6 +189,18 @@ def _forget_if_closed(transport: asyncio.BaseTransport, sock: socket.socket) -> 
         sock.detach()
 
 
+def _to_app(passthrough: Route, config: Config) -> Route:
+    """How inbound connections reach the app (the original destination, one of ours):
+    with TPROXY from the client's address and with the tproxy mark (iptables/rules.sh:
+    the mark exempts the connection and routes the app's replies back to us); with
+    inbound_source 127.0.0.6 from there (::6 for IPv6); else as any passthrough."""
+    if config.inbound_mode == "tproxy":
+        return dataclasses.replace(passthrough, mark=config.tproxy_mark, bind_client=True)
+    if config.inbound_source != "pod-ip":
+        return dataclasses.replace(passthrough, source=INBOUND_PASSTHROUGH_V4)
+    return passthrough
+
+
 # --- attempts ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +213,7 @@ class Route:
     kind: str  # static, or original_dst: its one endpoint is each connection's original destination
     source: str | None  # the address upstream sockets are bound to
     limit: int | None  # the circuit breaker: at most this many connections open (or opening)
+    bind_client: bool = False  # bound to the client's address instead, with IP_TRANSPARENT (TPROXY)
 
 
 class Attempts:
@@ -207,6 +239,7 @@ class Connector:
                                      c.max_connections) for c in config.clusters}
         self.routes[ORIGINAL_DST] = Route(Names(f"cluster.{ORIGINAL_DST}.", CLUSTER_STATS),
                                           config.connect_timeout, config.mark, "original_dst", None, None)
+        self.to_app = _to_app(self.routes[ORIGINAL_DST], config)
         self.opening = dict.fromkeys(self.routes, 0)  # per cluster: sockets open or opening (the breaker)
         for route in self.routes.values():
             stats.declare(*route.names.all)
@@ -222,6 +255,8 @@ class Connector:
             cluster = pick_weighted(chain.weighted) if chain.weighted else cast(str, chain.cluster)
         relay.cluster = cluster
         route = self.routes[cluster]
+        if cluster == ORIGINAL_DST and relay.direction == "inbound":
+            route = self.to_app
         if route.kind == "original_dst":
             if relay.destination is None:  # a listener that never learns one
                 relay.close("no_original_destination", reset=True)
@@ -246,7 +281,10 @@ class Connector:
             endpoint = left.pop(0)
             self.stats.inc(route.names.upstream_cx_total)  # each attempt counts, as in Envoy
             try:
-                sock, key = open_socket(endpoint, route.mark, self.own, route.source)
+                if route.bind_client and relay.source is not None:
+                    sock, key = open_socket(endpoint, route.mark, self.own, relay.source.host, transparent=True)
+                else:
+                    sock, key = open_socket(endpoint, route.mark, self.own, route.source)
             except MarkDenied as exc:  # the privilege went away after start-up?
                 log.error("conn=%d privilege: %s", relay.id, exc)
                 relay.close("error", reset=True)
