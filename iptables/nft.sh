@@ -210,6 +210,7 @@ _nf_rule_text() {
 		classid=*) _rt_match="meta cgroup $_rt_value" ;;
 		cgroup-path=*) _nf_cgroupv2 "$_rt_value" ;;
 		ctstate=INVALID) _rt_match='ct state invalid' ;;
+		ctstate=RELATED,ESTABLISHED) _rt_match='ct state established,related' ;;
 		*) fail "internal error: no nft match for the term $_rt_term" ;;
 		esac
 		_rt_text="${_rt_text:+$_rt_text }$_rt_match"

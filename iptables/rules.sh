@@ -235,6 +235,8 @@ tproxy_rules() {
 	rule SIDECAR_TPROXY_INBOUND "proxy to the app, tproxy mark $_tr_mark" RETURN tcp "mark=$tproxy_mark"
 	why "Whatever arrives through lo was sent inside the pod: the nat OUTPUT rules decided about it already."
 	rule SIDECAR_TPROXY_INBOUND "stays on lo" RETURN in=lo
+	why "A packet of a connection conntrack knows already was decided at its first one: a reply to a connection the pod opened (TPROXY would drop it: its socket is not transparent), or the rest of a TPROXY'd one (delivered to the proxy's socket by its address)."
+	rule SIDECAR_TPROXY_INBOUND "established connection" RETURN tcp ctstate=RELATED,ESTABLISHED
 	inbound_capture_rules SIDECAR_TPROXY_INBOUND SIDECAR_TPROXY
 	why "A captured inbound connection goes to the proxy's transparent listener, its destination untouched (the proxy reads it with getsockname); the mark routes it to the local stack."
 	rule SIDECAR_TPROXY "inbound to proxy port $opt_proxy_port, tproxy" "TPROXY=$opt_proxy_port" tcp

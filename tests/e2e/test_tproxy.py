@@ -35,6 +35,7 @@ pytestmark = pytest.mark.netns
 
 IPTABLES = Path(__file__).resolve().parents[2] / "iptables"
 APP_PORT, RESET_PORT = 8080, 8081
+SERVICE_PORT, EXCLUDED_PORT = 80, 25  # the remote's services
 BULK = 4 << 20
 BACKENDS = ("nft", "legacy", "nft-native")
 
@@ -78,10 +79,10 @@ def script(world: PodWorld, name: str, *args: str) -> str:
     return world.pod.exec("sh", str(IPTABLES / name), *args).stdout
 
 
-def call(world: PodWorld, addr: tuple[str, int], payload: bytes) -> tuple[str, int, int, str]:
-    """From the remote: connect, read who the app saw, send `payload`, half-close, read the
-    app's digest. (seen address, seen port, count, sha256)."""
-    with world.remote.connect(addr, timeout=10) as c:
+def call(ns, addr: tuple[str, int], payload: bytes) -> tuple[str, int, int, str]:
+    """From `ns` (the remote: a client): connect, read who the server saw, send `payload`,
+    half-close, read the server's digest. (seen address, seen port, count, sha256)."""
+    with ns.connect(addr, timeout=10) as c:
         seen_host, seen_port = recv_line(c).split()
         c.sendall(payload)
         c.shutdown(socket.SHUT_WR)
@@ -103,7 +104,8 @@ def client_port_and_reset(world: PodWorld, addr: tuple[str, int]) -> type[BaseEx
 
 @pytest.fixture
 def app(world):
-    servers = []
+    servers = [Server(world.remote, (host, port), who_and_digest)
+               for host in ("198.51.100.10", "2001:db8:2::10") for port in (SERVICE_PORT, EXCLUDED_PORT)]
     for host in (PodWorld.POD_V4, PodWorld.POD_V6):
         servers.append(Server(world.pod, (host, APP_PORT), who_and_digest))
         servers.append(Server(world.pod, (host, RESET_PORT), reset_after_line))
@@ -138,14 +140,15 @@ def with_legacy_tables(world: PodWorld) -> None:
 def test_tproxy_the_app_sees_the_client(world, app, backend):
     with_legacy_tables(world)
     before = dump(world)
-    out = script(world, "redirect.sh", "--inbound-mode", "tproxy", "--backend", backend, "--ipv6", "on")
+    args = ("--inbound-mode", "tproxy", "--backend", backend, "--ipv6", "on",
+            "--exclude-outbound-ports", str(EXCLUDED_PORT))
+    out = script(world, "redirect.sh", *args)
     assert "installed" in out
     rules = dump(world)
     for family in ("-4", "-6"):
         assert "fwmark 0x539 lookup 133" in world.pod.ip(family, "rule"), rules
         assert "local default dev lo" in world.pod.ip(family, "route", "show", "table", "133"), rules
-    check = world.pod.exec("sh", str(IPTABLES / "redirect.sh"), "--inbound-mode", "tproxy", "--backend", backend,
-                           "--ipv6", "on", "--check", check=False)
+    check = world.pod.exec("sh", str(IPTABLES / "redirect.sh"), *args, "--check", check=False)
     assert check.returncode == 0, check.stdout + check.stderr
 
     proxy = ProxyProcess(world.pod, config={"inbound_mode": "tproxy"}, caps=("net_admin",))
@@ -154,7 +157,7 @@ def test_tproxy_the_app_sees_the_client(world, app, backend):
         want = (str(len(payload)), hashlib.sha256(payload).hexdigest())
         made = 0
         for pod, remote in ((PodWorld.POD_V4, PodWorld.REMOTE_V4), (PodWorld.POD_V6, PodWorld.REMOTE_V6)):
-            seen_host, _, count, digest = call(world, (pod, APP_PORT), payload)
+            seen_host, _, count, digest = call(world.remote, (pod, APP_PORT), payload)
             made += 1
             assert seen_host == remote, f"the app saw {seen_host}, not the client {remote}"
             assert (str(count), digest) == want, "bytes changed on the way"
@@ -164,8 +167,17 @@ def test_tproxy_the_app_sees_the_client(world, app, backend):
             assert client_port_and_reset(world, (pod, RESET_PORT)) is ConnectionResetError
             made += 1
             assert proxy.access(destination=at(pod, RESET_PORT))["end"] == "upstream_reset"
+        # outbound stays REDIRECT, and the replies of the pod's own connections are not TPROXY'd:
+        # captured (through the proxy), excluded (direct), and the app calling its own pod IP
+        for service, port in ((PodWorld.POD_V4, APP_PORT), ("198.51.100.10", SERVICE_PORT),
+                              ("198.51.100.10", EXCLUDED_PORT), ("2001:db8:2::10", SERVICE_PORT)):
+            _, _, count, digest = call(world.pod, (service, port), payload)
+            assert (str(count), digest) == want, f"bytes changed on the way to {service}:{port}"
+            if port != EXCLUDED_PORT:
+                made += 1
+                proxy.access(destination=at(service, port))
         entries = proxy.access_entries()
-        assert len(entries) == made, f"each client connection once in the access log: {entries}"
+        assert len(entries) == made, f"each captured connection once in the access log: {entries}"
         assert not [e for e in proxy.lines if "refused" in e.get("msg", "")], proxy.raw
         # the proxy's connection to the app passed the exemption rule, and was not TPROXY'd again
         assert rule_counter(world, backend, "proxy to the app, tproxy mark 0x539") > 0, dump(world)
@@ -201,7 +213,7 @@ def test_inbound_source_127_0_0_6(world, app, method, tmp_path):
     try:
         payload = os.urandom(1 << 20)
         for pod, seen in ((PodWorld.POD_V4, "127.0.0.6"), (PodWorld.POD_V6, "::6")):
-            seen_host, _, count, digest = call(world, (pod, APP_PORT), payload)
+            seen_host, _, count, digest = call(world.remote, (pod, APP_PORT), payload)
             assert seen_host == seen
             assert (count, digest) == (len(payload), hashlib.sha256(payload).hexdigest())
         entries = [proxy.access(destination=at(pod, APP_PORT)) for pod in (PodWorld.POD_V4, PodWorld.POD_V6)]
