@@ -126,6 +126,8 @@ def _config(bootstrap: Any, options: Options) -> Config:
         envoy_node=build.node_with(data.get("node", {}), options.service_cluster, options.service_node,
                              options.service_zone),
         ignored=built.ignored,
+        inbound_mode=built.inbound_mode,
+        **({"tproxy_mark": built.tproxy_mark} if built.tproxy_mark is not None else {}),
     )
 
 

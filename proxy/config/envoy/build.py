@@ -42,7 +42,7 @@ from typing import Any
 from ..model import Cluster, Listener
 from .clusters import bind_config, clusters
 from .fields import WHY, Fields, socket_address
-from .listeners import listeners
+from .listeners import inbound_mode, listeners
 
 BOOTSTRAP_IGNORED = (
     "node_context_params", "stats_sinks", "deferred_stat_options", "stats_config", "stats_flush_interval",
@@ -62,6 +62,8 @@ class Built:
         self.clusters: tuple[Cluster, ...] = ()
         self.admin: tuple[str, int] | None = None  # None: no admin API, as Envoy without `admin`
         self.ignored: tuple[str, ...] = ()
+        self.inbound_mode = "redirect"  # tproxy: a transparent listener with original_src (listeners.py)
+        self.tproxy_mark: int | None = None
 
 
 def build(bootstrap: Any) -> Built:
@@ -87,6 +89,7 @@ def build(bootstrap: Any) -> Built:
     out.clusters = clusters(static.clusters, "static_resources.clusters", default_bind, fields)
     out.listeners = listeners(static.listeners, "static_resources.listeners",
                                {c.name: c for c in out.clusters}, fields)
+    out.inbound_mode, out.tproxy_mark = inbound_mode(static.listeners, "static_resources.listeners")
     out.ignored = tuple(fields.ignored)
     return out
 

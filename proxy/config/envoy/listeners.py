@@ -1,6 +1,12 @@
 """Envoy's listeners -> the model's: addresses, the original_dst listener
 filter and use_original_dst, direction, bind_to_port, and the filter chains
 with their matches (tcp_proxy.py builds what a chain does).
+
+TPROXY (`inbound_mode`): a listener with `transparent: true` and the
+`envoy.filters.listener.original_src` listener filter (Istio's TPROXY
+interception mode) makes the proxy's inbound mode tproxy, with the filter's
+mark; one without the other is refused, since the proxy has only the two
+together (iptables/README.md, "Inbound by TPROXY").
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from .fields import Fields, model_name, raw_buffer, socket_address, type_name
 from .tcp_proxy import tcp_proxy
 
 ORIGINAL_DST_FILTER = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+ORIGINAL_SRC_FILTER = "envoy.extensions.filters.listener.original_src.v3.OriginalSrc"
 TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 DIRECTIONS = {0: "any", 1: "inbound", 2: "outbound"}  # TrafficDirection
 SOURCE_TYPES = {0: "any", 1: "local", 2: "external"}  # FilterChainMatch.ConnectionSourceType
@@ -77,9 +84,8 @@ def listeners(listeners: Sequence[Any], where: str, clusters: dict[str, Cluster]
 
 def _listener(msg: Any, where: str, clusters: dict[str, Cluster], fields: Fields, names: _Names) -> Listener:
     fields.only(msg, where, built=LISTENER_BUILT, ignored=LISTENER_IGNORED)
-    for flag in ("transparent", "freebind"):
-        if msg.HasField(flag) and getattr(msg, flag).value:
-            raise ConfigError(f"{where}.{flag}", "not supported (the proxy is reached by REDIRECT, not TPROXY)")
+    if msg.HasField("freebind") and msg.freebind.value:
+        raise ConfigError(f"{where}.freebind", "not supported (the proxy binds only its own addresses)")
     if not msg.HasField("address"):
         raise ConfigError(f"{where}.address", f"error adding listener named '{msg.name}': address is necessary")
     first, compat = socket_address(msg.address, f"{where}.address", fields)
@@ -112,18 +118,54 @@ def _listener(msg: Any, where: str, clusters: dict[str, Cluster], fields: Fields
 
 
 def _listener_filters(filters: Sequence[Any], where: str, fields: Fields) -> bool:
-    """Whether the original_dst listener filter is there (the only one supported)."""
+    """Whether the original_dst listener filter is there (the only one supported besides
+    original_src, which `inbound_mode` reads)."""
+    original_dst = False
     for i, listener_filter in enumerate(filters):
         at = f"{where}[{i}]"
         fields.only(listener_filter, at, built=("name", "typed_config"))
         if not listener_filter.HasField("typed_config"):
             raise ConfigError(at, f"Didn't find a registered implementation for '{listener_filter.name}' with type "
                                   "URL: ''")
-        if type_name(listener_filter.typed_config) != ORIGINAL_DST_FILTER:
+        kind = type_name(listener_filter.typed_config)
+        if kind not in (ORIGINAL_DST_FILTER, ORIGINAL_SRC_FILTER):
             raise ConfigError(at, f"not supported (listener filter {listener_filter.name!r}: of the listener "
-                                  "filters, only envoy.filters.listener.original_dst)")
-        fields.only(schema.unpack(listener_filter.typed_config, f"{at}.typed_config"), f"{at}.typed_config")
-    return bool(filters)
+                                  "filters, only envoy.filters.listener.original_dst and original_src)")
+        built = ("mark",) if kind == ORIGINAL_SRC_FILTER else ()
+        fields.only(schema.unpack(listener_filter.typed_config, f"{at}.typed_config"), f"{at}.typed_config",
+                    built=built)
+        original_dst = original_dst or kind == ORIGINAL_DST_FILTER
+    return original_dst
+
+
+def inbound_mode(listeners: Sequence[Any], where: str) -> tuple[str, int | None]:
+    """("tproxy", the original_src mark) if a listener is transparent with the original_src
+    filter; ("redirect", None) if none is; a ConfigError for one without the other."""
+    mode, mark = "redirect", None
+    for i, msg in enumerate(listeners):
+        at = f"{where}[{i}]"
+        transparent = msg.HasField("transparent") and msg.transparent.value
+        sources = [(j, f) for j, f in enumerate(msg.listener_filters)
+                   if f.HasField("typed_config") and type_name(f.typed_config) == ORIGINAL_SRC_FILTER]
+        if not transparent and not sources:
+            continue
+        if not sources:
+            raise ConfigError(f"{at}.transparent", "not supported without the envoy.filters.listener.original_src "
+                                                   "listener filter (the proxy's tproxy mode has both)")
+        j, source = sources[0]
+        if not transparent:
+            raise ConfigError(f"{at}.listener_filters[{j}]", "original_src needs the listener's transparent: true "
+                                                             "(the proxy's tproxy mode has both)")
+        own = schema.unpack(source.typed_config, f"{at}.listener_filters[{j}].typed_config").mark
+        if not own:
+            raise ConfigError(f"{at}.listener_filters[{j}].typed_config.mark",
+                              "0: the app's replies to the client's address need the mark to come back to the proxy "
+                              "(iptables/redirect.sh --tproxy-mark, 0x539)")
+        if mark is not None and own != mark:
+            raise ConfigError(f"{at}.listener_filters[{j}].typed_config.mark",
+                              f"{own:#x}: another listener's original_src has {mark:#x}; the proxy has one tproxy mark")
+        mode, mark = "tproxy", own
+    return mode, mark
 
 
 def _check_duplicates(chains: Sequence[Any], where: str) -> None:
