@@ -67,7 +67,8 @@ def rule_counters(world: PodWorld, backend: str) -> dict[tuple, int]:
         return nft_counters(world)
     counts = {}
     for family, tool in (("v4", "iptables-save"), ("v6", "ip6tables-save")):
-        out = world.pod.exec(tool, "-c", "-t", "nat", check=False).stdout
+        # mangle holds the rules of --inbound-mode tproxy (they count packets, not connections)
+        out = "\n".join(world.pod.exec(tool, "-c", "-t", table, check=False).stdout for table in ("nat", "mangle"))
         for line in out.splitlines():
             m = _COUNTED.match(line)
             if m:
@@ -114,6 +115,9 @@ def hits(before: dict, after: dict) -> list[str]:
             _family, chain, what, target = key
             whose = "   <- the proxy's own upstream connection" if target == "RETURN" and any(
                 h in what for h in BYPASS_HINT) else ""
+            if chain.startswith("SIDECAR_TPROXY"):  # mangle: every packet of the connection walks it
+                whose = f"   ({delta} packets)"
+                delta = 1
             out.append(f'+{delta} {chain:<19} "{what}" -> {target}{whose}')
     return out
 
@@ -145,7 +149,7 @@ REMOTE_SERVERS = (("web", ("198.51.100.10", 80)), ("reviews-1", ("198.51.100.21"
                   ("web-v6", ("2001:db8:2::10", 80)))
 
 
-def run_demo(method: str, backend: str = "auto") -> int:
+def run_demo(method: str, backend: str = "auto", inbound_mode: str = "redirect") -> int:
     try:
         scripts = scripts_dir()
     except ScriptsMissing as exc:
@@ -164,6 +168,11 @@ def run_demo(method: str, backend: str = "auto") -> int:
         script_args, proxy_args = method_args(method, Path(workdir))
         if backend != "auto":
             script_args += ["--backend", backend]
+        config, caps = CONFIG, [c.lower() for c in METHODS[method].proxy_capabilities]
+        if inbound_mode == "tproxy":  # the app sees the remote client's address (IP_TRANSPARENT: CAP_NET_ADMIN)
+            script_args += ["--inbound-mode", "tproxy"]
+            config = {**CONFIG, "inbound_mode": "tproxy"}
+            caps = sorted({*caps, "net_admin"})
         step(2, f"the init step, as root in the pod: sh iptables/redirect.sh {' '.join(script_args)}")
         out = run(world.pod.nsenter_argv("sh", str(scripts / "redirect.sh"), *script_args))
         print("    " + (out.stdout + out.stderr).strip().replace("\n", "\n    "))
@@ -175,10 +184,10 @@ def run_demo(method: str, backend: str = "auto") -> int:
             rules = world.pod.exec("iptables", "-t", "nat", "-S", "SIDECAR_OUTPUT").stdout
             print("    outbound chain (IPv4):\n      " + rules.strip().replace("\n", "\n      "))
 
-        needs = METHODS[method].proxy_capabilities
         step(3, "the proxy: sidecar-proxy run, as UID 1337" +
-             (f" with {', '.join('CAP_' + c for c in needs)} alone" if needs else ", no capabilities"))
-        proxy = ProxyProcess(world.pod, config=CONFIG, args=tuple(proxy_args), caps=tuple(c.lower() for c in needs),
+             (f" with {', '.join('CAP_' + c.upper() for c in caps)} alone" if caps else ", no capabilities") +
+             (", inbound_mode: tproxy" if inbound_mode == "tproxy" else ""))
+        proxy = ProxyProcess(world.pod, config=config, args=tuple(proxy_args), caps=tuple(caps),
                              enter="nsenter" if method == "cgroup" else "ip-netns")
         print(f"    pid {proxy.pid}, uid {proxy.status_field('Uid').split()[0]}, "
               f"effective capabilities {proxy.status_field('CapEff')}")
@@ -264,8 +273,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Python would not have made Ctrl-C a KeyboardInterrupt
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
-    print(f"sidecar-proxy demo: method {args.method}, backend {args.backend}")
-    return run_demo(args.method, args.backend)
+    print(f"sidecar-proxy demo: method {args.method}, backend {args.backend}, inbound {args.inbound_mode}")
+    return run_demo(args.method, args.backend, args.inbound_mode)
 
 
 def add_parser(sub) -> None:
@@ -275,4 +284,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--backend", choices=("auto", "nft", "legacy", "nft-native"), default="auto",
                         help="the rules' backend (redirect.sh --backend): iptables-nft, iptables-legacy, or one "
                              "nftables table (its counters are then nft's); default auto")
+    parser.add_argument("--inbound-mode", choices=("redirect", "tproxy"), default="redirect",
+                        help="inbound by REDIRECT (the app sees the pod's address) or TPROXY (the app sees the "
+                             "client's; the proxy gets CAP_NET_ADMIN); default redirect")
     parser.set_defaults(func=cmd_demo)
