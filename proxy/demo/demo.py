@@ -115,7 +115,7 @@ def hits(before: dict, after: dict) -> list[str]:
             _family, chain, what, target = key
             whose = "   <- the proxy's own upstream connection" if target == "RETURN" and any(
                 h in what for h in BYPASS_HINT) else ""
-            if chain.startswith("SIDECAR_TPROXY"):  # mangle: every packet of the connection walks it
+            if "SIDECAR_TPROXY" in chain + target:  # mangle: every packet of the connection walks it
                 whose = f"   ({delta} packets)"
                 delta = 1
             out.append(f'+{delta} {chain:<19} "{what}" -> {target}{whose}')
