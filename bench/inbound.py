@@ -183,19 +183,22 @@ def summarise(doc: dict) -> dict:
                 if pair.get("redirect") and pair.get("tproxy"):
                     ratios.append(pair["tproxy"] / pair["redirect"])
             row["ratio"] = statistics.median(ratios) if ratios else None
+            row["ratio_range"] = [min(ratios), max(ratios)] if ratios else None
             out[f"{name} {key}"] = row
     return out
 
 
 def markdown(doc: dict) -> str:
-    lines = ["| workload | metric | direct | redirect | tproxy | tproxy / redirect |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| workload | metric | direct | redirect | tproxy | tproxy / redirect | its range |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for name in doc["workloads"]:
         for key, label, better in doc["metrics"][name]:
             row = doc["summary"][f"{name} {key}"]
             arrow = "↑" if better == "higher" else "↓"
             cells = [_fmt(row[m]) for m in MODES]
             ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-            lines.append(f"| {name} | {label} {arrow} | {' | '.join(cells)} | {ratio} |")
+            spread = "-" if row["ratio_range"] is None else "{:.2f}-{:.2f}".format(*row["ratio_range"])
+            lines.append(f"| {name} | {label} {arrow} | {' | '.join(cells)} | {ratio} | {spread} |")
     text = "\n".join(lines) + "\n"
     if doc["failures"]:
         text += "\nFailures:\n" + "\n".join(f"- {f}" for f in doc["failures"]) + "\n"

@@ -16,21 +16,20 @@
 # (a re-run adds nothing), and a failed install removes what this run added.
 
 # Loaded by lib.sh; redirect.sh and lib.sh set the options read here, and
-# the scripts read ROUTE_ERR:
-# shellcheck disable=SC2154,SC2034
+# the scripts read ROUTE_ERR; BB is one word or none:
+# shellcheck disable=SC2154,SC2034,SC2086
 
-# route_rule_present 4|6: is `fwmark MARK lookup TABLE` there?
+# route_rule_present 4|6: is `fwmark MARK lookup TABLE` there? (The whole
+# list is read: BusyBox's ip neither filters nor lists one table's IPv6
+# routes, and ends its lines with a blank.) ${BB:-}: validate.sh runs ip
+# through the busybox program.
 route_rule_present() {
-	[ -n "$(ip "-$1" rule show fwmark "$tproxy_mark" lookup "$opt_tproxy_table" 2>/dev/null)" ]
+	${BB:-} ip "-$1" rule show 2>/dev/null | grep -q "fwmark $(printf '0x%x' "$tproxy_mark") lookup $opt_tproxy_table *\$"
 }
 
 # route_local_present 4|6: is the `local default dev lo` route in TABLE?
 route_local_present() {
-	# a table that does not exist yet is an error for ip: none there
-	case "$(ip "-$1" route show table "$opt_tproxy_table" 2>/dev/null)" in
-	*'local default dev lo'*) return 0 ;;
-	esac
-	return 1
+	${BB:-} ip "-$1" route show table all 2>/dev/null | grep -q "^local default dev lo table $opt_tproxy_table "
 }
 
 # routes_install FAMILIES: the rule and the route for each family (4, 6)

@@ -270,6 +270,11 @@ plan_family() {
 			"$_pf_name inbound: the pod's own $(hostport "$_pf_own" "$inport") from UID 0"
 	fi
 
+	if tproxy_on; then
+		plan_line tproxy "$_pf_fam" - - \
+			"$_pf_name tproxy: ip rule fwmark $(printf '0x%x' "$tproxy_mark") lookup $opt_tproxy_table, local default dev lo in table $opt_tproxy_table"
+	fi
+
 	if ! method_bypasses_proxy; then
 		plan_line skip "$_pf_fam" - - "$_pf_name bypass: --method explicit has none (the proxy never dials a listed service)"
 	elif [ -n "$_pf_probe" ]; then
@@ -297,6 +302,12 @@ run_plan() {
 				invalid "$_rp_check" "$_rp_fam" "$_rp_what did not reach the proxy port $opt_proxy_port"
 			fi
 			;;
+		tproxy)
+			# TPROXY acts on packets from outside, which a probe from inside the pod
+			# cannot send: what can be checked is the policy routing it needs
+			tproxy_routing_present "$_rp_fam" || invalid tproxy "$_rp_fam" "$_rp_what"
+			ok "$_rp_what: present"
+			;;
 		bypass)
 			if [ "$opt_method" = mark ] && ! mark_probe_on "$_rp_fam" "$_rp_host" "$_rp_port"; then
 				skip "${_rp_what%%:*}: marking the probe needs nft (sidecar-proxy validate sets SO_MARK itself)"
@@ -313,6 +324,18 @@ run_plan() {
 	done <<EOF_PLAN
 $plan
 EOF_PLAN
+}
+
+# tproxy_routing_present 4|6: the rule and the route of --inbound-mode
+# tproxy (route.sh); if not, REPLY names the first missing one.
+tproxy_routing_present() {
+	if ! route_rule_present "$1"; then
+		REPLY="ip -$1 rule fwmark $(printf '0x%x' "$tproxy_mark") lookup $opt_tproxy_table"
+		return 1
+	fi
+	route_local_present "$1" && return 0
+	REPLY="ip -$1 route local default dev lo table $opt_tproxy_table"
+	return 1
 }
 
 # mark_probe_on FAMILY HOST PORT: a table of ours that gives the probe's
@@ -352,6 +375,14 @@ hostport() {
 # the first rule that is missing or stray, else what is left to look at.
 explain() {
 	_ex_check="$1" _ex_fam="$2"
+	if [ "$_ex_check" = tproxy ]; then
+		if tproxy_routing_present "$_ex_fam"; then
+			REPLY=present
+		else
+			REPLY="$REPLY is missing: TPROXY'd connections and the app's replies to them would not reach the proxy (redirect.sh --inbound-mode tproxy puts it in)"
+		fi
+		return 0
+	fi
 	if [ "$_ex_fam" = 4 ]; then _ex_name=IPv4; else _ex_name=IPv6; fi
 	if ! choose_backend_quietly; then
 		REPLY="$REPLY ($_ex_name)"

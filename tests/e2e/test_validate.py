@@ -244,3 +244,23 @@ def test_validate_sh_with_debians_busybox_package(world):
         assert_passed(validate(world, "sh", UID, path=f"{directory}:{PATH}"), "sh")
     finally:
         shutil.rmtree(directory)
+
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend", ["nft", "nft-native"])
+@pytest.mark.parametrize("rule_gone", [False, True], ids=["in-place", "ip-rule-gone"])
+def test_tproxy_needs_its_policy_routing(world, busybox, impl, backend, rule_gone):
+    """--inbound-mode tproxy: the checks pass with the rules in place, and fail naming the
+    ip rule when it is gone (no probe from inside the pod can reach TPROXY)."""
+    m = Method("uid", ["--method", "uid", "--inbound-mode", "tproxy", "--backend", backend])
+    assert redirect(world, m).returncode == 0
+    path = busybox if impl == "sh" else PATH
+    if rule_gone:
+        world.pod.ip("-6", "rule", "del", "fwmark", "0x539", "lookup", "133")
+        assert_invalid(validate(world, impl, m, path=path), impl, "IPv6 tproxy: ",
+                       "ip -6 rule fwmark 0x539 lookup 133 is missing")
+    else:
+        text = "\n".join(assert_passed(validate(world, impl, m, path=path), impl))
+        assert "ok: IPv6 tproxy: ip rule fwmark 0x539 lookup 133, local default dev lo in table 133: present" in text
+    assert redirect_cleanup(world, m) == 0

@@ -12,8 +12,8 @@ import pytest
 from proxy import config as cfg
 from proxy.config.envoy import Options, load_bootstrap
 from proxy.datapath.sockopts import tproxied_dst
-from proxy.datapath.upstream import INBOUND_PASSTHROUGH_V4, Connector, OwnSockets
 from proxy.datapath.stats import Stats
+from proxy.datapath.upstream import INBOUND_PASSTHROUGH_V4, Connector, OwnSockets
 
 
 def write(tmp_path, text: str, name: str = "proxy.yaml") -> str:
