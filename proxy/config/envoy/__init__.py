@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import yaml
 
 from ..document import Limits, decode
-from ..model import Config
+from ..model import DEFAULT_TPROXY_MARK, Config
 from ..source import line_for, read_yaml
 from ..values import ConfigError
 
@@ -127,7 +127,7 @@ def _config(bootstrap: Any, options: Options) -> Config:
                              options.service_zone),
         ignored=built.ignored,
         inbound_mode=built.inbound_mode,
-        **({"tproxy_mark": built.tproxy_mark} if built.tproxy_mark is not None else {}),
+        tproxy_mark=built.tproxy_mark if built.tproxy_mark is not None else DEFAULT_TPROXY_MARK,
     )
 
 
