@@ -10,7 +10,8 @@
    not traced: user and system CPU from /proc/PID/stat and context switches
    from /proc/PID/task/*/status, before and after;
 3. N more, counted: `perf stat` on the `syscalls:sys_enter_<name>`
-   tracepoint of each call named in 1, and on `raw_syscalls:sys_enter` (every
+   tracepoint of each call named in 1 (and of ALWAYS, a relay's usual calls, in
+   case perf trace missed them), and on `raw_syscalls:sys_enter` (every
    call: what 1 did not name shows as "other"), for the subject's processes
    and threads, enabled just before the connections and disabled just after
    (perf's control FIFO, acknowledged), so that start-up and clean-up are
@@ -75,6 +76,12 @@ def perf_can_count() -> str | None:
 
 
 TRACEFS = ("/sys/kernel/tracing/events/syscalls", "/sys/kernel/debug/tracing/events/syscalls")
+# Counted whatever `perf trace` saw: a relay's calls for every connection.
+# perf trace attaches late and drops events on a busy machine; without these,
+# a warm-up it missed left even accept4 out of the counts.
+ALWAYS = ("accept4", "socket", "connect", "setsockopt", "getsockopt", "getsockname", "getpeername", "ioctl",
+          "read", "write", "recvfrom", "sendto", "shutdown", "close", "epoll_ctl", "epoll_wait")
+
 # perf trace -s: "   accept4    1000    0    12.345 ..." under a "----" rule, per thread
 _SUMMARY_ROW = re.compile(r"^\s+([a-z_0-9]+)\s+\d+\s+\d+\s")
 
@@ -92,7 +99,7 @@ def name_calls(pids: list[int], workdir: str, run) -> list[str]:
         run()
     finally:
         stop_process(proc, sig=signal.SIGINT, timeout=30)
-    names = set()
+    names = set(ALWAYS)
     with open(out) as f:
         for line in f:
             row = _SUMMARY_ROW.match(line)
