@@ -244,6 +244,7 @@ def configure(values: dict[str, Any]) -> cfg.Config:
         service_zone=values.get("service_zone", ""),
     )
     config = load_bootstrap(options)
+    loop = os.environ.get(cfg.LOOP_ENV) or config.loop
     wanted = values.get("concurrency")
     workers = default_concurrency(bool(values.get("cpuset_threads"))) if wanted is None else wanted
     concurrency = min(max(workers, 1), MAX_CONCURRENCY)
@@ -252,7 +253,7 @@ def configure(values: dict[str, Any]) -> cfg.Config:
         pattern = pattern.replace("%v", "%_")
     components = component_levels(values["component_log_level"]) if "component_log_level" in values else []
     return dataclasses.replace(
-        config, concurrency=concurrency, log_level=ENVOY_LEVELS[values.get("log_level", "info")],
+        config, loop=cfg.SETTINGS["loop"](loop, cfg.LOOP_ENV), concurrency=concurrency, log_level=ENVOY_LEVELS[values.get("log_level", "info")],
         log_pattern=pattern, logger_levels=logger_levels(components, cfg.LOG_LEVELS),
         admin_address_path=values.get("admin_address_path") or None,
         drain_time=float(values.get("drain_time_s", 600)), drain_strategy=values.get("drain_strategy", "gradual"),

@@ -41,7 +41,7 @@ from .model import (
     plain_listener,
     redirect_listener,
 )
-from .values import SETTINGS, SHORT_FORM, ConfigError, parse_duration
+from .values import LOOP_ENV, SETTINGS, SHORT_FORM, ConfigError, parse_duration
 
 __all__ = [
     "BLACKHOLE",
@@ -53,6 +53,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "LOOPS",
+    "LOOP_ENV",
     "NET_CLS_ID",
     "ORIGINAL_DST",
     "PASSTHROUGH",

@@ -309,7 +309,12 @@ SHORT_FORM: dict[str, Callable[[Any, str], Any]] = {
 OPTIONAL = ("mark", "cgroup", "max_connections", "admin_address_path", "log_pattern", "bootstrap", "envoy_node",
             "command_line")
 
-# The design note's environment variables the proxy honours.
+# The environment variables the proxy honours: the design note's, Istio's names for
+# inbound interception, and the event loop, which `sidecar-envoy` can take from nowhere
+# else (Envoy's command line has no flag for it, and a harness that runs `envoy ARGS`
+# must run it unchanged).
+LOOP_ENV = "SIDECAR_PROXY_LOOP"
 ENVIRONMENT = {"ISTIO_PROXY_PORT": "port", "ISTIO_SO_MARK": "mark",
                # Istio's names, as iptables/redirect.sh reads them
-               "INBOUND_INTERCEPTION_MODE": "inbound_mode", "INBOUND_TPROXY_MARK": "tproxy_mark"}
+               "INBOUND_INTERCEPTION_MODE": "inbound_mode", "INBOUND_TPROXY_MARK": "tproxy_mark",
+               LOOP_ENV: "loop"}

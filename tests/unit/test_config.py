@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,22 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     assert port(cfg.load(path, env={"ISTIO_PROXY_PORT": "7000"}, flags={"port": "8000"})) == 8000
     assert cfg.load(path, env={"ISTIO_SO_MARK": "0x10"}).mark == 0x10
     assert cfg.load(path, env={"ISTIO_SO_MARK": ""}).mark == 3  # empty means unset
+    assert cfg.load(path, env={"SIDECAR_PROXY_LOOP": "asyncio"}).loop == "asyncio"
+    assert cfg.load(path, env={"SIDECAR_PROXY_LOOP": "asyncio"}, flags={"loop": "uvloop"}).loop == "uvloop"
+
+
+def test_the_loop_from_the_environment_for_sidecar_envoy(monkeypatch, capsys):
+    """Envoy's command line has no flag for it: SIDECAR_PROXY_LOOP, checked like a flag."""
+    from proxy import envoy_cli
+    bootstrap = str(Path(__file__).parents[1] / "envoy" / "bootstraps" / "valid" / "istio-sidecar.yaml")
+    assert envoy_cli.configure(envoy_cli.parse(["-c", bootstrap])).loop == "uvloop"
+    monkeypatch.setenv("SIDECAR_PROXY_LOOP", "asyncio")
+    assert envoy_cli.configure(envoy_cli.parse(["-c", bootstrap])).loop == "asyncio"
+    monkeypatch.setenv("SIDECAR_PROXY_LOOP", "trio")
+    assert envoy_cli.main(["--mode", "validate", "-c", bootstrap]) == 1
+    err = capsys.readouterr().err
+    assert err == ("sidecar-envoy: error initializing configuration: SIDECAR_PROXY_LOOP: 'trio' is not one of "
+                   "uvloop, asyncio\n")
 
 
 def test_check_prints_the_effective_config(tmp_path):
