@@ -253,7 +253,8 @@ def configure(values: dict[str, Any]) -> cfg.Config:
         pattern = pattern.replace("%v", "%_")
     components = component_levels(values["component_log_level"]) if "component_log_level" in values else []
     return dataclasses.replace(
-        config, loop=cfg.SETTINGS["loop"](loop, cfg.LOOP_ENV), concurrency=concurrency, log_level=ENVOY_LEVELS[values.get("log_level", "info")],
+        config, loop=cfg.SETTINGS["loop"](loop, cfg.LOOP_ENV), concurrency=concurrency,
+        log_level=ENVOY_LEVELS[values.get("log_level", "info")],
         log_pattern=pattern, logger_levels=logger_levels(components, cfg.LOG_LEVELS),
         admin_address_path=values.get("admin_address_path") or None,
         drain_time=float(values.get("drain_time_s", 600)), drain_strategy=values.get("drain_strategy", "gradual"),
