@@ -553,6 +553,15 @@ class Relay:
                 side.shut(reset)
         self._maybe_ended()
 
+    def close_unserved(self, reason: str) -> None:
+        """End a connection no upstream will serve (none healthy, none left
+        to try, the circuit breaker open) as Envoy ends it: Envoy never read
+        from the client and close()s its socket, which the kernel turns into
+        a FIN when the client has sent nothing, and a RST when bytes of its
+        lie unread. The client's bytes are read here (held for the upstream),
+        so the same rule is written out: a RST if it sent any."""
+        self.close(reason, reset=self.downstream.received > 0)
+
     def _maybe_ended(self) -> None:
         if self._ended:
             return

@@ -4,8 +4,9 @@ A connection's chain names a cluster (or its original destination); the
 `Connector` tries the cluster's endpoints in their round-robin order, each
 once, until one connects. It counts every attempt as Envoy does
 (`cluster.<name>.upstream_cx_total`; a failure is an `upstream_cx_connect_fail`,
-a timeout an `upstream_cx_connect_timeout` too) and gives the client a RST
-when no endpoint is left. The endpoints still to try travel with each
+a timeout an `upstream_cx_connect_timeout` too) and closes the client as
+Envoy does when no endpoint is left: a FIN if it has sent nothing, else a
+RST (relay.Relay.close_unserved). The endpoints still to try travel with each
 attempt (`Attempts`), so the relay never holds them.
 
 Each attempt makes its socket by hand and starts a non-blocking connect(),
@@ -266,7 +267,7 @@ class Connector:
             endpoints = self.policies[cluster].order()
         if not endpoints:  # Envoy: no healthy upstream; Istio's BlackHoleCluster
             self.stats.inc(route.names.upstream_cx_none_healthy)
-            relay.close("no_healthy_upstream", reset=True)
+            relay.close_unserved("no_healthy_upstream")
             return
         self._next(relay, Attempts(cluster, route, attempts(endpoints, chain.max_connect_attempts)))
 
@@ -276,7 +277,7 @@ class Connector:
         while left:
             if route.limit is not None and self.opening[attempts.cluster] >= route.limit:
                 self.stats.inc(route.names.upstream_cx_overflow)  # Envoy's circuit breaker
-                relay.close("upstream_overflow", reset=True)
+                relay.close_unserved("upstream_overflow")
                 return
             endpoint = left.pop(0)
             self.stats.inc(route.names.upstream_cx_total)  # each attempt counts, as in Envoy
@@ -357,9 +358,9 @@ class Connector:
             policy.closed(up.endpoint)
 
     def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
-        """No endpoint is left: the client gets a RST (the end reason is the last attempt's)."""
+        """No endpoint is left: the client is closed as Envoy closes it (the end reason is the last attempt's)."""
         log.info("conn=%d upstream connect failed: %s: %s", relay.id, endpoint, reason)
-        relay.close("connect_timeout" if timed_out else "connect_failed", reset=True)
+        relay.close_unserved("connect_timeout" if timed_out else "connect_failed")
 
     def _count_failure(self, cluster: str, endpoint: Endpoint, timed_out: bool) -> None:
         """As in Envoy: a failed attempt is an upstream_cx_connect_fail, and one

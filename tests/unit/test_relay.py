@@ -307,13 +307,21 @@ def test_a_refused_endpoint_is_followed_by_the_next_with_the_bytes_replayed(run)
     run(scenario())
 
 
-def test_no_endpoint_left_resets_the_client(run):
+@pytest.mark.parametrize("sent", [b"", b"hello"])
+def test_no_endpoint_left_closes_the_client_as_envoy_does(run, sent):
+    """A FIN for a client that has sent nothing, a RST for one that has (Envoy's close of
+    a socket with unread bytes; tests/envoy/test_datapath_conformance.py compares)."""
     async def scenario():
         async with world([Endpoint("127.0.0.1", closed_port()), Endpoint("127.0.0.1", closed_port())]) as w:
             client = socket.create_connection(w.front)
             client.settimeout(STEP)
-            with pytest.raises(ConnectionResetError):
-                await asyncio.get_running_loop().run_in_executor(None, client.recv, 10)
+            client.sendall(sent)
+            loop = asyncio.get_running_loop()
+            if sent:
+                with pytest.raises(ConnectionResetError):
+                    await loop.run_in_executor(None, client.recv, 10)
+            else:
+                assert await loop.run_in_executor(None, client.recv, 10) == b""
             await w.until(lambda: not w.shared.live, "the relay ended")
             assert w.stats["cluster.backend.upstream_cx_connect_fail"] == 2
             assert w.stats["cluster.backend.upstream_cx_active"] == 0
