@@ -68,9 +68,11 @@ LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_
                   "downstream_cx_overflow", "downstream_global_cx_overflow")
 REDIRECT_STATS = (*LISTENER_STATS, "loop_guard_refused")
 SPLICE_STATS = ("pumps_total", "pumps_active", "unavailable")
-# Envoy's tcp_proxy stats, all of them (the ones we never move stay 0, as they do
-# in Envoy for what a chain does not use: no route and the flush counters are
-# for configurations we refuse, the duration limit for one we do not take).
+# Envoy's tcp_proxy stats, all of them. The ones we never move stay 0: no route is
+# for configurations we refuse, the duration limit for one we do not take; the flush
+# counters Envoy moves when a client closes while bytes of its wait to be written
+# upstream, which its deferred writes make nearly every time a client sends its last
+# bytes and its FIN together; we write at once (README, "Differences from Envoy").
 TCP_STATS = ("downstream_cx_total", "downstream_cx_no_route", "downstream_cx_tx_bytes_total",
              "downstream_cx_tx_bytes_buffered", "downstream_cx_rx_bytes_total", "downstream_cx_rx_bytes_buffered",
              "downstream_flow_control_paused_reading_total", "downstream_flow_control_resumed_reading_total",
@@ -368,9 +370,12 @@ class Listener:
         stats.inc(names.downstream_cx_tx_bytes_total, received)
         if (confirmed := relay.confirmed) is not None:
             shared.connector.closed(relay, confirmed, sent, received)
+        # tcp_proxy's figures count what it relayed: Envoy reads nothing from the client
+        # before its upstream connects, so the bytes of a client no upstream served are not there
+        relayed = sent if confirmed is not None else 0
         tcp = shared.tcp_stats.get(relay.chain)
         if tcp is not None:
-            stats.inc(tcp.downstream_cx_rx_bytes_total, sent)
+            stats.inc(tcp.downstream_cx_rx_bytes_total, relayed)
             stats.inc(tcp.downstream_cx_tx_bytes_total, received)
             if relay.end == "idle_timeout":
                 stats.inc(tcp.idle_timeout)
@@ -380,8 +385,9 @@ class Listener:
             entry.update(bytes_up=sent, bytes_down=received, end=relay.end or "done",
                          duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
             shared.access_log.write(entry)
-            if chain_logs:
-                entry["upstream_local"] = hostport(*confirmed.key[:2]) if confirmed is not None else None
+            if chain_logs:  # Envoy's formats: %BYTES_RECEIVED% as tcp_proxy counts it
+                entry.update(bytes_up=relayed,
+                             upstream_local=hostport(*confirmed.key[:2]) if confirmed is not None else None)
                 for chain_log in chain_logs:
                     chain_log.write(entry)
 
