@@ -184,7 +184,7 @@ def subject(kind: str, ns: NetNs, bootstrap_path: str, args: tuple[str, ...] = (
 
 def write_bootstrap(directory: str, bootstrap: dict, name: str = "envoy.yaml") -> str:
     """The bootstrap as a YAML file UID 1337 can read; its path."""
-    os.chmod(directory, 0o755)
+    os.chmod(directory, os.stat(directory).st_mode & 0o777 | 0o755)  # UID 1337 may enter it
     path = os.path.join(directory, name)
     Path(path).write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     os.chmod(path, 0o644)

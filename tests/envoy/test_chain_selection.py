@@ -4,10 +4,11 @@ Generated listeners of a dozen filter chains (destination port, destination
 prefixes, transport protocol, direct source, source type, source prefixes,
 source ports) get the same few hundred connections, each from a chosen
 source address and port to a chosen destination, through the project's own
-redirect rules, first to real Envoy 1.40 and then to the proxy, each as UID
-1337 in a fresh pod. Each chain writes the connections it took to an access
-log with Envoy's %FILTER_CHAIN_NAME%; the two logs must name the same chain
-for every connection. The generator is seeded, so a difference is
+redirect rules, first to real Envoy 1.40 and then to sidecar-envoy on each
+event loop, all three on the same bootstrap file with the same command line,
+each as UID 1337 in a fresh pod. Each chain writes the connections it took
+to an access log with Envoy's %FILTER_CHAIN_NAME%; the logs must name the
+same chain for every connection. The generator is seeded, so a difference is
 reproducible; the seed and the chains are in the failure message.
 """
 
@@ -24,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
-from envoyproc import EnvoyProcess, validate
+from envoyproc import LOOPS, SUBJECTS, subject, validate, write_bootstrap
 
 from proxy import config as cfg
 from proxy.demo.netns import PodWorld, ThreadedServer
-from proxy.demo.sandbox import ProxyProcess
 
 pytestmark = pytest.mark.netns
 
@@ -44,6 +43,7 @@ DESTINATIONS = ["198.51.100.10", "198.51.100.70", "198.51.100.130", "203.0.113.9
                 "2001:db8:2::8000", "192.0.2.1"]  # the last: the pod's own address, a local connection from it
 PORTS = [80, 443, 8080, 9000]
 SOURCE_PORTS = [41000, 41001]
+ANY_PORT_FROM = 20000  # the source ports of the cases that take any: 20000, 20001, ... one each
 # No 0.0.0.0/0 or ::/0: Envoy files a chain without destination prefixes under the same
 # prefix, and which of two such chains it then takes varies from one Envoy process to the
 # next (its hash maps are seeded per process); README, "Differences from Envoy".
@@ -167,44 +167,28 @@ def envoy_bootstrap(chains: list[dict], log_path: str) -> dict:
     }
 
 
-def proxy_config(chains: list[dict], log_path: str) -> dict:
-    """The same listener in the proxy's own long form (until the proxy reads the bootstrap itself)."""
-    logs = [{"path": log_path, "format": LOG_FORMAT}]
-
-    def ours(i: int, m: dict) -> dict:
-        match = _as_match(m)
-        spec: dict = {"ports": list(match.ports), "destinations": [str(n) for n in match.destinations],
-                      "sources": [str(n) for n in match.sources], "source_ports": list(match.source_ports),
-                      "direct_sources": [str(n) for n in match.direct_sources], "source_type": match.source_type,
-                      "transport_protocol": match.transport_protocol}
-        return {"name": f"c{i}", "match": spec, "cluster": "sink", "stat_prefix": f"c{i}", "access_logs": logs}
-
-    return {"access_log": "off", "clusters": [{"name": "sink", "endpoints": [f"{SINK[0]}:{SINK[1]}"]}],
-            "listeners": [{"name": "virtual", "addresses": [f"[::]:{PORT}"], "v4_on_v6": True, "original_dst": True,
-                           "chains": [ours(i, m) for i, m in enumerate(chains)],
-                           "default_chain": {"name": "default", "cluster": "sink", "access_logs": logs}}]}
-
-
 def drain(conn: socket.socket) -> None:
     while conn.recv(65536):
         pass
 
 
-def run_cases(world: PodWorld, cases: list[Case]) -> dict[tuple[str, int], str]:
+def run_cases(world: PodWorld, cases: list[Case]) -> list[tuple[str, int]]:
     """Make every connection; the source each one had (it names the connection in the logs)."""
-    sources = {}
-    for case in cases:
+    sources = []
+    for i, case in enumerate(cases):
         sock = world.pod.socket(socket.AF_INET6 if ":" in case.dst else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a fixed port still in TIME_WAIT
             sock.settimeout(5)
-            sock.bind((case.src, case.sport))
+            # "any port" is a port of its own: a kernel's ephemeral port may come again, and the
+            # source must name one connection in the log
+            sock.bind((case.src, case.sport or ANY_PORT_FROM + i))
             sock.connect((case.dst, case.dport))
         except OSError as exc:
             sock.close()
             raise AssertionError(f"{case}: {exc}") from None
         with sock:
-            sources[case] = sock.getsockname()[:2]
+            sources.append(sock.getsockname()[:2])
             sock.shutdown(socket.SHUT_WR)
             drain(sock)
     return sources
@@ -223,7 +207,8 @@ def chains_taken(log_path: str, expected: int, timeout: float = 20.0) -> dict[tu
         source, _, chain = line.split()
         host, _, port = source.rpartition(":")
         host = host.strip("[]").removeprefix("::ffff:")
-        taken[host, int(port)] = chain
+        key = (host, int(port))
+        taken[key] = "(two log lines)" if key in taken else chain  # each source is one connection
     return taken
 
 
@@ -242,48 +227,47 @@ def a_world() -> PodWorld:
     return world
 
 
-def side(kind: str, chains: list[dict], cases: list[Case]) -> dict[Case, str]:
-    """Every case's chain, as one proxy (real Envoy, or ours) chose it."""
-    logdir = tempfile.mkdtemp(prefix=f"scp-chains-{kind}-")  # pytest's own are private to root
-    os.chmod(logdir, 0o777)
-    log_path = os.path.join(logdir, "chains.log")
+def side(kind: str, bootstrap_path: str, log_path: str, cases: list[Case]) -> list[str]:
+    """Every case's chain, in order, as one subject (real Envoy, or sidecar-envoy on a loop) chose it."""
+    Path(log_path).unlink(missing_ok=True)
     world = a_world()
     server = ThreadedServer(world.remote, SINK, drain)
     try:
-        if kind == "envoy":
-            runner = EnvoyProcess(world.pod, envoy_bootstrap(chains, log_path))
-        else:
-            runner = ProxyProcess(world.pod, config=proxy_config(chains, log_path), access_log=False)
+        runner = subject(kind, world.pod, bootstrap_path)
         try:
             sources = run_cases(world, cases)
             taken = chains_taken(log_path, len(cases))
         finally:
             runner.stop()
-        return {case: taken.get(tuple(source), "(no log line)") for case, source in sources.items()}
+        return [taken.get(tuple(source), "(no log line)") for source in sources]
     finally:
         server.close()
         world.close()
-        shutil.rmtree(logdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_proxy_picks_the_chain_envoy_picks(seed, tmp_path, netns_prerequisites):
+def test_the_proxy_picks_the_chain_envoy_picks(seed, netns_prerequisites):
     rng = random.Random(seed)
     chains = generate_chains(rng)
     cases = generate_cases(rng, chains)
-    bootstrap = tmp_path / "bootstrap.yaml"
-    bootstrap.write_text(yaml.safe_dump(envoy_bootstrap(chains, "/dev/null")))
-    verdict = validate(str(bootstrap))
-    assert verdict.returncode == 0, f"Envoy refuses chains we accept (seed {seed}): {verdict.stderr[-800:]}"
+    directory = tempfile.mkdtemp(prefix="scp-chains-")  # pytest's own are private to root
+    try:
+        os.chmod(directory, 0o777)  # the access log is written as UID 1337
+        log_path = os.path.join(directory, "chains.log")
+        bootstrap = write_bootstrap(directory, envoy_bootstrap(chains, log_path))
+        verdict = validate(bootstrap)
+        assert verdict.returncode == 0, f"Envoy refuses chains we accept (seed {seed}): {verdict.stderr[-800:]}"
+        taken = {kind: side(kind, bootstrap, log_path, cases) for kind in SUBJECTS}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
-    envoy = side("envoy", chains, cases)
-    ours = side("proxy", chains, cases)
-
-    assert "(no log line)" not in envoy.values(), "Envoy logged every connection"
-    differ = [(case, envoy[case], ours[case]) for case in cases if envoy[case] != ours[case]]
-    described = "\n".join(f"  {c}: envoy {e}, proxy {o}" for c, e, o in differ[:20])
+    envoy = taken["envoy"]
+    assert "(no log line)" not in envoy, "Envoy logged every connection"
     chains_text = "\n".join(f"  c{i}: {m}" for i, m in enumerate(chains))
-    assert not differ, (f"seed {seed}: {len(differ)} of {len(cases)} connections took another chain\n"
-                        f"{described}\nchains:\n{chains_text}")
-    reached = set(envoy.values())
+    for loop in LOOPS:
+        differ = [(case, e, o) for case, e, o in zip(cases, envoy, taken[loop], strict=True) if e != o]
+        described = "\n".join(f"  {c}: envoy {e}, sidecar-envoy {o}" for c, e, o in differ[:20])
+        assert not differ, (f"seed {seed}, {loop}: {len(differ)} of {len(cases)} connections took another chain\n"
+                            f"{described}\nchains:\n{chains_text}")
+    reached = set(envoy)
     assert len(reached) >= CHAINS // 2, f"the cases reach only {sorted(reached)}"  # a test of many chains
