@@ -35,6 +35,8 @@ from proxy.demo.sandbox import setpriv_argv
 SIDECAR_ENVOY = str(Path(sys.executable).parent / "sidecar-envoy")
 SUBJECTS = ("envoy", "uvloop", "asyncio")  # real Envoy; sidecar-envoy on each event loop
 LOOPS = SUBJECTS[1:]
+# stats of the process rather than of the traffic (the admin API's tests hold those)
+PROCESS_STATS = ("server.", "listener.admin.", "http.admin.", "cluster_manager.", "listener_manager.")
 
 
 def envoy_binary() -> str:
@@ -86,6 +88,17 @@ class EnvoyProcess:
     def stats(self) -> dict[str, int]:
         data = json.loads(self.admin("/stats?format=json"))
         return {s["name"]: s["value"] for s in data["stats"] if isinstance(s.get("value"), int)}
+
+    def settled_stats(self, timeout: float = 10.0) -> dict[str, int]:
+        """The stats once no connection of the traffic is open (an end is counted when
+        both of its sides are closed), or as they are after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            active = [n for n, v in stats.items() if n.endswith("_active") and v and not n.startswith(PROCESS_STATS)]
+            if not active or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

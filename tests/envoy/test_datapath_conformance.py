@@ -26,6 +26,7 @@ Envoy runs once per module; each event loop's run is compared with it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoyproc import LOOPS, EnvoyProcess, subject, write_bootstrap
+from envoyproc import LOOPS, PROCESS_STATS, subject, write_bootstrap
 from support import recv_all, recv_line
 
 from proxy.demo.netns import PodWorld, ThreadedServer
@@ -64,9 +65,9 @@ RETRY_LIVE = ("198.51.100.41", 80)
 SILENT = ("198.51.100.42", 80)  # the remote drops every SYN to it
 ANY = "198.51.100.99"  # a destination for the chains by port (no server there)
 
-# stats left out: the process, not the traffic (the admin API's tests hold those); and
-# cluster.retry., whose refused attempts depend on where Envoy's round robin starts (at random)
-NOT_COMPARED = ("server.", "listener.admin.", "cluster_manager.", "listener_manager.", "cluster.retry.")
+# stats left out: the process's (PROCESS_STATS), and cluster.retry., whose refused attempts
+# depend on where Envoy's round robin starts (at random)
+NOT_COMPARED = (*PROCESS_STATS, "cluster.retry.")
 
 # tcp_proxy's flush counters: Envoy counts one when a client's last bytes and its FIN come
 # together (its writes wait for the next turn of its loop); the proxy writes at once and
@@ -272,18 +273,6 @@ def idle(world: PodWorld, echo: Echo) -> dict[str, Any]:
             "server sees": echo.ends[-1] if echo.ends else "nothing"}
 
 
-def settled(runner: EnvoyProcess, timeout: float = 10.0) -> dict[str, int]:
-    """The stats once every connection is gone (an end is counted when both sides are closed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = runner.stats()
-        active = [n for n, v in stats.items() if n.endswith("_active") and v and "admin" not in n
-                  and not n.startswith(NOT_COMPARED)]
-        if not active or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
-
-
 def observe(kind: str, bootstrap_path: str) -> dict[str, Any]:
     """Everything one subject's clients and servers saw, as plain data."""
     world = PodWorld()
@@ -300,10 +289,10 @@ def observe(kind: str, bootstrap_path: str) -> dict[str, Any]:
         world.pod.exec("sh", str(REDIRECT), "--method", "uid", "--proxy-port", str(PORT))
         runner = subject(kind, world.pod, bootstrap_path)
         try:
-            before = settled(runner)
+            before = runner.settled_stats()
             seen = {"answers": answers(world), "bytes": bytes_and_half_close(world, speaker),
                     "failures": failures(world, runner.pid), "idle": idle(world, echo)}
-            after = settled(runner)
+            after = runner.settled_stats()
             seen["stats"] = {name: value if name.endswith(GAUGES) else value - before.get(name, 0)
                              for name, value in after.items()}
         except BaseException:
@@ -322,15 +311,8 @@ def observe(kind: str, bootstrap_path: str) -> dict[str, Any]:
 def observed(netns_prerequisites):
     """subject -> what it saw; each subject runs once, when a test first asks."""
     directory = tempfile.mkdtemp(prefix="scp-conformance-")
-    path = write_bootstrap(directory, BOOTSTRAP)
-    seen: dict[str, dict[str, Any]] = {}
-
-    def of(kind: str) -> dict[str, Any]:
-        if kind not in seen:
-            seen[kind] = observe(kind, path)
-        return seen[kind]
     try:
-        yield of
+        yield functools.cache(functools.partial(observe, bootstrap_path=write_bootstrap(directory, BOOTSTRAP)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -378,5 +360,6 @@ def test_stats_move_alike(observed, loop):
     for family in ("listener.0.0.0.0_15001.", "cluster.timed-out.", "cluster.BlackHoleCluster.", "tcp.idle."):
         assert any(n.startswith(family) for n in shared), f"no {family} stats in common"
     differ = [f"{name}: envoy {envoy[name]}, sidecar-envoy {ours[name]}" for name in shared
-              if not name.startswith(NOT_COMPARED) and not name.endswith((*NEVER_COUNTED, *TIMING)) and envoy[name] != ours[name]]
+              if not name.startswith(NOT_COMPARED) and not name.endswith((*NEVER_COUNTED, *TIMING))
+              and envoy[name] != ours[name]]
     assert not differ, f"stats that moved differently ({loop}):\n  " + "\n  ".join(differ)

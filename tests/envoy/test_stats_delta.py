@@ -13,14 +13,14 @@ names whose count depends on timing left out; here every name is compared.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from envoyproc import LOOPS, EnvoyProcess, subject, write_bootstrap
+from envoyproc import LOOPS, PROCESS_STATS, subject, write_bootstrap
 from support import echo, recv_all
 
 from proxy.demo.netns import PodWorld, ThreadedServer
@@ -72,20 +72,6 @@ def scenario(world: PodWorld) -> None:
         assert c.recv(10) == b""
 
 
-PROCESS = ("server.", "listener.admin.", "http.admin.", "cluster_manager.", "listener_manager.")
-
-
-def settled(runner: EnvoyProcess, timeout: float = 10.0) -> dict[str, int]:
-    """The stats once every connection is gone (an end is counted when both sides are closed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = runner.stats()
-        active = [n for n, v in stats.items() if n.endswith("_active") and v and not n.startswith(PROCESS)]
-        if not active or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
-
-
 def side(kind: str, bootstrap_path: str) -> tuple[dict[str, int], dict[str, int]]:
     world = PodWorld()
     servers = [ThreadedServer(world.remote, ECHO, echo), ThreadedServer(world.remote, BANNER, banner)]
@@ -93,9 +79,9 @@ def side(kind: str, bootstrap_path: str) -> tuple[dict[str, int], dict[str, int]
         world.pod.exec("sh", str(REDIRECT), "--method", "uid", "--proxy-port", str(PORT))
         runner = subject(kind, world.pod, bootstrap_path)
         try:
-            before = settled(runner)
+            before = runner.settled_stats()
             scenario(world)
-            after = settled(runner)
+            after = runner.settled_stats()
         finally:
             runner.stop()
         return before, after
@@ -107,17 +93,10 @@ def side(kind: str, bootstrap_path: str) -> tuple[dict[str, int], dict[str, int]
 
 @pytest.fixture(scope="module")
 def moved(netns_prerequisites):
-    """subject -> (stats before, stats after) the scenario; each subject runs once."""
+    """subject -> (stats before, stats after) the scenario; each subject runs once, when first asked."""
     directory = tempfile.mkdtemp(prefix="scp-stats-")
-    path = write_bootstrap(directory, BOOTSTRAP)
-    seen: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
-
-    def of(kind: str) -> tuple[dict[str, int], dict[str, int]]:
-        if kind not in seen:
-            seen[kind] = side(kind, path)
-        return seen[kind]
     try:
-        yield of
+        yield functools.cache(functools.partial(side, bootstrap_path=write_bootstrap(directory, BOOTSTRAP)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -132,8 +111,8 @@ def test_counters_both_keep_move_alike(moved, loop):
         assert any(n.startswith(family) for n in shared), f"no {family} stats in common"
     differ = []
     for name in shared:
-        if name.startswith(PROCESS):
-            continue  # the process, not the traffic (their contract is tested with the admin API)
+        if name.startswith(PROCESS_STATS):
+            continue
         gauge = name.endswith(("_active", "_buffered"))
         envoy = envoy_after[name] if gauge else envoy_after[name] - envoy_before.get(name, 0)
         ours = ours_after[name] if gauge else ours_after[name] - ours_before.get(name, 0)
