@@ -192,7 +192,13 @@ def subject(kind: str, ns: NetNs, bootstrap_path: str, args: tuple[str, ...] = (
         return EnvoyProcess(ns, bootstrap_path, args=args)
     if kind not in LOOPS:
         raise ValueError(f"no subject {kind!r}: one of {SUBJECTS}")
-    return EnvoyProcess(ns, bootstrap_path, args=args, binary=SIDECAR_ENVOY, env={"SIDECAR_PROXY_LOOP": kind})
+    process = EnvoyProcess(ns, bootstrap_path, args=args, binary=SIDECAR_ENVOY, env={"SIDECAR_PROXY_LOOP": kind})
+    # the loop it runs is the one asked for: uvloop's extension is mapped only when it is used
+    uvloop = "/uvloop/" in Path(f"/proc/{process.pid}/maps").read_text()
+    if uvloop != (kind == "uvloop"):
+        process.stop()
+        raise AssertionError(f"sidecar-envoy was asked for {kind} and {'has' if uvloop else 'has not'} loaded uvloop")
+    return process
 
 
 def write_bootstrap(directory: str, bootstrap: dict, name: str = "envoy.yaml") -> str:
