@@ -209,25 +209,33 @@ def answers(world: PodWorld) -> dict[str, Any]:
 
 
 def bytes_and_half_close(world: PodWorld, speaker: Speaker) -> dict[str, Any]:
-    """1 MiB up, the client's FIN, the answer after it; 1 MiB down, the server's FIN, bytes up after it."""
-    with world.pod.connect(SINK) as c:
-        c.sendall(PAYLOAD)
-        c.shutdown(socket.SHUT_WR)
-        c.settimeout(15)
-        upload = recv_line(c) == f"{len(PAYLOAD)} {hashlib.sha256(PAYLOAD).hexdigest()}\n"
-        upload_end = ending(c)
-    with world.pod.connect(SPEAKER) as c:
-        c.settimeout(15)
-        download = recv_all(c) == PAYLOAD
-        c.sendall(b"after your FIN\n" * 1000)
-        c.shutdown(socket.SHUT_WR)  # the server's FIN came already: what ends now is for the server to see
-        deadline = time.monotonic() + 10
-        while not speaker.heard and time.monotonic() < deadline:
-            time.sleep(0.05)
-    heard = speaker.heard[-1] if speaker.heard else None
-    return {"upload intact, answer after the client's FIN": upload, "then": upload_end,
-            "download intact": download, "bytes up after the server's FIN, then its end":
-            heard == b"after your FIN\n" * 1000}
+    """1 MiB up, the client's FIN, the answer after it; 1 MiB down, the server's FIN, bytes up after it.
+    A socket error is an observation too (the other side may not have had it)."""
+    seen: dict[str, Any] = {}
+    try:
+        with world.pod.connect(SINK) as c:
+            c.sendall(PAYLOAD)
+            c.shutdown(socket.SHUT_WR)
+            c.settimeout(15)
+            seen["upload intact, answer after the client's FIN"] = (
+                recv_line(c) == f"{len(PAYLOAD)} {hashlib.sha256(PAYLOAD).hexdigest()}\n")
+            seen["then"] = ending(c)
+    except OSError as exc:
+        seen["upload"] = f"failed: {exc}"
+    try:
+        with world.pod.connect(SPEAKER) as c:
+            c.settimeout(15)
+            seen["download intact"] = recv_all(c) == PAYLOAD
+            c.sendall(b"after your FIN\n" * 1000)
+            c.shutdown(socket.SHUT_WR)  # the server's FIN came already: what ends now is for the server to see
+    except OSError as exc:
+        seen["download"] = f"failed: {exc}"
+    deadline = time.monotonic() + 10
+    while not speaker.heard and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen["bytes up after the server's FIN, then its end"] = bool(speaker.heard) and (
+        speaker.heard[-1] == b"after your FIN\n" * 1000)
+    return seen
 
 
 def failures(world: PodWorld, pid: int) -> dict[str, str]:
@@ -319,7 +327,8 @@ def observed(netns_prerequisites):
 
 def agree(observed, loop: str, aspect: str) -> dict[str, Any]:
     envoy, ours = observed("envoy")[aspect], observed(loop)[aspect]
-    differ = {key: (envoy[key], ours.get(key)) for key in envoy if envoy[key] != ours.get(key)}
+    differ = {key: (envoy.get(key), ours.get(key)) for key in envoy.keys() | ours.keys()
+              if envoy.get(key) != ours.get(key)}
     assert not differ, f"{aspect}: where sidecar-envoy ({loop}) differs from Envoy, (envoy, ours): {differ}"
     return envoy
 
