@@ -30,7 +30,7 @@ MAX_CONNECTIONS = 100_000_000  # a ceiling for the connection limits: beyond it,
 DEFAULT_DRAIN_TIME = 600.0  # Envoy's --drain-time-s default
 DRAIN_STRATEGIES = ("gradual", "immediate")  # Envoy's --drain-strategy
 
-ACTIONS = ("original", "cluster", "reject")
+ACTIONS = ("original", "cluster", "reject", "close")
 DIRECTIONS = ("any", "inbound", "outbound")
 LOOPS = ("uvloop", "asyncio")
 LOG_FORMATS = ("text", "json")
@@ -116,7 +116,7 @@ class Chain:
 
     name: str
     match: Match = field(default_factory=Match)
-    action: str = "original"  # original | cluster | reject
+    action: str = "original"  # original | cluster | reject (a RST) | close (as Envoy closes what it cannot route)
     cluster: str | None = None  # action cluster: the cluster (or the first of `weighted`)
     weighted: tuple[WeightedCluster, ...] = ()  # action cluster: pick one by weight per connection
     stat_prefix: str | None = None  # tcp_proxy's stats, tcp.<stat_prefix>.*

@@ -68,8 +68,8 @@ LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_
                   "downstream_cx_overflow", "downstream_global_cx_overflow")
 REDIRECT_STATS = (*LISTENER_STATS, "loop_guard_refused")
 SPLICE_STATS = ("pumps_total", "pumps_active", "unavailable")
-# Envoy's tcp_proxy stats, all of them. The ones we never move stay 0: no route is
-# for configurations we refuse, the duration limit for one we do not take; the flush
+# Envoy's tcp_proxy stats, all of them. The ones we never move stay 0: the duration
+# limit is for a configuration we do not take; the flush
 # counters Envoy moves when a client closes while bytes of its wait to be written
 # upstream, which its deferred writes make nearly every time a client sends its last
 # bytes and its FIN together; we write at once (README, "Differences from Envoy").
@@ -313,6 +313,10 @@ class Listener:
         if chain.action == "reject":
             stats.inc(names.rejected)
             relay.close("rejected", reset=True)
+        elif chain.action == "close":  # Envoy: a chain without network filters, or no such cluster
+            if tcp is not None:
+                stats.inc(tcp.downstream_cx_no_route)
+            relay.close_unserved("no_route")
         else:
             shared.connector.forward(relay, chain)
 

@@ -118,10 +118,10 @@ def test_what_envoy_accepts_and_moves_on_from(tmp_path):
     assert [lr.addresses[0].port for lr in c.listeners] == [15001]  # Envoy keeps the first
     assert any("a second listener named 'out'" in note for note in c.ignored)
     c = load(CORPUS / "valid" / "tcp-proxy-unknown-cluster.yaml")
-    assert c.listeners[0].chains[0].action == "reject"
+    assert c.listeners[0].chains[0].action == "close"
     assert any("no cluster is named 'no-such-cluster'" in note for note in c.ignored)
     c = load(CORPUS / "valid" / "empty-filters.yaml")
-    assert c.listeners[0].chains[0].action == "reject"
+    assert c.listeners[0].chains[0].action == "close"
 
 
 def test_timeouts_attempts_weights_and_policies():

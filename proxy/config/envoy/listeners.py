@@ -218,7 +218,7 @@ def _chain(fc: Any, where: str, listener: str, name: str, clusters: dict[str, Cl
         raw_buffer(fc.transport_socket, f"{where}.transport_socket", fields)
     match = _match(fc.filter_chain_match, f"{where}.filter_chain_match", fields)
     if not fc.filters:  # Envoy closes a connection whose chain has no network filter
-        return Chain(name=name, match=match, action="reject")
+        return Chain(name=name, match=match, action="close")
     for i, network_filter in enumerate(fc.filters):
         at = f"{where}.filters[{i}]"
         fields.only(network_filter, at, built=("name", "typed_config"))

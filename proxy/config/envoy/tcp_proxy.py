@@ -51,7 +51,7 @@ def tcp_proxy(tcp: Any, where: str, name: str, match: Match, clusters: dict[str,
     if missing:  # Envoy takes it, and closes each connection for want of a cluster
         for path, cluster in missing:
             fields.note(path, f"no cluster is named {cluster!r}: the chain's connections are closed, as Envoy's")
-        return Chain(action="reject", **common)
+        return Chain(action="close", **common)
     first = weighted[0].name if weighted else model_name(tcp.cluster)
     return Chain(action="cluster", cluster=first, weighted=weighted, **common)
 
