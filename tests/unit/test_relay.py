@@ -307,6 +307,18 @@ def test_a_refused_endpoint_is_followed_by_the_next_with_the_bytes_replayed(run)
     run(scenario())
 
 
+async def closed_as_envoy_closes(client: socket.socket, sent: bytes) -> None:
+    """The client sends `sent`; it must see a FIN if that was nothing, else a RST."""
+    client.settimeout(STEP)
+    client.sendall(sent)
+    loop = asyncio.get_running_loop()
+    if sent:
+        with pytest.raises(ConnectionResetError):
+            await loop.run_in_executor(None, client.recv, 10)
+    else:
+        assert await loop.run_in_executor(None, client.recv, 10) == b""
+
+
 @pytest.mark.parametrize("sent", [b"", b"hello"])
 def test_no_endpoint_left_closes_the_client_as_envoy_does(run, sent):
     """A FIN for a client that has sent nothing, a RST for one that has (Envoy's close of
@@ -316,18 +328,26 @@ def test_no_endpoint_left_closes_the_client_as_envoy_does(run, sent):
         async with world([Endpoint("127.0.0.1", closed_port()), Endpoint("127.0.0.1", closed_port())],
                          stat_prefix="front_tcp") as w:
             client = socket.create_connection(w.front)
-            client.settimeout(STEP)
-            client.sendall(sent)
-            loop = asyncio.get_running_loop()
-            if sent:
-                with pytest.raises(ConnectionResetError):
-                    await loop.run_in_executor(None, client.recv, 10)
-            else:
-                assert await loop.run_in_executor(None, client.recv, 10) == b""
+            await closed_as_envoy_closes(client, sent)
             await w.until(lambda: not w.shared.live, "the relay ended")
             assert w.stats["cluster.backend.upstream_cx_connect_fail"] == 2
             assert w.stats["cluster.backend.upstream_cx_active"] == 0
             assert w.stats["tcp.front_tcp.downstream_cx_rx_bytes_total"] == 0
+            client.close()
+    run(scenario())
+
+
+@pytest.mark.parametrize("sent", [b"", b"hello"])
+def test_a_close_chain_closes_as_envoy_does(run, sent):
+    """action close (a bootstrap's chain without filters, or naming no cluster there is):
+    a FIN, or a RST once the client has sent bytes; tcp_proxy's no_route counts it."""
+    async def scenario():
+        async with world([listening()], action="close", cluster=None, stat_prefix="front_tcp") as w:
+            client = socket.create_connection(w.front)
+            await closed_as_envoy_closes(client, sent)
+            await w.until(lambda: not w.shared.live, "the relay ended")
+            assert w.stats["tcp.front_tcp.downstream_cx_no_route"] == 1
+            assert w.stats["cluster.backend.upstream_cx_total"] == 0
             client.close()
     run(scenario())
 
