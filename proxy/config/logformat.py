@@ -31,12 +31,15 @@ DEFAULT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %P
 FIELDS = ("id", "start", "source", "destination", "chain", "cluster", "upstream", "upstream_local",
           "bytes_up", "bytes_down", "duration_ms", "end")
 
-# How a connection ended -> Envoy's response flags (short, long).
+# How a connection ended -> Envoy's response flags (short, long), as Envoy 1.40 writes
+# them for tcp_proxy (tests/envoy/test_datapath_conformance.py): a connection whose
+# every attempt failed has used up its attempts too (URX), whatever max_connect_attempts.
 FLAGS = {
-    "connect_failed": ("UF", "UpstreamConnectionFailure"),
-    "connect_timeout": ("UF", "UpstreamConnectionFailure"),
+    "connect_failed": ("UF,URX", "UpstreamConnectionFailure,UpstreamRetryLimitExceeded"),
+    "connect_timeout": ("UF,URX", "UpstreamConnectionFailure,UpstreamRetryLimitExceeded"),
     "upstream_overflow": ("UO", "UpstreamOverflow"),
     "no_healthy_upstream": ("UH", "NoHealthyUpstream"),
+    "no_route": ("NC", "NoClusterFound"),
 }
 
 Entry = Mapping[str, Any]

@@ -389,8 +389,9 @@ class Listener:
             entry.update(bytes_up=sent, bytes_down=received, end=relay.end or "done",
                          duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
             shared.access_log.write(entry)
-            if chain_logs:  # Envoy's formats: %BYTES_RECEIVED% as tcp_proxy counts it
-                entry.update(bytes_up=relayed,
+            if chain_logs:  # Envoy's formats: %BYTES_RECEIVED% as tcp_proxy counts it, and
+                # %UPSTREAM_HOST% the last endpoint tried, connected or not
+                entry.update(bytes_up=relayed, upstream=str(up.endpoint) if up is not None else None,
                              upstream_local=hostport(*confirmed.key[:2]) if confirmed is not None else None)
                 for chain_log in chain_logs:
                     chain_log.write(entry)

@@ -32,11 +32,13 @@ def test_operators_render_as_envoy_writes_them_for_tcp(fmt, want):
     assert render(fmt) == want
 
 
-@pytest.mark.parametrize("end, short, long", [("connect_failed", "UF", "UpstreamConnectionFailure"),
-                                               ("connect_timeout", "UF", "UpstreamConnectionFailure"),
-                                               ("upstream_overflow", "UO", "UpstreamOverflow"),
-                                               ("no_healthy_upstream", "UH", "NoHealthyUpstream"),
-                                               ("done", "-", "-")])
+@pytest.mark.parametrize("end, short, long", [
+    ("connect_failed", "UF,URX", "UpstreamConnectionFailure,UpstreamRetryLimitExceeded"),
+    ("connect_timeout", "UF,URX", "UpstreamConnectionFailure,UpstreamRetryLimitExceeded"),
+    ("upstream_overflow", "UO", "UpstreamOverflow"),
+    ("no_healthy_upstream", "UH", "NoHealthyUpstream"),
+    ("no_route", "NC", "NoClusterFound"),
+    ("done", "-", "-")])
 def test_response_flags_say_how_it_ended(end, short, long):
     assert render("%RESPONSE_FLAGS% %RESPONSE_FLAGS_LONG%", end=end) == f"{short} {long}"
 
