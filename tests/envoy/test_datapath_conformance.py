@@ -50,6 +50,7 @@ pytestmark = pytest.mark.netns
 REDIRECT = Path(__file__).resolve().parents[2] / "iptables" / "redirect.sh"
 PORT = 15001
 TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+LOG_FORMAT = "%FILTER_CHAIN_NAME% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_HOST%\n"
 IDLE_TIMEOUT = 1.0  # seconds, the idle scenario's tcp_proxy idle_timeout
 CONNECT_TIMEOUT = 0.5  # seconds, the timed-out scenario's cluster connect_timeout
 PAYLOAD = random.Random(11).randbytes(1 << 20)  # 1 MiB each way
@@ -81,9 +82,13 @@ TIMING = ("downstream_flow_control_paused_reading_total", "downstream_flow_contr
 
 # destination ports of the chains
 P_RR, P_RETRY, P_REFUSED, P_TIMEOUT, P_BLACKHOLE, P_IDLE = 81, 83, 84, 85, 9, 86
+P_NO_CLUSTER, P_NO_FILTER = 87, 88  # a tcp_proxy naming no cluster there is; a chain without filters
 GAUGES = ("_active", "_buffered")  # compared as they are at the end; counters by how much they moved
+LOG = "failures.log"  # beside the bootstrap
+LOGGED = ("refused", "timed_out", "black_holed", "no_such_cluster")  # the FAILURES whose chains write it
 FAILURES = {"refused": (ANY, P_REFUSED), "timed_out": (ANY, P_TIMEOUT), "black_holed": (ANY, P_BLACKHOLE),
-            "passthrough_refused": REFUSING}
+            "passthrough_refused": REFUSING, "no_such_cluster": (ANY, P_NO_CLUSTER),
+            "chain_without_filters": (ANY, P_NO_FILTER)}
 
 
 def _address(host: str, port: int) -> dict:
@@ -98,7 +103,11 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], connect_timeout: str =
     return cluster
 
 
-def _chain(name: str, port: int | None, cluster: str, **tcp: Any) -> dict:
+def _chain(name: str, port: int | None, cluster: str, log: str | None = None, **tcp: Any) -> dict:
+    if log is not None:  # how each connection ended, in Envoy's words
+        tcp["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": log, "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}}}}]
     chain: dict[str, Any] = {"name": name, "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": TCP_PROXY, "stat_prefix": name, "cluster": cluster, **tcp}}]}
     if port is not None:
@@ -106,38 +115,42 @@ def _chain(name: str, port: int | None, cluster: str, **tcp: Any) -> dict:
     return chain
 
 
-BOOTSTRAP = {
-    "admin": {"address": _address("127.0.0.1", 15000)},
-    "static_resources": {
-        "listeners": [{
-            "name": "virtualOutbound",
-            "address": _address("0.0.0.0", PORT),
-            "additional_addresses": [{"address": _address("::", PORT)}],
-            "traffic_direction": "OUTBOUND",
-            "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
-            "filter_chains": [
-                _chain("round-robin", P_RR, "rr"),
-                _chain("retry", P_RETRY, "retry", max_connect_attempts=2),
-                _chain("refused", P_REFUSED, "refused"),
-                _chain("timed-out", P_TIMEOUT, "timed-out"),
-                _chain("black-holed", P_BLACKHOLE, "BlackHoleCluster"),
-                _chain("idle", P_IDLE, "idle", idle_timeout=f"{IDLE_TIMEOUT}s"),
-                _chain("passthrough", None, "PassthroughCluster"),
+def bootstrap(log: str) -> dict:
+    """The bootstrap; the chains where connections fail write their access log to `log`."""
+    return {
+        "admin": {"address": _address("127.0.0.1", 15000)},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtualOutbound",
+                "address": _address("0.0.0.0", PORT),
+                "additional_addresses": [{"address": _address("::", PORT)}],
+                "traffic_direction": "OUTBOUND",
+                "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+                "filter_chains": [
+                    _chain("round-robin", P_RR, "rr"),
+                    _chain("retry", P_RETRY, "retry", max_connect_attempts=2),
+                    _chain("refused", P_REFUSED, "refused", log),
+                    _chain("timed-out", P_TIMEOUT, "timed-out", log),
+                    _chain("black-holed", P_BLACKHOLE, "BlackHoleCluster", log),
+                    _chain("idle", P_IDLE, "idle", idle_timeout=f"{IDLE_TIMEOUT}s"),
+                    _chain("no-cluster", P_NO_CLUSTER, "no-such-cluster", log),
+                    {"name": "no-filters", "filter_chain_match": {"destination_port": P_NO_FILTER}},
+                    _chain("passthrough", None, "PassthroughCluster"),
+                ],
+            }],
+            "clusters": [
+                {"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                 "connect_timeout": "2s"},
+                _cluster("BlackHoleCluster", []),
+                {**_cluster("rr", RR), "lb_policy": "ROUND_ROBIN"},
+                _cluster("retry", [REFUSING, RETRY_LIVE]),
+                _cluster("refused", [REFUSING]),
+                _cluster("timed-out", [SILENT], connect_timeout=f"{CONNECT_TIMEOUT}s"),
+                _cluster("idle", [IDLE_ECHO]),
             ],
-        }],
-        "clusters": [
-            {"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-             "connect_timeout": "2s"},
-            _cluster("BlackHoleCluster", []),
-            {**_cluster("rr", RR), "lb_policy": "ROUND_ROBIN"},
-            _cluster("retry", [REFUSING, RETRY_LIVE]),
-            _cluster("refused", [REFUSING]),
-            _cluster("timed-out", [SILENT], connect_timeout=f"{CONNECT_TIMEOUT}s"),
-            _cluster("idle", [IDLE_ECHO]),
-        ],
-    },
-}
+        },
+    }
 
 
 # --- servers ----------------------------------------------------------------------
@@ -281,8 +294,20 @@ def idle(world: PodWorld, echo: Echo) -> dict[str, Any]:
             "server sees": echo.ends[-1] if echo.ends else "nothing"}
 
 
+def logged(path: str, lines: int, timeout: float = 10.0) -> list[str]:
+    """The access log's lines once there are `lines` of them (or after `timeout`), sorted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = Path(path).read_text() if Path(path).exists() else ""
+        if text.count("\n") >= lines or time.monotonic() > deadline:
+            return sorted(text.splitlines())
+        time.sleep(0.1)
+
+
 def observe(kind: str, bootstrap_path: str) -> dict[str, Any]:
     """Everything one subject's clients and servers saw, as plain data."""
+    log = os.path.join(os.path.dirname(bootstrap_path), LOG)
+    Path(log).unlink(missing_ok=True)
     world = PodWorld()
     speaker, echo = Speaker(), Echo()
     servers: list[ThreadedServer] = []
@@ -300,6 +325,8 @@ def observe(kind: str, bootstrap_path: str) -> dict[str, Any]:
             before = runner.settled_stats()
             seen = {"answers": answers(world), "bytes": bytes_and_half_close(world, speaker),
                     "failures": failures(world, runner.pid), "idle": idle(world, echo)}
+            # a line for each connection of the logging chains, three of each (failures())
+            seen["failure log"] = logged(log, 3 * len(LOGGED))
             after = runner.settled_stats()
             seen["stats"] = {name: value if name.endswith(GAUGES) else value - before.get(name, 0)
                              for name, value in after.items()}
@@ -319,8 +346,10 @@ def observe(kind: str, bootstrap_path: str) -> dict[str, Any]:
 def observed(netns_prerequisites):
     """subject -> what it saw; each subject runs once, when a test first asks."""
     directory = tempfile.mkdtemp(prefix="scp-conformance-")
+    os.chmod(directory, 0o777)  # the access log is written as UID 1337
     try:
-        yield functools.cache(functools.partial(observe, bootstrap_path=write_bootstrap(directory, BOOTSTRAP)))
+        path = write_bootstrap(directory, bootstrap(os.path.join(directory, LOG)))
+        yield functools.cache(functools.partial(observe, bootstrap_path=path))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -372,3 +401,11 @@ def test_stats_move_alike(observed, loop):
               if not name.startswith(NOT_COMPARED) and not name.endswith((*NEVER_COUNTED, *TIMING))
               and envoy[name] != ours[name]]
     assert not differ, f"stats that moved differently ({loop}):\n  " + "\n  ".join(differ)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_failures_are_logged_alike(observed, loop):
+    """The access log of each connection that found no upstream: its response flags and bytes."""
+    envoy, ours = observed("envoy")["failure log"], observed(loop)["failure log"]
+    assert len(envoy) == 3 * len(LOGGED), envoy
+    assert ours == envoy, f"access-log lines, envoy:\n{envoy}\nsidecar-envoy ({loop}):\n{ours}"
