@@ -4,7 +4,8 @@ One bootstrap holds every scenario, each on its own destination port of
 Istio's virtualOutbound listener (original_dst listener filter, tcp_proxy):
 the passthrough (ORIGINAL_DST), round robin over three endpoints, a second
 attempt after a refused endpoint, a refused, a timed-out and a black-holed
-upstream (Istio's BlackHoleCluster), and an idle timeout. The file is run by
+upstream (Istio's BlackHoleCluster), a tcp_proxy naming a cluster that does
+not exist, a chain without filters, and an idle timeout. The file is run by
 real Envoy 1.40 and by sidecar-envoy on each event loop, each with the same
 command line as UID 1337 in a fresh pod behind the project's own
 iptables/redirect.sh, and gets the same connections. What each client and
@@ -15,11 +16,14 @@ Envoy's, aspect by aspect:
 * bytes intact both ways, and a half-close each way that leaves the other
   direction open;
 * how a connection without an upstream ends for its client (a FIN or a RST),
-  both when the client has sent nothing and when it has: the proxy is
-  stopped (SIGSTOP) while the client connects and writes, so its bytes are
-  there before the proxy looks, on both sides alike;
+  when the client has sent nothing, bytes, or only its FIN: the proxy is
+  stopped (SIGSTOP) while the client connects and writes, so what it sent
+  is there before the proxy looks, on both sides alike;
 * the idle timeout: a connection kept busy outlives it, a quiet one is
-  closed, and how its client and its server see the end.
+  closed, and how its client and its server see the end;
+* the change of every stat both emit (but the few that count timing, below);
+* the access-log lines (response flags, bytes, upstream host) of the
+  connections that found no upstream.
 
 Envoy runs once per module; each event loop's run is compared with it.
 """
