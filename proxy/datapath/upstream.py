@@ -27,10 +27,15 @@ then gives the socket, still connecting, to the event loop
 A refusal usually arrives later, as the transport's error (relay.py tells a
 connect error from a reset by its errno); what fails at once (no route, no
 descriptors left) is an OSError here.
+
+The socket is a `LoopSocket`: what the event loop asks of it on the way in
+(its family and type, and to be non-blocking) costs no system call and no
+enum look-up, since socket() made it non-blocking already.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import dataclasses
 import errno
@@ -55,6 +60,35 @@ log = logging.getLogger("proxy.listener")
 EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_RAW_FAMILY: Any = _socket.socket.family  # the C getters: plain ints (socket.socket's make enum members)
+_RAW_TYPE: Any = _socket.socket.type
+
+
+class LoopSocket(socket.socket):
+    """A socket made non-blocking by socket() itself, to be handed to the event loop.
+
+    loop.create_connection(sock=...) reads the socket's family and type and
+    calls setblocking(False). socket.socket turns each read into an enum
+    member (two look-ups per connection) and setblocking(False) into an
+    ioctl(FIONBIO) the socket does not need: the kernel made it
+    non-blocking and Python knows (its timeout is already 0). Here the
+    reads give the plain numbers (equal to the enum members) and that call
+    is a no-op; anything else is the standard socket's.
+    """
+
+    __slots__ = ()
+
+    @property
+    def family(self) -> int:  # type: ignore[override]
+        return int(_RAW_FAMILY.__get__(self))
+
+    @property
+    def type(self) -> int:  # type: ignore[override]
+        return int(_RAW_TYPE.__get__(self))
+
+    def setblocking(self, flag: bool) -> None:
+        if flag or self.gettimeout() != 0.0:
+            super().setblocking(flag)
 
 
 CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy", "upstream_cx_connect_fail",
@@ -121,7 +155,7 @@ def open_socket(endpoint: Endpoint, mark: int | None, own: OwnSockets,
     Raises MarkDenied, or OSError for what fails at once (EMFILE, ENETUNREACH, ...).
     """
     ipv6 = ":" in endpoint.host
-    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, _NONBLOCKING_STREAM)
+    sock = LoopSocket(socket.AF_INET6 if ipv6 else socket.AF_INET, _NONBLOCKING_STREAM)
     try:
         if transparent:
             try:

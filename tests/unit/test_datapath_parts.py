@@ -16,7 +16,7 @@ from proxy.datapath import sockopts
 from proxy.datapath.balance import RoundRobin
 from proxy.datapath.localaddrs import NLMSG_DONE, RTM_NEWADDR, dump_addresses, parse_addr_dump
 from proxy.datapath.relay import close_idle, idle_sweep_interval
-from proxy.datapath.upstream import OwnSockets, open_socket
+from proxy.datapath.upstream import LoopSocket, OwnSockets, open_socket
 
 # --- sockopts --------------------------------------------------------------------------
 
@@ -115,6 +115,60 @@ def test_an_upstream_socket_is_registered_before_its_handshake():
             assert not own.discard(key)  # twice is fine, and says it was gone
         finally:
             sock.close()
+
+
+def test_an_upstream_socket_is_what_the_event_loop_expects_for_less():
+    """Family and type read as plain numbers equal to the enum members; setblocking(False)
+    keeps it non-blocking (without the ioctl); blocking again is the standard socket's."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock, _ = open_socket(Endpoint(*server.getsockname()[:2]), None, OwnSockets())
+        with sock:
+            assert isinstance(sock, LoopSocket)
+            assert sock.family == socket.AF_INET and type(sock.family) is int
+            assert sock.type == socket.SOCK_STREAM and type(sock.type) is int
+            sock.setblocking(False)
+            assert sock.gettimeout() == 0.0 and not sock.getblocking()
+            sock.setblocking(True)
+            assert sock.getblocking()
+    with LoopSocket(socket.AF_INET6, socket.SOCK_STREAM) as blocking:  # made blocking: the call is made
+        blocking.setblocking(False)
+        assert not blocking.getblocking()
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_both_event_loops_take_an_upstream_socket(loop_name):
+    """create_connection(sock=LoopSocket) connects and relays on either loop."""
+    import asyncio
+
+    import uvloop
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(data)
+
+        class Client(asyncio.Protocol):
+            def data_received(self, data):
+                got.done() or got.set_result(data)
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        sock, _ = open_socket(Endpoint("127.0.0.1", server.sockets[0].getsockname()[1]), None, OwnSockets())
+        transport, _ = await loop.create_connection(Client, sock=sock)
+        transport.write(b"ping")
+        try:
+            return await asyncio.wait_for(got, 5)
+        finally:
+            transport.close()
+            server.close()
+
+    runner = uvloop.run if loop_name == "uvloop" else asyncio.run
+    assert runner(main()) == b"ping"
 
 
 def test_what_fails_at_once_is_an_oserror_and_leaks_nothing():
