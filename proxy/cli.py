@@ -44,7 +44,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cgroup", metavar="DIR", help="join this cgroup at start (the cgroup bypass method)")
     parser.add_argument("--loop", choices=cfg.LOOPS, help="event loop (default uvloop)")
     parser.add_argument("--concurrency", metavar="N",
-                        help="worker processes on the same ports, as Envoy's --concurrency (default 1)")
+                        help="worker processes on the same ports, as Envoy's --concurrency, "
+                             "or auto: one per CPU (default 1)")
     parser.add_argument("--log-format", choices=cfg.LOG_FORMATS, help="log and access-log format (default text)")
     parser.add_argument("--log-level", choices=cfg.LOG_LEVELS, help="default info")
     parser.add_argument("--access-log", metavar="TARGET", help="stderr (default), stdout, off, or a file path")

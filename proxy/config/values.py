@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import reprlib
 from collections.abc import Callable
@@ -59,12 +60,21 @@ def parse_port(value: Any, where: str, *, allow_zero: bool = False) -> int:
 
 
 def parse_concurrency(value: Any, where: str) -> int:
-    """1 to MAX_CONCURRENCY worker processes (an int, or its digits in a string from a flag)."""
+    """1 to MAX_CONCURRENCY worker processes (an int, or its digits in a string from a flag),
+    or `auto`: one per CPU this process may run on (its affinity, which a cgroup's
+    cpuset narrows), at most MAX_CONCURRENCY."""
+    if value == "auto":
+        return auto_concurrency()
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 3:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
-        raise ConfigError(where, f"{short(value)} is not a number of workers (1-{MAX_CONCURRENCY})")
+        raise ConfigError(where, f"{short(value)} is not a number of workers (1-{MAX_CONCURRENCY}, or auto)")
     return value
+
+
+def auto_concurrency() -> int:
+    """`concurrency: auto`: a worker per CPU this process may run on, 1 to MAX_CONCURRENCY."""
+    return min(max(len(os.sched_getaffinity(0)), 1), MAX_CONCURRENCY)
 
 
 def parse_connections(value: Any, where: str) -> int:

@@ -329,8 +329,8 @@ def test_a_port_held_by_another_proxy_is_a_start_up_error(uid_world):
 
 
 def test_bad_concurrency_is_one_line(world):
-    for value, message in (("0", "--concurrency: 0 is not a number of workers (1-64)"),
-                           ("lots", "--concurrency: 'lots' is not a number of workers (1-64)")):
+    for value, message in (("0", "--concurrency: 0 is not a number of workers (1-64, or auto)"),
+                           ("lots", "--concurrency: 'lots' is not a number of workers (1-64, or auto)")):
         proxy = ProxyProcess(world.pod, args=("--concurrency", value), wait=False)
         proxy.proc.wait(20)
         assert proxy.proc.returncode == 2

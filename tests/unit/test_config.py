@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -175,7 +176,7 @@ BAD = [
     ("chains:\n  - name: a\n    cluster: [web]\n", r"chains\[0\].cluster: \['web'\] is not a cluster name"),
     ("plain_listeners:\n  - name: p\n    port: 1500\n    cluster: {a: 1}\n", r"plain_listeners\[0\].cluster: unknown cluster"),
     ("? [a, b]\n: 1\n", r"proxy.yaml:1: not valid YAML: while constructing a mapping, found unhashable key"),
-    ("concurrency: 0\n", r"proxy.yaml:1: concurrency: 0 is not a number of workers \(1-64\)"),
+    ("concurrency: 0\n", r"proxy.yaml:1: concurrency: 0 is not a number of workers \(1-64, or auto\)"),
     ("concurrency: true\n", r"concurrency: True is not a number of workers"),
     ("concurrency: 2.5\n", r"concurrency: 2.5 is not a number of workers"),
     ("splice: always\n", r"splice: 'always' is not one of auto, off"),
@@ -203,7 +204,7 @@ def test_bad_environment_names_the_variable(env, message):
     (["run", "--idle-timeout", "forever"], "sidecar-proxy: --idle-timeout: 'forever' is not a duration"),
     (["check", "--config", "/nonexistent/proxy.yaml"],
      "sidecar-proxy: /nonexistent/proxy.yaml: cannot read config: No such file or directory"),
-    (["run", "--concurrency", "100"], "sidecar-proxy: --concurrency: 100 is not a number of workers (1-64)"),
+    (["run", "--concurrency", "100"], "sidecar-proxy: --concurrency: 100 is not a number of workers (1-64, or auto)"),
     (["worker", "--control", "99"], "sidecar-proxy worker: --control 99: Bad file descriptor (workers are started"),
 ])
 def test_cli_errors_are_one_line_without_traceback(argv, message):
@@ -223,6 +224,22 @@ def test_the_effective_config_is_data_that_loads_back(tmp_path):
     c = cfg.load(write(tmp_path, GOOD + "concurrency: 3\nsplice: off\naddresses: ['0.0.0.0', '::']\n"), env={})
     assert cfg.from_data(c.to_dict()) == c
     assert c.concurrency == 3 and c.splice == "off"
+
+
+def test_concurrency_auto_is_a_worker_per_cpu_this_process_may_run_on(tmp_path):
+    """From the file or a flag; the number is what the effective config says. With the
+    affinity narrowed to one CPU (as a cpuset would), auto is one worker."""
+    path = write(tmp_path, "concurrency: auto\n")
+    cpus = min(len(os.sched_getaffinity(0)), 64)
+    assert cfg.load(path, env={}).concurrency == cpus
+    assert cfg.load(None, env={}, flags={"concurrency": "auto"}).concurrency == cpus
+    assert cfg.from_data(cfg.load(path, env={}).to_dict()).concurrency == cpus
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from proxy import config; print(config.load(sys.argv[1], env={}).concurrency)")
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["1"], out.stderr
+    with pytest.raises(cfg.ConfigError, match=r"concurrency: 'Auto' is not a number of workers \(1-64, or auto\)"):
+        cfg.load(write(tmp_path, "concurrency: Auto\n"), env={})
 
 
 def test_yaml_off_means_off(tmp_path):
