@@ -226,8 +226,9 @@ class Listener:
         """The connection is this listener's (also one handed to it)."""
         relay.owner, relay.listener = self, self.name
         relay.idle_timeout = self.shared.config.idle_timeout
-        self.shared.stats.inc(self.names.downstream_cx_total)
-        self.shared.stats.inc(self.names.downstream_cx_active)
+        counters = self.shared.stats.counters  # (the counters themselves: fewer calls per connection)
+        counters[self.names.downstream_cx_total] += 1
+        counters[self.names.downstream_cx_active] += 1
 
     def _decide(self, relay: Relay) -> None:
         shared, stats = self.shared, self.shared.stats
@@ -292,7 +293,8 @@ class Listener:
         """The chain, then the upstream (or the end) of a connection this listener decides about."""
         shared, stats = self.shared, self.shared.stats
         relay.direction = direction
-        stats.inc(shared.direction_stats[direction])
+        counters = stats.counters
+        counters[shared.direction_stats[direction]] += 1
         destination = relay.destination
         chain = None
         if destination is not None and self.table.chains:
@@ -306,10 +308,10 @@ class Listener:
         relay.chain = chain.name
         relay.idle_timeout = shared.idle_timeouts[chain.name]
         names = shared.chain_stats[chain.name]
-        stats.inc(names.cx_total)
+        counters[names.cx_total] += 1
         tcp = shared.tcp_stats.get(chain.name)
         if tcp is not None:
-            stats.inc(tcp.downstream_cx_total)
+            counters[tcp.downstream_cx_total] += 1
         if chain.action == "reject":
             stats.inc(names.rejected)
             relay.close("rejected", reset=True)
@@ -366,12 +368,12 @@ class Listener:
         up = relay.upstream
         if up is not None:
             shared.connector.release(up)
-        names = self.names
-        stats.dec(names.downstream_cx_active)
-        stats.inc(names.downstream_cx_destroy)
-        sent, received = relay.bytes_from_downstream, relay.bytes_from_upstream
-        stats.inc(names.downstream_cx_rx_bytes_total, sent)
-        stats.inc(names.downstream_cx_tx_bytes_total, received)
+        names, counters = self.names, stats.counters
+        counters[names.downstream_cx_active] -= 1
+        counters[names.downstream_cx_destroy] += 1
+        sent, received = relay.downstream.received, relay.bytes_from_upstream
+        counters[names.downstream_cx_rx_bytes_total] += sent
+        counters[names.downstream_cx_tx_bytes_total] += received
         if (confirmed := relay.confirmed) is not None:
             shared.connector.closed(relay, confirmed, sent, received)
         # tcp_proxy's figures count what it relayed: Envoy reads nothing from the client

@@ -90,7 +90,7 @@ import math
 import socket
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Endpoint
 from .sockopts import SocketLike, arm_reset, disarm_reset
@@ -220,7 +220,8 @@ class Side(asyncio.Protocol):
 
     def raw_socket(self) -> SocketLike | None:
         """The socket, for its options."""
-        return cast("SocketLike | None", self.transport.get_extra_info("socket"))
+        sock: SocketLike | None = self.transport.get_extra_info("socket")
+        return sock
 
 
 class Downstream(Side):
@@ -230,8 +231,8 @@ class Downstream(Side):
     name = "downstream"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)  # a stream's transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport = transport  # type: ignore[assignment]  # a stream's (not cast(): a call per connection)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.relay.owner.accepted(self.relay)
 
     def data_received(self, data: bytes) -> None:
@@ -276,11 +277,11 @@ class Upstream(Side):
         return not self.lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)  # a stream's transport
+        self.transport = transport  # type: ignore[assignment]  # a stream's (not cast(): a call per connection)
         arm_reset(self.sock)  # a process that dies resets its connections
         # 0 while connecting: the first byte queued pauses the client, and the
         # handshake's completion (the buffer drains) resumes it: see confirm().
-        transport.set_write_buffer_limits(high=0, low=0)
+        self.transport.set_write_buffer_limits(high=0, low=0)
         self.relay.upstream_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -501,8 +502,11 @@ class Relay:
 
     def _stop_pumps(self) -> bool:
         """Stop every pump; whether one of them still held bytes (now lost)."""
+        up = self.upstream
+        if self.downstream.pump is None and (up is None or up.pump is None):
+            return False  # the short connection's case: no pump ever started
         dropped = False
-        for side in (self.downstream, self.upstream):
+        for side in (self.downstream, up):
             if side is not None and isinstance(side.pump, Pump):
                 dropped = dropped or side.pump.in_pipe > 0
                 side.pump.close()

@@ -31,7 +31,6 @@ addresses do.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
 import struct
@@ -160,11 +159,16 @@ def arm_reset(sock: SocketLike) -> None:
     Also what the relay sets on both sockets while a connection relays: if
     the process dies, the kernel's close of its sockets resets them, and the
     peers do not take a cut stream for a complete one."""
-    with contextlib.suppress(OSError):  # already closed: nothing left to reset
+    # try/except, not contextlib.suppress: three calls less, and this runs for every connection
+    try:  # noqa: SIM105
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:  # already closed: nothing left to reset
+        pass
 
 
 def disarm_reset(sock: SocketLike) -> None:
     """A close() sends a FIN again, after what is still buffered (SO_LINGER off)."""
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (as above)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_DEFAULT)
+    except OSError:
+        pass

@@ -74,7 +74,9 @@ class Stats:
 
     def host(self, cluster: str, host: Endpoint) -> Counter[str]:
         """The per-host counters of one endpoint (created on first use)."""
-        hosts = self.hosts.setdefault(cluster, {})
+        hosts = self.hosts.get(cluster)
+        if hosts is None:
+            hosts = self.hosts[cluster] = {}
         counters = hosts.get(host)
         if counters is None:
             counters = hosts[host] = Counter()
