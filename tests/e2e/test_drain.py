@@ -103,17 +103,20 @@ def test_sigterm_refuses_inbound_and_keeps_outbound_for_the_drain_timeout(apps, 
         proxy.stop()
 
 
-def test_drain_listeners_inboundonly_stops_inbound_and_keeps_outbound(apps):
+@pytest.mark.parametrize("concurrency", ["1", "2"])
+def test_drain_listeners_inboundonly_stops_inbound_and_keeps_outbound(apps, concurrency):
     """Envoy's `/drain_listeners?inboundonly`: inbound stops at once, outbound is
     served, live connections and the process go on, and the state stays LIVE
     (as Envoy 1.40's: server.state 0)."""
     w, app, _ = apps
-    proxy = ProxyProcess(w.pod)
+    proxy = ProxyProcess(w.pod, args=("--concurrency", concurrency))
     try:
         live_out = w.pod.connect(SERVICE, timeout=5)
         assert echoes(live_out, b"before")
         app_seen = len(app.accepted)
         assert admin(w.pod, "POST", "/drain_listeners?inboundonly").brief() == (200, "OK\n")
+        wait_until(lambda: len([e for e in proxy.lines if e.get("msg", "").startswith("stopped inbound")])
+                   == int(concurrency), what="every worker's inbound stopped")
         assert [outbound(w) for _ in range(5)] == ["served"] * 5
         assert [inbound(w) for _ in range(5)] == ["reset"] * 5
         assert len(app.accepted) == app_seen, "a refused inbound connection reached the app"
