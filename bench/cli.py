@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"--parts: unknown {', '.join(bad)} (choose from {', '.join(PARTS + ALONE)})")
     if any(x in ALONE for x in args.parts) and len(args.parts) > 1:
-        p.error(f"--parts: {' and '.join(x for x in args.parts if x in ALONE)} run(s) alone")
+        p.error(f"--parts: {next(x for x in args.parts if x in ALONE)} runs alone, with no other part")
     if args.soak_seconds <= 0 or args.fault_every <= 0:
         p.error("--soak-seconds and --fault-every must be positive")
     if args.reps is None:

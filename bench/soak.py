@@ -213,6 +213,10 @@ def run_soak(seconds: float, fault_every: float, log: Callable[[str], None], cli
         with contextlib.suppress(subprocess.TimeoutExpired):
             load.wait(60)
         reader.join(10)
+        settle = time.monotonic() + KILL_WAIT  # a worker stopped near the end: the watchdog's time to find it
+        while faults.stopped and time.monotonic() < settle:
+            faults.check_stopped()
+            time.sleep(0.2)
         faults.check_stopped(final=True)
         proxy_alive = proxy.alive()
         time.sleep(2.0)
