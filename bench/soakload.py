@@ -11,7 +11,8 @@ time by weight:
     slow      the same with 1 MiB, read back in 4 KiB reads with pauses:
               the relay must hold the client's writes back (backpressure)
     reset     send a part, then reset the connection (SO_LINGER 0)
-    refused   a port where nobody listens: the proxy must reset the client
+    refused   a port where nobody listens: the proxy must end the client, with a
+              reset once the client's bytes reached it (with a FIN before, as Envoy)
 
 Every byte that comes back is compared with what was sent. A connection
 cut by a fault (a worker killed, stopped) must end with a reset: one that
@@ -120,7 +121,7 @@ class Soak:
         reader, writer = await asyncio.open_connection(self.host, REFUSED_PORT)
         try:
             writer.write(b"hello")
-            data = await reader.read(1)  # the proxy should reset, never close cleanly nor answer
+            data = await reader.read(1)  # the proxy ends it: never an answer
             self.counts["refused_clean_end" if data == b"" else "refused_answered"] += 1
         except (ConnectionResetError, BrokenPipeError):
             self.counts["refused_reset"] += 1
