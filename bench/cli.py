@@ -5,6 +5,10 @@
                                       # results in bench/results/
     sudo python -m bench --quick      # seconds: the same, tiny and once (CI keeps it working)
     sudo python -m bench --profile    # also profile the proxy's connection path (py-spy)
+    sudo python -m bench --parts soak # ten minutes of mixed load and faults (--soak-seconds N);
+                                      # results in bench/results/soak.{json,md}
+    sudo python -m bench --parts linger  # SO_LINGER 0 while relaying, on against off (~4 minutes);
+                                      # results in bench/results/linger.{json,md}
 
 Measurements are interleaved (each repetition runs every workload against
 every subject, in a rotating order), every subject is started fresh for each
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 
 from proxy.demo.sandbox import setpriv_argv
 
-from . import charts, report, syscalls
+from . import charts, linger, report, soak, syscalls
 from .profile import profile_connections, py_spy, resummarise
 from .rules import VARIANTS, RuleScaling
 from .runner import FAILURES, measure
@@ -39,6 +43,7 @@ from .world import HERE, PYTHON, ROOT, BenchWorld, signals_raise
 
 REQUIRED_TOOLS = ("ip", "iptables", "ip6tables", "iptables-restore", "nft", "setpriv", "prlimit")
 PARTS = ("matrix", "rules", "syscalls", "profile")
+ALONE = ("soak", "linger")  # parts with their own results files (soak.*, linger.*), run one at a time
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,8 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", default="matrix,rules,syscalls",
                    help="what to run, of: matrix (subjects x workloads), rules (rule scaling), syscalls "
                         "(system calls, CPU and context switches per connection; perf), profile "
-                        "(default matrix,rules,syscalls)")
+                        "(default matrix,rules,syscalls); or one alone of: soak (mixed load and faults, "
+                        "--soak-seconds), linger (the cost of the reset on a worker's death)")
     p.add_argument("--profile", action="store_true", help="add the profile part (py-spy)")
+    p.add_argument("--soak-seconds", type=float, default=600.0,
+                   help="--parts soak: how long the load runs (default 600: ten minutes)")
+    p.add_argument("--fault-every", type=float, default=5.0,
+                   help="--parts soak: seconds between two injected faults (default 5)")
     p.add_argument("--out", help="output directory (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--seed", type=int, default=0, help="rotation of the subject order (default 0)")
     p.add_argument("--render", metavar="JSON",
@@ -60,9 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if args.profile and "profile" not in args.parts:
         args.parts.append("profile")
-    bad = [x for x in args.parts if x not in PARTS]
+    bad = [x for x in args.parts if x not in PARTS + ALONE]
     if bad:
-        p.error(f"--parts: unknown {', '.join(bad)} (choose from {', '.join(PARTS)})")
+        p.error(f"--parts: unknown {', '.join(bad)} (choose from {', '.join(PARTS + ALONE)})")
+    if any(x in ALONE for x in args.parts) and len(args.parts) > 1:
+        p.error(f"--parts: {next(x for x in args.parts if x in ALONE)} runs alone, with no other part")
+    if args.soak_seconds <= 0 or args.fault_every <= 0:
+        p.error("--soak-seconds and --fault-every must be positive")
     if args.reps is None:
         args.reps = 1 if args.quick else 3
     if args.reps < 1:
@@ -281,6 +295,17 @@ def _syscalls_step(args: argparse.Namespace, rep: int, s: Subject, results: Resu
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.parts in (["soak"], ["linger"]):
+        preflight([], args.parts)
+        command = "python -m bench " + " ".join(sys.argv[1:])
+        with signals_raise():
+            try:
+                if args.parts == ["soak"]:
+                    return soak.main(args.out, args.soak_seconds, args.fault_every, log, command)
+                return linger.main(args.out, 4 if args.quick else 10, 2.0 if args.quick else 5.0, log, command)
+            except KeyboardInterrupt:
+                log("interrupted: cleaned up")
+                return 130
     subjects = pick(args.subjects, SUBJECTS, "subject")
     loads: list[Workload] = pick(args.workloads, workloads(args.quick), "workload")
     preflight(subjects, args.parts)

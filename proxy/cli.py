@@ -54,7 +54,14 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splice", choices=cfg.SPLICE_MODES,
                         help="auto (default): bulk transfers move by splice(2), in the kernel; off: always copy")
     parser.add_argument("--drain-timeout", metavar="DURATION",
-                        help="on SIGTERM, wait this long for connections (default 5s)")
+                        help="on SIGTERM: inbound drains, outbound is still accepted, and live connections "
+                             "go on this long; then exit (default 5s)")
+    parser.add_argument("--drain-time", metavar="DURATION",
+                        help="how long the listeners go on after /drain_listeners?graceful before they stop "
+                             "(Envoy's --drain-time-s; default 600s)")
+    parser.add_argument("--drain-strategy", choices=cfg.DRAIN_STRATEGIES,
+                        help="how inbound stops on SIGTERM: gradual (default), new inbound connections are "
+                             "refused with a probability rising over the drain timeout; immediate, all at once")
     parser.add_argument("--max-connections", metavar="N",
                         help="connections open at once in the whole proxy; past it, new ones are reset "
                              "(Envoy's global_downstream_max_connections; default: no limit)")

@@ -13,7 +13,7 @@ on stderr that names it.
 
 Every flag of Envoy's is accepted. Those that mean something here are
 built: the bootstrap, --concurrency, the log flags, --admin-address-path,
---drain-time-s and --drain-strategy (stored in Config for /drain_listeners),
+--drain-time-s and --drain-strategy (the drain of /drain_listeners and SIGTERM),
 --service-{cluster,node,zone} (the node). The rest belong to things the
 proxy does not have (hot restart, Envoy's extensions, mutex tracing, ...):
 they are parsed and checked as Envoy checks them, shown in /server_info's

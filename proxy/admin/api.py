@@ -291,9 +291,12 @@ async def healthcheck_ok(request: web.Request, proxy: Lifecycle) -> web.Response
 
 
 async def drain_listeners(request: web.Request, proxy: Lifecycle) -> web.Response:
-    if "inboundonly" in request.query:
-        raise fmt.BadRequest("inboundonly: the redirected port takes both directions; drain all or none")
-    proxy.drain_listeners()  # `graceful` is accepted: closing the listeners never cuts a live connection
+    """Envoy's: the listeners stop (`inboundonly`: those of inbound only; `graceful`: once
+    drain_time is over); control/server.py. pilot-agent sends `?inboundonly&graceful`
+    and does not read the answer."""
+    inbound_only, graceful = "inboundonly" in request.query, "graceful" in request.query
+    log.info("admin: /drain_listeners%s%s", " inboundonly" if inbound_only else "", " graceful" if graceful else "")
+    proxy.drain_listeners(inbound_only=inbound_only, graceful=graceful)
     return _text("OK\n")
 
 

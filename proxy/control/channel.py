@@ -8,8 +8,9 @@ three kinds:
     {"event": "ready"}                     news from the worker
 
 The supervisor sends `start` first, before the worker's event loop runs (the
-worker reads it with `read_first`), then `snapshot`, `drain`, `stop` and
-`log`; the worker says `ready` once its listeners serve.
+worker reads it with `read_first`), then `snapshot`, `drain` (with
+`inbound_only` and `graceful`), `stop` (/quitquitquit), `terminate` (SIGTERM)
+and `log`; the worker says `ready` once its listeners serve.
 """
 
 from __future__ import annotations

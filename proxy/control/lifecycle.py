@@ -13,8 +13,9 @@ API reports in /ready, /server_info and the `server.state` stat:
     PRE_INITIALIZING (2)  the admin API is up, the listeners are not bound yet
     INITIALIZING (3)      binding the listeners (or starting the workers)
     LIVE (0)              every listener is bound and serving
-    DRAINING (1)          listeners closed (SIGTERM, /drain_listeners,
-                          /quitquitquit), or /healthcheck/fail was called
+    DRAINING (1)          stopping (SIGTERM, /quitquitquit; server.py), or
+                          /healthcheck/fail was called (/drain_listeners leaves
+                          the state LIVE, as in Envoy)
 
 `Runner.run` is the one skeleton: signals, the admin API first (so a probe
 sees "not ready" rather than "refused" while the rest starts), the test
@@ -82,10 +83,10 @@ class Lifecycle(Protocol):
         """The data plane (every worker's, added up), with at most `limit` live connections."""
 
     def stop(self) -> None:
-        """Stop accepting, drain, exit (SIGTERM, /quitquitquit)."""
+        """Stop accepting, drain, exit (/quitquitquit; SIGTERM keeps outbound open meanwhile)."""
 
-    def drain_listeners(self) -> None:
-        """Stop accepting; live connections and the process go on."""
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
+        """Envoy's /drain_listeners (`inboundonly`, `graceful`); live connections and the process go on."""
 
     async def log_levels_changed(self, changes: list[tuple[str, int]]) -> None:
         """The admin API changed log levels here: tell whoever else logs (the workers)."""
@@ -215,7 +216,7 @@ class Runner:
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self.terminate)
         admin = None
         try:
             await self._open(loop)
@@ -259,7 +260,11 @@ class Runner:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def drain_listeners(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM, SIGINT: as Istio drains a sidecar (server.py); stop() unless a runner knows better."""
+        self.stop()
+
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
         raise NotImplementedError
 
     async def snapshot(self, limit: int) -> Snapshot:

@@ -5,10 +5,20 @@ of a supervisor (supervisor.py, worker.py: without an admin API, on sockets
 the supervisor bound). The run skeleton, the states and the start-up checks
 are lifecycle.py's.
 
-Shutdown (SIGTERM, SIGINT or /quitquitquit): stop accepting, give live
-connections up to `drain_timeout` to finish on their own, reset whatever is
-left, exit 0. /drain_listeners does only the first step: the process goes on
-with the connections it has until SIGTERM.
+Draining, as Istio drains a sidecar (the decisions are datapath/drain.py's):
+
+    SIGTERM, SIGINT                  inbound drains (drain_strategy) over drain_timeout;
+                                     outbound is still accepted (the app may still be
+                                     shutting down); live connections go on. At the
+                                     end of drain_timeout every listener closes, what
+                                     is left is reset, exit 0.
+    /quitquitquit                    the app is done: every listener closes now, live
+                                     connections get drain_timeout (exit 0 as soon as
+                                     none is left), what is left is reset.
+    /drain_listeners[?inboundonly]   Envoy's: the listeners of the direction (all, or
+                                     inbound) stop now; the process goes on, LIVE.
+    ...&graceful                     Envoy's: they accept as ever for drain_time, then
+                                     stop (Envoy's drain shows only on HTTP).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from collections.abc import Sequence
 from ..config import Config, hostport
 from ..datapath import snapshot
 from ..datapath.accesslog import AccessLog
+from ..datapath.drain import DIRECTIONS, INBOUND, OUTBOUND
 from ..datapath.listener import Listener, Shared
 from ..datapath.localaddrs import LocalAddresses
 from ..datapath.relay import close_idle, idle_sweep_interval
@@ -48,7 +59,10 @@ class Proxy(Runner):
         self.sockets = sockets
         self.conn_ids = conn_ids
         self.stats = Stats()
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[tuple[asyncio.Server, Listener]] = []
+        self.stop_at: float | None = None  # loop time at which a SIGTERM drain ends
+        self.timers: list[asyncio.TimerHandle] = []  # the ends of graceful drains
+        self.graceful: set[str] = set()  # the directions ("inbound", "all") of graceful drains under way
         self.redirect: Listener | None = None
         self.shared: Shared | None = None  # made when run() starts
         self.local: LocalAddresses | None = None
@@ -103,9 +117,8 @@ class Proxy(Runner):
             listener = listeners[index]
             server = await loop.create_server(listener.protocol, sock=sock, backlog=BACKLOG)
             sockets.pop(0)
-            self.servers.append(server)
-            if self.draining:  # a drain or stop came while we were binding
-                server.close()
+            self.servers.append((server, listener))
+            self._close_stopped()  # a drain or stop came while we were binding
             self.listeners.setdefault(listener.name, []).append(sock.getsockname()[:2])
             log.info("listening on %s (%s)", hostport(*sock.getsockname()[:2]), listener.name)
         return True
@@ -117,7 +130,9 @@ class Proxy(Runner):
     async def _close(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
-        for server in self.servers:
+        for timer in self.timers:
+            timer.cancel()
+        for server, _ in self.servers:
             server.close()
         for bound in self.sockets or ():  # never handed to a server: stopped early, or a failure
             bound.sock.close()
@@ -146,37 +161,93 @@ class Proxy(Runner):
             return
         loop.default_exception_handler(context)
 
-    def _close_listeners(self) -> None:
-        self.draining = True
-        for server in self.servers:
-            server.close()
+    # draining ----------------------------------------------------------------------------
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
+        """Envoy's /drain_listeners: the listeners of a direction stop now, or
+        (graceful) once drain_time is over, taking connections as ever until then
+        (Envoy 1.40 does: only HTTP connections hear of its drain). Live
+        connections, the process and its state (LIVE, as in Envoy) go on."""
+        direction = "inbound" if inbound_only else "all"
+        directions = DIRECTIONS[direction]
+        if not graceful:
+            self._stop_directions(directions)
+            log.info("drain_listeners: %s listeners stopped; %d live connections go on", direction, self._live())
+        elif not ({direction, "all"} & self.graceful):  # Envoy: a drain already under way is not restarted
+            self.graceful.add(direction)
+            loop = asyncio.get_running_loop()
+            self.timers.append(loop.call_later(self.config.drain_time, self._stop_directions, directions))
+            log.info("drain_listeners: %s listeners stop in %gs; until then they accept as ever",
+                     direction, self.config.drain_time)
 
-    def drain_listeners(self) -> None:
-        """Stop accepting; live connections go on, and so does the process."""
-        if not self.draining:
-            self._close_listeners()
-            log.info("draining: listeners closed, no new connections; %d live ones go on", self._live())
+    def terminate(self) -> None:
+        """SIGTERM: inbound drains over drain_timeout while outbound is still
+        accepted; then run() stops every listener, resets what is left and returns."""
+        if not self.stopping.is_set():
+            self.draining = True
+            loop = asyncio.get_running_loop()
+            self.stop_at = loop.time() + self.config.drain_timeout
+            if self.shared is not None:
+                self.shared.drain.start((INBOUND,), self.config.drain_timeout, loop.time())
+            log.info("stopping: inbound drains (%s), outbound is accepted for %gs; %d live connections",
+                     self.config.drain_strategy, self.config.drain_timeout, self._live())
+            self.stopping.set()
 
     def stop(self) -> None:
-        """Stop accepting now; run() then drains and returns."""
-        if not self.stopping.is_set():
-            self._close_listeners()
+        """/quitquitquit (the app is done): every listener stops now; live
+        connections get drain_timeout (no more if a SIGTERM drain is under way);
+        then run() resets what is left and returns."""
+        if self.stopping.is_set():
+            self._stop_directions((INBOUND, OUTBOUND))
+        else:
+            self.draining = True
+            self.stop_at = asyncio.get_running_loop().time() + self.config.drain_timeout
+            self._stop_directions((INBOUND, OUTBOUND))
             log.info("stopping: no new connections; draining %d live ones", self._live())
             self.stopping.set()
+
+    def _stop_directions(self, directions: tuple[str, ...]) -> None:
+        """Envoy's stopListeners: no new connection of `directions` from now on."""
+        if self.shared is not None:
+            if not set(directions) <= self.shared.drain.stopped:
+                log.info("stopped %s: no new connections", " and ".join(directions))
+            self.shared.drain.stop(directions)
+        self._close_stopped()
+
+    def _close_stopped(self) -> None:
+        """Close the sockets of every listener all of whose directions are stopped
+        (a listener of both directions refuses one of them per connection)."""
+        stopped = self.shared.drain.stopped if self.shared is not None else set()
+        for server, listener in self.servers:
+            if server.is_serving() and _directions(listener) <= stopped:
+                server.close()
+
+    def _accepting(self) -> bool:
+        return any(server.is_serving() for server, _ in self.servers)
 
     def _live(self) -> int:
         return len(self.shared.live) if self.shared is not None else 0
 
     async def _drain(self) -> None:
+        """The rest of a SIGTERM drain: wait for its end (or for nothing left to
+        serve), then stop every listener and reset what is still open."""
         if self.shared is None:
             return
         live, loop = self.shared.live, asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout
-        while live and loop.time() < deadline:  # noqa: ASYNC110 (a look every 50 ms, once per drain)
+        deadline = self.stop_at if self.stop_at is not None else loop.time()
+        while loop.time() < deadline and (live or self._accepting()):  # noqa: ASYNC110 (a look every 50 ms)
             await asyncio.sleep(0.05)
+        self._stop_directions((INBOUND, OUTBOUND))
         left = list(live.values())
         if left:
             log.info("drain timeout: resetting %d connections still open", len(left))
         for relay in left:
             relay.close("drain_timeout", reset=True)
         await asyncio.sleep(0)
+
+
+def _directions(listener: Listener) -> set[str]:
+    """The directions a listener's connections can take (listener.py decides which)."""
+    direction = listener.spec.direction
+    if direction != "any":
+        return {direction}
+    return {INBOUND, OUTBOUND} if listener.spec.original_dst else {OUTBOUND}

@@ -25,7 +25,8 @@ The admin API runs in the supervisor and reads the workers through it:
 /stats, /clusters and /connections are their snapshots added up
 (datapath/snapshot.merge), without a worker that does not answer; /ready
 is LIVE while every worker serves and answers; /drain_listeners,
-/quitquitquit, SIGTERM and /logging are passed on to every worker.
+/quitquitquit, SIGTERM and /logging are passed on to every worker, each of
+which drains its own connections (server.py).
 
 Supervision (the figures are watchdog.py's): the supervisor pings every
 serving worker each second. One that misses the deadline makes /ready
@@ -36,7 +37,8 @@ doubles with each death; more deaths than the bound within a minute is a
 crash loop, and the supervisor stops the others and exits 1. A worker that
 dies before the proxy first serves ends it at once (exit 1): its
 replacement would meet the same configuration and environment. While the
-proxy drains, a dead worker is not replaced. The ping's answer carries the
+proxy stops (SIGTERM), a dead worker is not replaced; after a
+/drain_listeners it is, and hears of the drains (its own timeline). The ping's answer carries the
 worker's counters, so those of a dead worker (as of its last answer, at
 most a second old) stay in /stats; its gauges leave with it. Its clients
 see a reset, not a clean end (datapath/relay.py arms SO_LINGER 0 while a
@@ -144,6 +146,8 @@ class Supervisor(Runner):
         self.restarts = Restarts()
         self.counters: Counter[str] = Counter()  # the supervisor's own stats
         self.retired: Counter[str] = Counter()  # the counters of workers that died
+        self.drains: list[dict] = []  # every /drain_listeners so far, for workers that start later
+        self.stop_op = "stop"  # what the workers are told when the proxy stops (SIGTERM: terminate)
 
     @property
     def state(self) -> State:
@@ -169,21 +173,35 @@ class Supervisor(Runner):
         for worker in self.workers:
             worker.send({"op": "log", "changes": changes})
 
-    def drain_listeners(self) -> None:
-        if not self.draining:
-            self.draining = True
-            log.info("draining: the workers close their listeners; live connections go on")
-            for worker in self.workers:
-                if worker.ready.done():  # the others are told when they are ready (_worker_ready)
-                    worker.send({"op": "drain"})
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
+        """Each worker drains its own listeners (server.py), from when it hears of it."""
+        drain = {"op": "drain", "inbound_only": inbound_only, "graceful": graceful}
+        self.drains.append(drain)
+        log.info("draining %s%s: the workers drain their listeners; live connections go on",
+                 "inbound" if inbound_only else "all", " gracefully" if graceful else "")
+        for worker in self.workers:
+            if worker.ready.done():  # the others are told when they are ready (_worker_ready)
+                worker.send(drain)
 
     def _worker_ready(self, worker: WorkerProcess, _: asyncio.Future[None] | None = None) -> None:
-        if self.draining:  # a drain came while it started: its listeners close at once
-            worker.send({"op": "drain"})
+        for drain in self.drains:  # drains that came while it started
+            worker.send(drain)
 
     def stop(self) -> None:
+        self._stop("stop")
+
+    def terminate(self) -> None:
+        self._stop("terminate")
+
+    def _stop(self, how: str) -> None:
+        """The workers are told `how` (server.py: stop, or terminate for SIGTERM) when they are stopped."""
+        if self.stopping.is_set() and how == "stop" and self.stop_op != "stop":  # /quitquitquit during SIGTERM
+            self.stop_op = how
+            for worker in self.workers:
+                worker.send({"op": how})
         if not self.stopping.is_set():
             self.draining = True
+            self.stop_op = how
             log.info("stopping: the workers drain and exit")
             self.stopping.set()
 
@@ -305,8 +323,8 @@ class Supervisor(Runner):
         status = await self._reap(worker)
         self.retired.update({name: value for name, value in worker.counters.items() if not is_gauge(name)})
         worker.counters = {}
-        if self.draining:
-            log.error("%s ended on its own (exit status %s) while the proxy drains: not replaced", worker, status)
+        if self.stopping.is_set():
+            log.error("%s ended on its own (exit status %s) while the proxy stops: not replaced", worker, status)
             self.workers.remove(worker)
             return
         delay = self.restarts.after_death(asyncio.get_running_loop().time())
@@ -352,7 +370,7 @@ class Supervisor(Runner):
         for worker in self.workers:
             if worker.watchdog is not None:
                 worker.watchdog.cancel()
-            worker.send({"op": "stop"})
+            worker.send({"op": self.stop_op})
         deadline = self.config.drain_timeout + 10
         try:
             async with asyncio.timeout(deadline):

@@ -73,9 +73,11 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
             elif op == "snapshot":
                 channel.answer(message, proxy.take(message["limit"]).to_json())
             elif op == "drain":
-                proxy.drain_listeners()
+                proxy.drain_listeners(bool(message.get("inbound_only")), bool(message.get("graceful")))
             elif op == "stop":
                 proxy.stop()
+            elif op == "terminate":
+                proxy.terminate()
             elif op == "log":
                 logs.apply_levels([tuple(change) for change in message["changes"]])
 

@@ -28,6 +28,7 @@ Stat names (Envoy's where the meaning is the same; upstream.py makes the cluster
     listener.<address>.downstream_cx_{total,active,destroy,rx_bytes_total,tx_bytes_total}
     listener.<address>.{loop_guard_refused,resource_exhaustion}      (ours)
     listener.<address>.no_filter_chain_match
+    listener.<address>.drain_refused                                  (ours: drain.py)
     listener.<address>.downstream_{cx_overflow,global_cx_overflow}   (limits.py)
     splice.{pumps_total,pumps_active,unavailable}                     (ours)
     chain.<name>.{cx_total,rejected}, direction.<inbound|outbound>.cx_total   (ours)
@@ -54,6 +55,7 @@ from ..config import ENVOY_LOG_FORMAT, Config, Endpoint, compile_format, hostpor
 from ..config import Listener as ListenerSpec
 from .accesslog import AccessLog
 from .chains import ChainTable
+from .drain import Drain
 from .limits import Gate, admit, move, release
 from .localaddrs import LocalAddresses
 from .relay import Relay, Upstream
@@ -65,7 +67,7 @@ log = logging.getLogger("proxy.listener")
 
 LISTENER_STATS = ("downstream_cx_total", "downstream_cx_active", "downstream_cx_destroy",
                   "downstream_cx_rx_bytes_total", "downstream_cx_tx_bytes_total", "resource_exhaustion",
-                  "downstream_cx_overflow", "downstream_global_cx_overflow")
+                  "downstream_cx_overflow", "downstream_global_cx_overflow", "drain_refused")
 REDIRECT_STATS = (*LISTENER_STATS, "loop_guard_refused")
 SPLICE_STATS = ("pumps_total", "pumps_active", "unavailable")
 # Envoy's tcp_proxy stats, all of them. The ones we never move stay 0: the duration
@@ -94,6 +96,7 @@ class Shared:
         self.ids = ids if ids is not None else itertools.count(1)
         self.live: dict[int, Relay] = {}
         self.gate = Gate(config.max_connections)  # the whole proxy's connection limit (limits.py)
+        self.drain = Drain(config.drain_strategy)  # new connections a drain refuses (drain.py)
         self.own = OwnSockets()
         self.tproxy = config.inbound_mode == "tproxy"  # TPROXY'd inbound: the local address is the destination
         self.listener_stats: dict[str, Names] = {}  # listener name -> its stats
@@ -295,6 +298,11 @@ class Listener:
         relay.direction = direction
         counters = stats.counters
         counters[shared.direction_stats[direction]] += 1
+        drain = shared.drain
+        if (drain.stopped or drain.sequences) and drain.refuses(direction, self.loop.time()):  # drain.py
+            counters[self.names.drain_refused] += 1
+            relay.close("drain_refused", reset=True)
+            return
         destination = relay.destination
         chain = None
         if destination is not None and self.table.chains:

@@ -26,6 +26,7 @@ from ..config import PROXY_UID
 from .netns import NetNs
 
 PYTHON = sys.executable  # must be executable by UID 1337 (see README)
+SANDBOX_DRAIN_TIMEOUT = "1s"
 
 
 def setpriv_argv(uid: int = PROXY_UID, caps: tuple[str, ...] = ()) -> list[str]:
@@ -59,6 +60,10 @@ class ProxyProcess:
         argv = [*into(*prefix, *setpriv_argv(uid, caps)), *run]
         if not access_log and not command:
             argv += ["--access-log", "off"]
+        if not command and "--drain-timeout" not in args and "drain_timeout" not in (config or {}):
+            # SIGTERM keeps outbound open for the whole drain timeout (5 s by default):
+            # a demo, a test or a benchmark stops its proxy sooner unless it asks otherwise
+            argv += ["--drain-timeout", SANDBOX_DRAIN_TIMEOUT]
         self._config_dir = None
         if config is not None and not command:
             # a directory UID 1337 can read (root's temp dirs may be private)

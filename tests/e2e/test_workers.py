@@ -123,8 +123,8 @@ def test_drain_logging_and_quitquitquit_reach_every_worker(uid_world):
         c.sendall(b"before")
         assert c.recv(6) == b"before"
         assert admin(w.pod, "POST", "/drain_listeners").status == 200
-        wait_until(lambda: admin(w.pod, "GET", "/ready").status == 503, what="DRAINING")
-        time.sleep(0.2)
+        wait_until(lambda: stopped_on_every_worker(proxy), what="every worker's listeners stopped")
+        assert admin(w.pod, "GET", "/ready").brief() == (200, "LIVE\n")  # as Envoy 1.40
         for _ in range(6):  # no worker takes new connections any more
             with pytest.raises(ConnectionRefusedError):
                 w.pod.connect(SERVICE, timeout=2).close()
@@ -371,7 +371,7 @@ def test_a_drain_while_the_workers_start_leaves_nothing_listening(uid_world):
         assert admin(w.pod, "POST", "/drain_listeners").status == 200
         time.sleep(2.5)  # the workers have started meanwhile
         assert proxy.alive()
-        assert admin(w.pod, "GET", "/ready").brief() == (503, "DRAINING\n")
+        wait_until(lambda: stopped_on_every_worker(proxy), what="every worker's listeners stopped")
         with pytest.raises(ConnectionRefusedError):  # no socket of a worker takes connections
             w.pod.connect(SERVICE, timeout=2).close()
         proxy.proc.send_signal(signal.SIGTERM)
@@ -379,6 +379,12 @@ def test_a_drain_while_the_workers_start_leaves_nothing_listening(uid_world):
         assert proxy.proc.returncode == 0
     finally:
         proxy.stop()
+
+
+def stopped_on_every_worker(proxy) -> bool:
+    """Both workers have logged that their listeners stopped (server.py)."""
+    return {e.get("worker") for e in proxy.lines if e.get("msg", "").startswith("stopped inbound and outbound")} \
+        == {0, 1}
 
 
 def admin_up(w) -> bool:
