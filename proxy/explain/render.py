@@ -99,7 +99,7 @@ def to_text(e: Explanation) -> str:
         who.append(f"mark {p.mark:#x}")
     if p.classid:
         who.append(f"classid {p.classid:#x}")
-    if p.cgroup_path:
+    if p.cgroup_path and p.cgroup_path != "/":
         who.append(f"cgroup {p.cgroup_path}")
     via = (f"in on {p.iif}" if p.iif else "") if e.direction == "inbound" else f"out {p.oif or '?'}"
     src = str(p.src) if p.src is not None else "?"

@@ -161,7 +161,7 @@ def _who(proxy: ProxyIdentity, mark: int | None) -> str:
         parts.append(f"mark {mark:#x}")
     if proxy.classid:
         parts.append(f"classid {proxy.classid:#x}")
-    if proxy.cgroup_path:
+    if proxy.cgroup_path and proxy.cgroup_path != "/":
         parts.append(f"cgroup {proxy.cgroup_path}")
     return ", ".join(parts)
 
