@@ -15,13 +15,14 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import config as cfg
 from ..datapath.localaddrs import dump_addresses
 from .report import ProxyIdentity
-from .rules import RulesError, Ruleset, parse_nft_json, parse_save
+from .rules import Rule, RulesError, Ruleset, parse_nft_json, parse_save
 from .walk import IPAddress
 
 TIMEOUT = 10.0  # seconds for each command and each admin request
@@ -82,7 +83,54 @@ def read_rules(family: int) -> Ruleset:
 def _only_ours(ruleset: Ruleset) -> Ruleset:
     """nft-native: our table. (Tables iptables-nft made hold xt expressions this walker cannot read.)"""
     ruleset.tables = [t for t in ruleset.tables if t.name == OUR_TABLE]
+    for table in ruleset.tables:
+        for rules in table.chains.values():
+            rules[:] = [_cgroup_named(rule) for rule in rules]
     return ruleset
+
+
+def _cgroup_named(rule: Rule) -> Rule:
+    """A `socket cgroupv2` match as a path below the cgroup2 root. nft lists
+    the cgroup by its path below /sys/fs/cgroup, which on a host with the
+    hybrid layout is not that root (`unified/NAME`), or, if it does not find
+    it there, by its id (the directory's inode number)."""
+    terms = list(rule.terms)
+    for n, term in enumerate(terms):
+        if term.kind == "cgroup_path":
+            value = str(term.value)
+            path = _cgroup_by_id(int(value)) if value.isdigit() else _below_root(value)
+            if path is not None and path != value:
+                terms[n] = replace(term, value=path, text=f"{term.text} ({path})")
+    return replace(rule, terms=tuple(terms))
+
+
+def _cgroup2_roots() -> list[str]:
+    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+            if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+
+
+def _below_root(listed: str) -> str | None:
+    full = os.path.normpath(os.path.join("/sys/fs/cgroup", listed.lstrip("/")))
+    for root in _cgroup2_roots():
+        if full == root or full.startswith(root.rstrip("/") + "/"):
+            return "/" + os.path.relpath(full, root).removeprefix(".")
+    return None
+
+
+def _cgroup_by_id(inode: int) -> str | None:
+    for root in _cgroup2_roots()[:1]:
+        for directory, subdirectories, _ in os.walk(root):
+            try:
+                if os.stat(directory).st_ino == inode:
+                    return "/" + os.path.relpath(directory, root).removeprefix(".")
+            except OSError:
+                continue
+            if directory.count("/") - root.count("/") >= MAX_CGROUP_DEPTH:
+                subdirectories.clear()
+    return None
+
+
+MAX_CGROUP_DEPTH = 8  # how deep a cgroup id is looked for
 
 
 def read_rules_file(path: str, family: int) -> Ruleset:

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from support import PYTHON, ProxyProcess
@@ -145,7 +146,7 @@ def test_explain_agrees_with_real_traffic(world, tmp_path, method_name, backend,
                     assert entry["destination"] == fmt(*addr)
                     got = {k: entry[k] for k in ("direction", "chain", "cluster", "upstream")}
                     assert got == {k: verdict[k] for k in got}, (name, told)
-                    assert verdict["loop"] == "none"
+                    assert verdict["loop"] == "none", told["proxy"]["loop_guard"]
                     seen_captured.add(name)
                 else:
                     time.sleep(0.3)  # a capture would have reached the access log by now
@@ -189,3 +190,37 @@ def test_unreadable_rules_are_one_line_and_the_rest_is_explained():
 def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--",
                            PYTHON, "-m", "proxy", "explain", *args], capture_output=True, text=True, cwd="/")
+
+
+# The nft JSON fixtures of tests/unit/test_explain.py: redirect.sh's arguments.
+NFT_FIXTURES = {
+    "mark": ("--method", "mark", "--exclude-outbound-ports", "25", "--exclude-inbound-ports", "2222"),
+    "explicit": ("--method", "explicit", "--services", "tests/unit/golden/explain/explicit.services"),
+}
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "golden" / "explain"
+
+
+def _normal(data: dict) -> list:
+    """nft's JSON without what changes from one load to the next (handles, counters, version)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "handle"} if "counter" not in value else \
+                {"counter": {}}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return [strip(item) for item in data["nftables"] if "metainfo" not in item]
+
+
+@pytest.mark.parametrize("name", sorted(NFT_FIXTURES))
+def test_the_nft_fixtures_are_what_nft_prints_for_the_scripts_rules(netns_prerequisites, world, name):
+    """The unit tests' nft JSON is nft's own listing of redirect.sh's
+    nft-native dry run, loaded into a fresh pod; regenerate it from this
+    test's output when the rules change."""
+    repo = Path(__file__).resolve().parents[2]
+    rules = subprocess.run(["sh", "iptables/redirect.sh", *NFT_FIXTURES[name], "--ipv6", "on", "--backend",
+                            "nft-native", "--dry-run"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    world.pod.exec("nft", "-f", "-", input=rules)
+    listed = json.loads(world.pod.exec("nft", "-j", "list", "ruleset").stdout)
+    fixture = json.loads((FIXTURES / f"{name}.nft.json").read_text())
+    assert _normal(listed) == _normal(fixture), f"{name}.nft.json is stale:\n{json.dumps(listed, indent=1)}"
