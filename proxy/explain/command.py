@@ -167,8 +167,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                      help="a net_cls classid (0x100001), a net_cls cgroup directory, or a cgroup v2 path "
                           "(default: yours)")
     parser.add_argument("--inbound", action="store_true",
-                        help="a connection arriving at the pod (nat PREROUTING), not one it opens")
-    parser.add_argument("--interface", metavar="NAME", help="inbound: the interface it arrives on")
+                        help="a connection arriving at the pod (PREROUTING), not one it opens")
+    parser.add_argument("--interface", metavar="NAME",
+                        help="inbound: the interface it arrives on (default: the route's to --from)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", "-c", metavar="FILE", help="the proxy's config file")
     source.add_argument("--admin", metavar="URL", help="the running proxy's admin API (e.g. 127.0.0.1:15000)")

@@ -107,7 +107,7 @@ def _choose_chain(decision: Decision, listener: Listener, dst: str, dport: int, 
     chain = ChainTable(chains).lookup(dst, dport, src, decision.direction, sport) if chains else None
     local = src == dst or src.startswith("127.") or src == "::1"  # as ChainTable.lookup tells it
     conn = Connection(ipaddress.ip_address(dst), dport, ipaddress.ip_address(src), decision.direction, sport, local)
-    for step, best, kept in prune(chains, conn):
+    for step, best, kept in prune(chains, conn) if chains else ():
         decision.steps.append(Step(STEP_NAMES[step], _score(step, best, dport), tuple(c.name for c in kept),
                                    len(chains) if step == 0 else len(decision.steps[-1].kept)))
     if chain is not None:

@@ -106,11 +106,11 @@ def to_text(e: Explanation) -> str:
     about = ", ".join(w for w in [*who, via] if w)
     lines = [f"{e.direction} {src} -> {hostport(str(p.dst), p.dport)}" + (f" ({about})" if about else "")]
     lines.append("")
-    hook = "nat OUTPUT" if e.direction == "outbound" else "nat PREROUTING"
+    hook = "OUTPUT" if e.direction == "outbound" else "PREROUTING"
     if e.walk is None:
         lines.append(f"rules ({hook}): not read")
     else:
-        lines.append(f"rules ({hook}, {e.backend}, IPv{p.family}), each rule hit with its packet counter:")
+        lines.append(f"rules ({hook}: mangle, nat; {e.backend}, IPv{p.family}), each rule hit with its packet counter:")
         lines += _hits(e.walk)
         lines.append(f"  => {_verdict_text(e.walk.verdict, e.proxy.port)}")
     if e.decision is not None:

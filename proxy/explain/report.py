@@ -107,15 +107,17 @@ def explain(request: Request, facts: Facts) -> Explanation:
 
 def _packet(request: Request, route: Route) -> Packet:
     family = request.dst.version
-    src, oif = request.src, None
+    src, oif, iif = request.src, None, request.iif
     if not request.inbound:
         routed_src, oif = route(request.dst)
         src = src or routed_src
+    elif iif is None and src is not None:
+        iif = route(src)[1]  # it arrives where the route back to the client leaves
     return Packet(family, request.dst, request.dport, src, request.sport,
                   uid=None if request.inbound else request.uid, gid=None if request.inbound else request.gid,
                   mark=request.mark, classid=0 if request.inbound else request.classid,
                   cgroup_path=None if request.inbound else request.cgroup_path,
-                  oif=oif, iif=request.iif)
+                  oif=oif, iif=iif)
 
 
 def proxy_packet(facts: Facts, host: str, port: int, mark: int | None, source: str | None) -> Packet:
@@ -156,7 +158,7 @@ def _loop(decision: Decision, facts: Facts) -> Loop:
 
 
 def _who(proxy: ProxyIdentity, mark: int | None) -> str:
-    parts = [f"uid {proxy.uid}" if proxy.uid is not None else f"uid {PROXY_UID} (assumed: {proxy.found})"]
+    parts = [f"uid {proxy.uid}" if proxy.uid is not None else f"uid {PROXY_UID}, assumed: {proxy.found}"]
     if mark:
         parts.append(f"mark {mark:#x}")
     if proxy.classid:

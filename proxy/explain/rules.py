@@ -40,7 +40,7 @@ class Term:
 
     kind:  src, dst (value: a network), proto (a name), dport, sport (a set
            of ports), oif, iif (an interface name), uid, gid (a number),
-           mark (value, mask), classid (a number), cgroup_path (a path),
+           mark, connmark (value, mask), classid (a number), cgroup_path (a path),
            family (4 or 6: nft's `ip ...` only holds for IPv4), set (value:
            tuple of (network, port) elements, for `ip daddr . tcp dport @S`),
            ctstate (names), unknown (value: the text)
@@ -163,6 +163,7 @@ def _iptables_rule(chain: str, index: int, words: list[str], packets: int | None
     terms: list[Term] = []
     target, jump, to_port, comment = "OTHER", None, None, ""
     negate = after_target = False
+    module = ""
     i = 0
 
     def arg() -> str:
@@ -188,7 +189,7 @@ def _iptables_rule(chain: str, index: int, words: list[str], packets: int | None
             value = arg()
             terms.append(Term("oif" if word.startswith(("-o", "--out")) else "iif", value, negate, f"{shown} {value}"))
         elif word == "-m":
-            arg()  # the match's name: its options follow
+            module = arg()  # the match's name: its options follow
         elif word in ("--dport", "--destination-port", "--sport", "--source-port", "--dports", "--sports"):
             value = arg()
             kind = "dport" if "d" in word[2:4] else "sport"
@@ -199,8 +200,8 @@ def _iptables_rule(chain: str, index: int, words: list[str], packets: int | None
         elif word == "--mark":
             value = arg()
             mark, _, mask = value.partition("/")
-            terms.append(Term("mark", (int(mark, 0), int(mask, 0) if mask else 0xFFFFFFFF), negate,
-                              f"{shown} {value}"))
+            terms.append(Term("connmark" if module == "connmark" else "mark",
+                              (int(mark, 0), int(mask, 0) if mask else 0xFFFFFFFF), negate, f"{shown} {value}"))
         elif word == "--cgroup":
             value = arg()
             terms.append(Term("classid", int(value, 0), negate, f"{shown} {value}"))
@@ -275,7 +276,7 @@ def parse_nft_json(data: Mapping[str, Any]) -> Ruleset:
             continue
         holder.chains.setdefault(c["name"], [])
         if "hook" in c:
-            holder.hooks.setdefault((c.get("type", "filter"), c["hook"]), []).append(c["name"])
+            holder.hooks.setdefault((_kind(c), c["hook"]), []).append(c["name"])
             holder.policies[c["name"]] = c.get("policy", "accept").upper()
     for r in rules:
         holder = tables.get((r.get("family", ""), r.get("table", "")))
@@ -284,6 +285,15 @@ def parse_nft_json(data: Mapping[str, Any]) -> Ruleset:
         chain = holder.chains.setdefault(r["chain"], [])
         chain.append(_nft_rule(r, len(chain) + 1, lambda name, r=r: sets.get((r["family"], r["table"], name), ())))
     return ruleset
+
+
+def _kind(chain: Mapping[str, Any]) -> str:
+    """The iptables table a base chain stands for: nat by its type, a filter
+    chain by its priority (raw -300, mangle -150, filter 0)."""
+    if chain.get("type") == "nat":
+        return "nat"
+    prio = int(chain.get("prio", 0))
+    return "raw" if prio <= -200 else "mangle" if prio < 0 else "filter"
 
 
 NFT_META = {"skuid": "uid", "skgid": "gid", "oifname": "oif", "iifname": "iif", "mark": "mark",
@@ -300,16 +310,18 @@ def _nft_rule(r: Mapping[str, Any], index: int, set_elements: Any) -> Rule:
         elif key == "counter":
             packets = int(body.get("packets", 0)) if isinstance(body, dict) else None
         elif key in ("return", "accept", "drop"):
-            target = key.upper()
+            if target not in ("TPROXY", "REDIRECT"):  # `tproxy to :5001 accept`: the tproxy decides
+                target = key.upper()
         elif key in ("jump", "goto"):
             target, jump = key.upper() if key == "goto" else "JUMP", body["target"]
         elif key == "redirect":
             target, to_port = "REDIRECT", int(body["port"]) if body and "port" in body else None
         elif key == "tproxy":
             target, to_port = "TPROXY", int(body["port"]) if "port" in body else None
-        elif key in ("mangle", "log", "notrack", "ct count"):
-            target = "CT" if key == "mangle" and "ct" in body.get("key", {}) else \
-                "MARK" if key == "mangle" else key.upper()
+        elif key in ("mangle", "log", "notrack"):
+            if target == "OTHER":  # it acts; a verdict after it in the same rule decides
+                target = "CT" if key == "mangle" and "ct" in body.get("key", {}) else \
+                    "MARK" if key == "mangle" else key.upper()
         elif key in ("dnat", "snat", "masquerade", "reject"):
             target = key.upper()
         else:
@@ -347,6 +359,8 @@ def _nft_match(body: Mapping[str, Any], set_elements: Any) -> list[Term]:
         else:
             value = str(right)
         return [Term(kind, value, negated, text)]
+    if "ct" in left and left["ct"].get("key") == "mark" and not isinstance(right, dict):
+        return [Term("connmark", (int(right), 0xFFFFFFFF), negated, text)]
     if "socket" in left and left["socket"].get("key") == "cgroupv2":
         return [Term("cgroup_path", str(right), negated, text)]
     if "concat" in left and isinstance(right, str) and right.startswith("@"):

@@ -6,11 +6,13 @@ Only a connection's first packet walks the nat table (conntrack remembers
 the result for the rest), so one walk per hook answers "is this connection
 captured?":
 
-- outbound (a socket of the pod): nat OUTPUT; inbound (a packet arriving at
-  the pod): nat PREROUTING. A hook may have several base chains (nft: every
-  base chain of that hook and type, by priority; iptables: the built-in
+- outbound (a socket of the pod): the OUTPUT hook; inbound (a packet
+  arriving at the pod): PREROUTING. At each, mangle runs before nat (a
+  TPROXY in mangle, Istio's TPROXY inbound mode, takes a connection before
+  nat sees it). A hook may have several base chains (nft: every base chain
+  of that hook, its kind told by type and priority; iptables: the built-in
   chain); they run in order, and the first that maps the connection (a
-  REDIRECT, a DNAT) or drops it ends the walk.
+  REDIRECT, a TPROXY, a DNAT) or drops it ends the walk.
 - In a chain, rules are tried top to bottom. A rule matches when all its
   terms hold. A matching rule's target decides: a jump enters another
   chain and comes back after it (or at its RETURN); a goto enters without
@@ -23,9 +25,10 @@ captured?":
   "cannot tell", naming the rule: a guess would be worse than no answer.
 
 `Walk.hits` lists every rule that matched, in order, with its counter and
-comment; `Walk.verdict` is where the walk ended. Mangle's TPROXY, a mark
-set by MARK/CONNMARK, and the raw table's conntrack zone are targets like
-the others: `HOOKS` says which tables a direction walks.
+comment; `Walk.verdict` is where the walk ended. `HOOKS` says which tables
+a direction walks; targets that only act (MARK, CONNMARK, CT) are hits that
+let the packet go on (a mark they set is not carried to later rules: none
+of our scripts' rules reads it in the same hook).
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_DEPTH = 64  # jumps deep; more is a loop in the rules (the kernel refuses them anyway)
 
-# (table kind, hook) walked for each direction, in the kernel's order.
-HOOKS = {"outbound": (("nat", "output"),), "inbound": (("nat", "prerouting"),)}
+# (table kind, hook) walked for each direction, in the kernel's order: mangle
+# before nat, so that a TPROXY in mangle PREROUTING (Istio's TPROXY inbound
+# mode) takes the connection before nat would see it.
+HOOKS = {"outbound": (("mangle", "output"), ("nat", "output")),
+         "inbound": (("mangle", "prerouting"), ("nat", "prerouting"))}
 
 
 @dataclass(frozen=True)
@@ -142,8 +148,6 @@ def _chain(table: Table, name: str, packet: Packet, result: Walk, depth: int) ->
             return Verdict("drop", rule=rule)
         if target in ("REDIRECT", "TPROXY"):
             return Verdict(target.lower(), port=rule.to_port if rule.to_port is not None else packet.dport, rule=rule)
-        if target == "MARK" and rule.to_port is None:
-            continue  # (the mark it sets is not followed: none of our nat rules looks at it again)
         if rule.terminal:
             return Verdict("other", rule=rule)
         # CT, LOG, ...: it acts, the packet goes on
@@ -188,6 +192,9 @@ def _judge(term: Term, rule: Rule, packet: Packet) -> bool:
     if kind == "mark":
         mark, mask = value
         return bool(packet.mark & mask == mark)
+    if kind == "connmark":
+        mark, mask = value
+        return bool(0 & mask == mark)  # a connection's first packet: conntrack has set no mark yet
     if kind == "classid":
         return bool(packet.classid == value)
     if kind == "cgroup_path":

@@ -184,7 +184,7 @@ def test_unreadable_rules_are_one_line_and_the_rest_is_explained():
     unreadable = [line for line in out.stdout.splitlines() if line.startswith("could not read: the rules:")]
     assert len(unreadable) == 1, out.stdout
     assert "chain vip-ipv4" in out.stdout and "cluster backend-ipv4" in out.stdout
-    assert "rules (nat OUTPUT): not read" in out.stdout
+    assert "rules (OUTPUT): not read" in out.stdout
 
 
 def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:

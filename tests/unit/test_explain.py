@@ -297,3 +297,45 @@ def test_saved_rules_from_a_file_and_a_bad_file(tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("could not read:")]
     assert lines == [f"could not read: the rules: {garbage}: line 2: not a rule: this is not a rule"]
     assert "chain reviews" in out.stdout  # the rest is still explained
+
+
+# iptables-save of an inbound TPROXY set-up (Istio's TPROXY interception mode),
+# shaped as redirect.sh --inbound-mode tproxy writes it: mangle PREROUTING hands
+# inbound connections to the proxy, nat PREROUTING has no inbound capture.
+TPROXY_SAVE = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:SIDECAR_TPROXY_INBOUND - [0:0]
+:SIDECAR_TPROXY - [0:0]
+:SIDECAR_TPROXY_OUTPUT - [0:0]
+[0:0] -A PREROUTING -p tcp -m comment --comment "sidecar-proxy: inbound capture, tproxy" -j SIDECAR_TPROXY_INBOUND
+[0:0] -A OUTPUT -p tcp -m comment --comment "sidecar-proxy: tproxy replies" -j SIDECAR_TPROXY_OUTPUT
+[0:0] -A SIDECAR_TPROXY_INBOUND -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+[0:0] -A SIDECAR_TPROXY_INBOUND -p tcp -m mark --mark 0x539 -j RETURN
+[0:0] -A SIDECAR_TPROXY_INBOUND -i lo -m comment --comment "sidecar-proxy: stays on lo" -j RETURN
+[0:0] -A SIDECAR_TPROXY_INBOUND -p tcp -m tcp --dport 5001 -j RETURN
+[0:0] -A SIDECAR_TPROXY_INBOUND -p tcp -m tcp --dport 22 -m comment --comment "sidecar-proxy: excluded" -j RETURN
+[0:0] -A SIDECAR_TPROXY_INBOUND -m comment --comment "sidecar-proxy: inbound, every port" -j SIDECAR_TPROXY
+[0:0] -A SIDECAR_TPROXY -p tcp -j TPROXY --on-port 5001 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff
+[0:0] -A SIDECAR_TPROXY_OUTPUT -p tcp -m connmark --mark 0x539 -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+"""
+
+
+def test_tproxy_in_mangle_takes_inbound_before_nat():
+    rules = parse_save(TPROXY_SAVE, 4)
+    client = ipaddress.ip_address("192.0.2.2")
+    w = walk(rules, Packet(4, ipaddress.ip_address(POD_V4), 8080, client, iif="eth0"), "inbound")
+    assert w.verdict.kind == "tproxy" and w.verdict.port == 5001 and w.verdict.captured
+    assert [h.rule.chain for h in w.hits] == ["PREROUTING", "SIDECAR_TPROXY_INBOUND", "SIDECAR_TPROXY"]
+    ssh = walk(rules, Packet(4, ipaddress.ip_address(POD_V4), 22, client, iif="eth0"), "inbound")
+    assert ssh.verdict.kind == "accept"
+    # the app's outbound connection: mangle OUTPUT's CONNMARK restore needs a connection mark, a new one has none
+    out = walk(rules, Packet(4, ipaddress.ip_address("198.51.100.1"), 80, ipaddress.ip_address(POD_V4), uid=0,
+                             oif="eth0"), "outbound")
+    assert out.verdict.kind == "accept" and [h.rule.chain for h in out.hits] == ["OUTPUT"]
