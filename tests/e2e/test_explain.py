@@ -33,6 +33,7 @@ from test_methods import (
     APP_PORT,
     CONFIG,
     EXCLUSIONS,
+    IPTABLES,
     LOCAL_PORT,
     SSH_PORT,
     V4,
@@ -224,3 +225,37 @@ def test_the_nft_fixtures_are_what_nft_prints_for_the_scripts_rules(netns_prereq
     listed = json.loads(world.pod.exec("nft", "-j", "list", "ruleset").stdout)
     fixture = json.loads((FIXTURES / f"{name}.nft.json").read_text())
     assert _normal(listed) == _normal(fixture), f"{name}.nft.json is stale:\n{json.dumps(listed, indent=1)}"
+
+
+@pytest.mark.parametrize("f", [V4, V6], ids=lambda f: f.name)
+@pytest.mark.parametrize("case", ["proxy-as-another-uid", "explicit-lists-a-passthrough"])
+@pytest.mark.usefixtures("method_prerequisites")
+def test_explain_warns_about_a_loop_that_real_traffic_then_shows(world, tmp_path, case, f):
+    """The two loops of the issue, warned about beforehand and then made:
+    the UID bypass while the proxy runs as UID 1000, and the explicit method
+    listing a destination the proxy forwards as it is. Either way the
+    proxy's own upstream connection comes back to it, its loop guard refuses
+    it, and the app's connection is reset."""
+    w = world
+    if case == "proxy-as-another-uid":
+        args, proxy_args = ["--method", "uid"], {"uid": 1000}
+        warned = "runs as UID 1000"
+    else:
+        services = tmp_path / "services"
+        services.write_text(f"{fmt(*f.web)}\n")
+        args, proxy_args = ["--method", "explicit", "--services", str(services)], {}
+        warned = f"{fmt(*f.web)} is captured"
+    w.pod.exec("sh", str(IPTABLES / "redirect.sh"), *args)
+    with servers(w, f) as srv:
+        proxy = ProxyProcess(w.pod, config=CONFIG, **proxy_args)
+        try:
+            told = explain(w, False, "--to", fmt(*f.web))
+            assert any(warned in line for line in told["warnings"]), told["warnings"]
+            assert told["verdict"]["outcome"] == "captured" and told["verdict"]["loop"] == "loop", told["verdict"]
+            with pytest.raises(ConnectionResetError):
+                send_digest(w.pod, f.web, 1000)
+            assert proxy.access(end="loop_guard")["destination"] == fmt(*f.web)
+            assert not srv["web"].accepted
+        finally:
+            proxy.stop()
+    w.pod.exec("sh", str(IPTABLES / "cleanup.sh"))
