@@ -173,6 +173,8 @@ def _who(proxy: ProxyIdentity, mark: int | None) -> str:
 def _warnings(facts: Facts) -> list[str]:
     if facts.ruleset is None:
         return []
+    if not any(name.startswith("SIDECAR_") for t in facts.ruleset.tables for name in t.chains):
+        return ["no sidecar-proxy rules here: is this the pod's network namespace? (redirect.sh installs them)"]
     return [*_uid_bypass_mismatch(facts), *_listed_passthrough(facts)]
 
 

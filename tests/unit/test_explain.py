@@ -177,6 +177,10 @@ def test_warnings_name_the_loops():
     assert len(nft.warnings) == 1 and "198.51.100.10:80 is captured" in nft.warnings[0]
     fine = explain(ask("198.51.100.30:80"), facts(iptables_rules(4, "--method", "uid")))
     assert fine.warnings == []
+    empty = explain(ask("198.51.100.30:80"), facts(parse_save("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", 4)))
+    assert empty.warnings == ["no sidecar-proxy rules here: is this the pod's network namespace? "
+                              "(redirect.sh installs them)"]
+    assert summary(empty)["outcome"] == "not captured"
 
 
 def test_json_has_what_the_text_has():
