@@ -193,7 +193,7 @@ def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
                            PYTHON, "-m", "proxy", "explain", *args], capture_output=True, text=True, cwd="/")
 
 
-# The nft JSON fixtures of tests/unit/test_explain.py: redirect.sh's arguments.
+# The nft JSON fixtures of tests/unit/test_explain_golden.py: redirect.sh's arguments.
 NFT_FIXTURES = {
     "mark": ("--method", "mark", "--exclude-outbound-ports", "25", "--exclude-inbound-ports", "2222"),
     "explicit": ("--method", "explicit", "--services", "tests/unit/golden/explain/explicit.services"),

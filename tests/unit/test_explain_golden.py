@@ -10,7 +10,7 @@ and the proxy's identity are given (the demo's pod, 192.0.2.1 and
 2001:db8:1::1). Each case's text output is compared with
 tests/unit/golden/explain/<case>.txt; after an intended change:
 
-    UPDATE_GOLDEN=1 python -m pytest tests/unit/test_explain.py
+    UPDATE_GOLDEN=1 python -m pytest tests/unit/test_explain_golden.py
 """
 
 from __future__ import annotations
