@@ -194,9 +194,11 @@ def run_demo(method: str, backend: str = "auto", inbound_mode: str = "redirect")
         print(f"    pid {proxy.pid}, uid {proxy.status_field('Uid').split()[0]}, "
               f"effective capabilities {proxy.status_field('CapEff')}")
 
-        step(4, "traffic: each connection, the rules it hit, and what the proxy did with it")
+        step(4, "traffic: each connection, what explain said first, the rules it hit, and what the proxy did")
+        config = Path(workdir) / "proxy.json"  # the proxy's config, for explain
+        config.write_text(json.dumps(CONFIG))
         for what, addr, who in SCENARIOS:
-            show_connection(world, proxy, what, addr, who, backend)
+            show_connection(world, proxy, what, addr, who, backend, config)
         print("\n  The proxy's own upstream connections hit the bypass rule (see the counters above),"
               "\n  so they left the pod instead of looping back into the proxy.")
         step(5, "cleaning up: proxy stopped, sh iptables/cleanup.sh, namespaces removed")
@@ -242,10 +244,11 @@ def method_args(method: str, workdir: Path) -> tuple[list[str], list[str]]:
     return script_args, proxy_args
 
 
-def explain(world: PodWorld, who: str, addr: tuple[str, int]) -> dict:
+def explain(world: PodWorld, who: str, addr: tuple[str, int], config: Path) -> dict:
     """`sidecar-proxy explain --json` in the pod, asked before the connection is made:
-    the rules as installed, the proxy's config and counters from its admin API."""
-    args = ["--to", hostport(*addr), "--admin", f"127.0.0.1:{DEFAULT_ADMIN_PORT}", "--json"]
+    the rules as installed, the proxy's config file, its counters from its admin API."""
+    args = ["--to", hostport(*addr), "--config", str(config), "--admin", f"127.0.0.1:{DEFAULT_ADMIN_PORT}",
+            "--json"]
     if who == "remote":
         args += ["--inbound", "--from", PodWorld.REMOTE_V6 if ":" in addr[0] else PodWorld.REMOTE_V4]
     out = run(world.pod.nsenter_argv(sys.executable, "-m", "proxy", "explain", *args), check=False)
@@ -263,9 +266,9 @@ def told(verdict: dict) -> str:
 
 
 def show_connection(world: PodWorld, proxy: ProxyProcess, what: str, addr: tuple[str, int], who: str,
-                    backend: str = "auto") -> None:
+                    backend: str, config: Path) -> None:
     """Ask explain; make the connection; print the rules it hit, what the proxy did, and the reply."""
-    foretold = explain(world, who, addr)
+    foretold = explain(world, who, addr, config)
     seen = len(proxy.access_entries())
     before = rule_counters(world, backend)
     reply = talk(world, who, addr)

@@ -117,17 +117,25 @@ def request_from(args: argparse.Namespace) -> Request:
 def facts_for(args: argparse.Namespace, request: Request) -> Facts:
     unreadable: list[str] = []
     connections = None
-    if args.admin:
+    config: cfg.Config | None
+    if args.config:
+        config, source = gather.load_file(args.config), f"config {args.config}"
+    elif args.admin:
         try:
-            config, connections = gather.fetch_admin(args.admin)
-            source = f"the running proxy's admin API, {args.admin}"
+            config = gather.fetch_admin_config(args.admin)
+            source = f"the running proxy's /config_dump, {args.admin}"
         except gather.Unreadable as exc:
             unreadable.append(f"the proxy's configuration: {exc}")
             config, source = None, "no configuration"
-    elif args.config:
-        config, source = gather.load_file(args.config), f"config {args.config}"
     else:
         config, source = cfg.load(None), "built-in defaults (no --config or --admin)"
+    if args.admin and config is not None:
+        try:
+            connections = gather.fetch_admin(args.admin, config)
+            if args.config:
+                source += f", counters from {args.admin}"
+        except gather.Unreadable as exc:
+            unreadable.append(f"the proxy's counters: {exc}")
     port = config.redirect.addresses[0].port if config is not None and config.redirect else cfg.DEFAULT_PORT
     try:
         ruleset = gather.read_rules_file(args.rules, request.dst.version) if args.rules else \
@@ -170,9 +178,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         help="a connection arriving at the pod (PREROUTING), not one it opens")
     parser.add_argument("--interface", metavar="NAME",
                         help="inbound: the interface it arrives on (default: the route's to --from)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", "-c", metavar="FILE", help="the proxy's config file")
-    source.add_argument("--admin", metavar="URL", help="the running proxy's admin API (e.g. 127.0.0.1:15000)")
+    parser.add_argument("--config", "-c", metavar="FILE", help="the proxy's config file")
+    parser.add_argument("--admin", metavar="URL",
+                        help="the running proxy's admin API (e.g. 127.0.0.1:15000): its /config_dump unless "
+                             "--config is given, and its counters (round robin's turn)")
     parser.add_argument("--rules", metavar="FILE",
                         help="saved rules (iptables-save -c text or nft -j list ruleset) instead of the "
                              "installed ones")

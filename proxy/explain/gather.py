@@ -243,16 +243,36 @@ def load_file(path: str) -> cfg.Config:
     return cfg.load(path)
 
 
-def fetch_admin(url: str) -> tuple[cfg.Config, dict[str, int]]:
-    """The running proxy's config (/config_dump) and, per cluster, the connections
-    that reached one of its endpoints so far (/stats: attempts less failures)."""
-    base = url if "://" in url else f"http://{url}"
-    base = base.rstrip("/")
+def admin_base(url: str) -> str:
+    return (url if "://" in url else f"http://{url}").rstrip("/")
+
+
+def fetch_admin_config(url: str) -> cfg.Config:
+    """The running proxy's config, from its /config_dump (Envoy's ConfigDump):
+    the bootstrap it dumps, read by the proxy's own bootstrap front end (meant
+    for a proxy started from an Envoy bootstrap: sidecar-envoy). One started
+    from our YAML dumps the model as a bootstrap would say it, with
+    clusters of the proxy's own (original_dst, blackhole) that a bootstrap may
+    not name: for it, --config is the way."""
+    base = admin_base(url)
     dump = _get_json(f"{base}/config_dump")
+    sections = dump.get("configs", []) if isinstance(dump, dict) else []
+    boot = next((s.get("bootstrap") for s in sections if isinstance(s, dict)
+                 and str(s.get("@type", "")).endswith("BootstrapConfigDump")), None)
+    if boot is None:
+        raise Unreadable(f"{base}/config_dump: no bootstrap in it")
+    from ..config.envoy import from_bootstrap
     try:
-        config = cfg.from_data(dump)
-    except cfg.ConfigError as exc:
-        raise Unreadable(f"{base}/config_dump: not a sidecar-proxy configuration ({exc})") from None
+        return from_bootstrap(boot)
+    except cfg.ConfigError as exc:  # e.g. a proxy started from our YAML: its dump names our own clusters
+        raise Unreadable(f"{base}/config_dump: its bootstrap does not load ({exc}); give the proxy's "
+                         "config file with --config") from None
+
+
+def fetch_admin(url: str, config: cfg.Config) -> dict[str, int]:
+    """Per cluster of `config`, the connections that reached one of its
+    endpoints so far (/stats: attempts less failures): round robin's turn."""
+    base = admin_base(url)
     stats: dict[str, int] = {}
     for stat in _get_json(f"{base}/stats?format=json&filter=cluster").get("stats", []):
         name, value = str(stat.get("name", "")), stat.get("value", 0)
@@ -263,7 +283,7 @@ def fetch_admin(url: str) -> tuple[cfg.Config, dict[str, int]]:
         total = stats.get(f"cluster.{cluster.name}.upstream_cx_total", 0)
         failed = stats.get(f"cluster.{cluster.name}.upstream_cx_connect_fail", 0)
         connections[cluster.name] = total - failed
-    return config, connections
+    return connections
 
 
 def _get_json(url: str) -> Any:

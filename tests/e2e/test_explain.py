@@ -56,9 +56,9 @@ METHODS = ["uid", "mark", "cgroup-net_cls", "cgroup-v2", "explicit"]
 ADMIN = "127.0.0.1:15000"  # the proxy's default admin address, inside the pod
 
 
-def explain(world: PodWorld, nsenter: bool, *args: str) -> dict:
-    """`sidecar-proxy explain --json` in the pod, as root."""
-    cmd = (PYTHON, "-m", "proxy", "explain", "--json", "--admin", ADMIN, *args)
+def explain(world: PodWorld, nsenter: bool, config: Path, *args: str) -> dict:
+    """`sidecar-proxy explain --json` in the pod, as root: the proxy's config file, its counters."""
+    cmd = (PYTHON, "-m", "proxy", "explain", "--json", "--config", str(config), "--admin", ADMIN, *args)
     out = run(world.pod.nsenter_argv(*cmd), check=False) if nsenter else world.pod.exec(*cmd, check=False)
     assert out.returncode == 0, f"explain {' '.join(args)}: exit {out.returncode}\n{out.stdout}{out.stderr}"
     return json.loads(out.stdout)
@@ -130,11 +130,13 @@ def test_explain_agrees_with_real_traffic(world, tmp_path, method_name, backend,
         if backend == "nft-native":
             m = native(m)
         script(w, m, "redirect.sh", *m.args, *EXCLUSIONS)
+        config = tmp_path / "proxy.json"
+        config.write_text(json.dumps(CONFIG))
         proxy = ProxyProcess(w.pod, config=CONFIG, **m.proxy)
         try:
             seen_captured = set()
             for name, who, addr, extra in probes(f):
-                told = explain(w, m.nsenter, "--to", fmt(*addr), *extra)
+                told = explain(w, m.nsenter, config, "--to", fmt(*addr), *extra)
                 verdict = told["verdict"]
                 assert verdict["outcome"] in ("captured", "not captured"), (name, told)
                 assert told["unreadable"] == [] and told["warnings"] == [], (name, told)
@@ -246,10 +248,12 @@ def test_explain_warns_about_a_loop_that_real_traffic_then_shows(world, tmp_path
         args, proxy_args = ["--method", "explicit", "--services", str(services)], {}
         warned = f"{fmt(*f.web)} is captured"
     w.pod.exec("sh", str(IPTABLES / "redirect.sh"), *args)
+    config = tmp_path / "proxy.json"
+    config.write_text(json.dumps(CONFIG))
     with servers(w, f) as srv:
         proxy = ProxyProcess(w.pod, config=CONFIG, **proxy_args)
         try:
-            told = explain(w, False, "--to", fmt(*f.web))
+            told = explain(w, False, config, "--to", fmt(*f.web))
             assert any(warned in line for line in told["warnings"]), told["warnings"]
             assert told["verdict"]["outcome"] == "captured" and told["verdict"]["loop"] == "loop", told["verdict"]
             with pytest.raises(ConnectionResetError):
@@ -258,4 +262,25 @@ def test_explain_warns_about_a_loop_that_real_traffic_then_shows(world, tmp_path
             assert not srv["web"].accepted
         finally:
             proxy.stop()
+    w.pod.exec("sh", str(IPTABLES / "cleanup.sh"))
+
+
+@pytest.mark.usefixtures("method_prerequisites")
+def test_admin_alone_for_a_proxy_started_from_our_yaml_says_what_to_give(world):
+    """--admin alone reads the configuration from /config_dump's bootstrap. A
+    proxy started from our YAML dumps one that names the proxy's own clusters
+    (original_dst), which a bootstrap may not: explain says so in one line,
+    names --config, walks the rules anyway and exits 1."""
+    w = world
+    w.pod.exec("sh", str(IPTABLES / "redirect.sh"), "--method", "uid")
+    proxy = ProxyProcess(w.pod, config=CONFIG)
+    try:
+        out = w.pod.exec(PYTHON, "-m", "proxy", "explain", "--json", "--admin", ADMIN, "--to", fmt(*V4.vip),
+                         check=False)
+    finally:
+        proxy.stop()
+    told = json.loads(out.stdout)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(told["unreadable"]) == 1 and "give the proxy's config file with --config" in told["unreadable"][0]
+    assert told["verdict"]["captured"] is True and told["proxy"] is None
     w.pod.exec("sh", str(IPTABLES / "cleanup.sh"))
