@@ -195,8 +195,8 @@ def run_demo(method: str, backend: str = "auto", inbound_mode: str = "redirect")
               f"effective capabilities {proxy.status_field('CapEff')}")
 
         step(4, "traffic: each connection, what explain said first, the rules it hit, and what the proxy did")
-        config = Path(workdir) / "proxy.json"  # the proxy's config, for explain
-        config.write_text(json.dumps(CONFIG))
+        config = Path(workdir) / "proxy.json"  # the proxy's config for explain, its --mark included
+        config.write_text(json.dumps({**CONFIG, "mark": DEFAULT_MARK} if method == "mark" else CONFIG))
         for what, addr, who in SCENARIOS:
             show_connection(world, proxy, what, addr, who, backend, config)
         print("\n  The proxy's own upstream connections hit the bypass rule (see the counters above),"

@@ -35,6 +35,7 @@ from test_methods import (
     EXCLUSIONS,
     IPTABLES,
     LOCAL_PORT,
+    MARK,
     SSH_PORT,
     V4,
     V6,
@@ -130,8 +131,8 @@ def test_explain_agrees_with_real_traffic(world, tmp_path, method_name, backend,
         if backend == "nft-native":
             m = native(m)
         script(w, m, "redirect.sh", *m.args, *EXCLUSIONS)
-        config = tmp_path / "proxy.json"
-        config.write_text(json.dumps(CONFIG))
+        config = tmp_path / "proxy.json"  # the proxy's effective config: its --mark flag included
+        config.write_text(json.dumps({**CONFIG, "mark": MARK} if "--mark" in m.proxy.get("args", ()) else CONFIG))
         proxy = ProxyProcess(w.pod, config=CONFIG, **m.proxy)
         try:
             seen_captured = set()
