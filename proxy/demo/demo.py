@@ -195,10 +195,10 @@ def run_demo(method: str, backend: str = "auto", inbound_mode: str = "redirect")
               f"effective capabilities {proxy.status_field('CapEff')}")
 
         step(4, "traffic: each connection, what explain said first, the rules it hit, and what the proxy did")
-        config = Path(workdir) / "proxy.json"  # the proxy's config for explain, its --mark included
-        config.write_text(json.dumps({**CONFIG, "mark": DEFAULT_MARK} if method == "mark" else CONFIG))
+        explained = Path(workdir) / "proxy.json"  # the proxy's config for explain, its --mark included
+        explained.write_text(json.dumps({**config, "mark": DEFAULT_MARK} if method == "mark" else config))
         for what, addr, who in SCENARIOS:
-            show_connection(world, proxy, what, addr, who, backend, config)
+            show_connection(world, proxy, what, addr, who, backend, explained)
         print("\n  The proxy's own upstream connections hit the bypass rule (see the counters above),"
               "\n  so they left the pod instead of looping back into the proxy.")
         step(5, "cleaning up: proxy stopped, sh iptables/cleanup.sh, namespaces removed")
