@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands that live with the tools (proxy/kube, proxy/demo): each module
-# has add_parser(sub). The proxy's runtime image leaves those folders out.
+# has add_parser(sub). The proxy's runtime image leaves those folders out
+# (proxy/explain too: it reads rules and configs, it never serves traffic).
 TOOLS = {"demo": ".demo.demo", "services": ".kube.services", "inject": ".kube.inject",
-         "validate": ".kube.validate"}
+         "validate": ".kube.validate", "explain": ".explain"}
 
 
 def _absent_tool(sub, name: str) -> None:

@@ -42,7 +42,7 @@ more than the selection itself).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..config import Chain, IPNetwork
@@ -107,16 +107,30 @@ def specificity(chain: Chain, conn: Connection) -> tuple[int, ...]:
     )
 
 
-def select(chains: Iterable[Chain], conn: Connection) -> Chain | None:
-    """The chain for `conn` by Envoy's pruning, or None if no chain survives."""
+# What each step compares (for tools that explain a selection: proxy/explain).
+STEP_NAMES = ("destination port", "destination prefix", "transport protocol", "direct source prefix",
+              "source type", "source prefix", "source port", "direction")
+
+
+def prune(chains: Iterable[Chain], conn: Connection) -> Iterator[tuple[int, int, list[Chain]]]:
+    """Envoy's pruning, one step at a time: (step, best score, the chains that
+    keep it). A best score of NO_MATCH ends it: no chain survives that step."""
     candidates = list(chains)
     for step in range(STEPS):
         scored = [(specificity(c, conn)[step], c) for c in candidates]
         best = max((score for score, _ in scored), default=NO_MATCH)
-        if best == NO_MATCH:
-            return None
-        candidates = [c for score, c in scored if score == best]
-    return candidates[0]
+        candidates = [c for score, c in scored if score == best] if best != NO_MATCH else []
+        yield step, best, candidates
+        if not candidates:
+            return
+
+
+def select(chains: Iterable[Chain], conn: Connection) -> Chain | None:
+    """The chain for `conn` by Envoy's pruning, or None if no chain survives."""
+    candidates: list[Chain] = []
+    for _step, _best, kept in prune(chains, conn):
+        candidates = kept
+    return candidates[0] if candidates else None
 
 
 class ChainTable:

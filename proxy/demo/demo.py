@@ -7,7 +7,8 @@ else). It installs the redirect rules with the project's own init step
 privilege, plays the app and the remote services itself, and for every
 connection prints the path it took:
 
-    app -> the rules it hit (with their packet counters: iptables', or
+    app -> what `sidecar-proxy explain` says will happen (asked first)
+        -> the rules it hit (with their packet counters: iptables', or
            nft's with --backend nft-native)
         -> the proxy's chain -> the upstream -> what the server saw
 
@@ -17,6 +18,7 @@ Everything is removed afterwards, also on Ctrl-C or when a part fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -26,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import DEFAULT_MARK, hostport
+from ..config import DEFAULT_ADMIN_PORT, DEFAULT_MARK, hostport
 from ..config.methods import METHODS
 from ..exitcodes import EXIT_OK, EXIT_USAGE
 from ..kube.scripts import ScriptsMissing, scripts_dir
@@ -192,9 +194,11 @@ def run_demo(method: str, backend: str = "auto", inbound_mode: str = "redirect")
         print(f"    pid {proxy.pid}, uid {proxy.status_field('Uid').split()[0]}, "
               f"effective capabilities {proxy.status_field('CapEff')}")
 
-        step(4, "traffic: each connection, the rules it hit, and what the proxy did with it")
+        step(4, "traffic: each connection, what explain said first, the rules it hit, and what the proxy did")
+        explained = Path(workdir) / "proxy.json"  # the proxy's config for explain, its --mark included
+        explained.write_text(json.dumps({**config, "mark": DEFAULT_MARK} if method == "mark" else config))
         for what, addr, who in SCENARIOS:
-            show_connection(world, proxy, what, addr, who, backend)
+            show_connection(world, proxy, what, addr, who, backend, explained)
         print("\n  The proxy's own upstream connections hit the bypass rule (see the counters above),"
               "\n  so they left the pod instead of looping back into the proxy.")
         step(5, "cleaning up: proxy stopped, sh iptables/cleanup.sh, namespaces removed")
@@ -240,15 +244,38 @@ def method_args(method: str, workdir: Path) -> tuple[list[str], list[str]]:
     return script_args, proxy_args
 
 
+def explain(world: PodWorld, who: str, addr: tuple[str, int], config: Path) -> dict:
+    """`sidecar-proxy explain --json` in the pod, asked before the connection is made:
+    the rules as installed, the proxy's config file, its counters from its admin API."""
+    args = ["--to", hostport(*addr), "--config", str(config), "--admin", f"127.0.0.1:{DEFAULT_ADMIN_PORT}",
+            "--json"]
+    if who == "remote":
+        args += ["--inbound", "--from", PodWorld.REMOTE_V6 if ":" in addr[0] else PodWorld.REMOTE_V4]
+    out = run(world.pod.nsenter_argv(sys.executable, "-m", "proxy", "explain", *args), check=False)
+    try:
+        return json.loads(out.stdout)["verdict"]
+    except (ValueError, KeyError):
+        return {"outcome": f"(explain failed: {(out.stderr or out.stdout).strip()[:200]})"}
+
+
+def told(verdict: dict) -> str:
+    """explain's verdict in the words of the proxy line below it."""
+    if verdict["outcome"] != "captured":
+        return verdict["outcome"]
+    return f"captured: {verdict['direction']}, chain {verdict['chain']}, upstream {verdict['upstream'] or '-'}"
+
+
 def show_connection(world: PodWorld, proxy: ProxyProcess, what: str, addr: tuple[str, int], who: str,
-                    backend: str = "auto") -> None:
-    """Make one connection; print the rules it hit, what the proxy did, and the reply."""
+                    backend: str, config: Path) -> None:
+    """Ask explain; make the connection; print the rules it hit, what the proxy did, and the reply."""
+    foretold = explain(world, who, addr, config)
     seen = len(proxy.access_entries())
     before = rule_counters(world, backend)
     reply = talk(world, who, addr)
     after = rule_counters(world, backend)
     entry = proxy.wait_new_access(seen, timeout=1.0)
     print(f"\n  * {what}\n    {'app in the pod' if who == 'app' else 'client in the remote'} -> {hostport(*addr)}")
+    print(f"      explain {told(foretold)}")
     for line in hits(before, after) or ["(no sidecar-proxy rule: not intercepted)"]:
         print(f"      rule   {line}")
     if entry is None:

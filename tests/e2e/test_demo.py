@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from proxy.demo.demo import SCENARIOS
+
 pytestmark = pytest.mark.netns
 
 
@@ -50,7 +52,26 @@ def test_demo_shows_each_path_and_cleans_up(netns_prerequisites, method, backend
         assert "effective capabilities 0000000000001000" in out
     else:
         assert "effective capabilities 0000000000000000" in out
+    assert explain_agrees(out) == len(SCENARIOS)
     assert leftovers(out) == []
+
+
+def explain_agrees(out: str) -> int:
+    """For every connection of the demo, what explain said beforehand is what
+    happened: not captured when the proxy never saw it, else the proxy's
+    direction, chain and upstream. The number of connections checked."""
+    blocks = out.split("\n  * ")[1:]
+    for block in blocks:
+        said = re.search(r"^ +explain (.*)$", block, re.M)
+        did = re.search(r"^ +proxy  (.*)$", block, re.M)
+        assert said and did, block
+        if did.group(1) == "(never saw it)":
+            assert said.group(1) == "not captured", block
+        else:
+            assert said.group(1).startswith("captured: "), block
+            what = re.fullmatch(r"conn \d+: (.*), ended: \S+", did.group(1))
+            assert what and said.group(1) == f"captured: {what.group(1)}", block
+    return len(blocks)
 
 
 def test_demo_cleans_up_when_interrupted(netns_prerequisites):

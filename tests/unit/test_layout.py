@@ -4,8 +4,10 @@
   the configuration nothing outside proxy/config: each module is imported in
   a fresh interpreter and the proxy modules that came with it are listed.
   The source is read too, so an import inside a function counts as well.
+- `explain` (a tool) takes from the data path only its pure decisions (chain
+  selection, the pod's addresses).
 - Nothing the running proxy imports (config, datapath, control, admin, cli)
-  reaches the tools (proxy/kube, proxy/demo).
+  reaches the tools (proxy/kube, proxy/demo, proxy/explain).
 - The runtime image's build context (.dockerignore) leaves the tools out, and
   the proxy still runs there; the tools' commands say in one line that they
   are not installed.
@@ -30,9 +32,13 @@ PROXY = REPO / "proxy"
 ALLOWED = {
     "config": ("proxy.config",),
     "datapath": ("proxy.datapath", "proxy.config"),
+    # a tool that reads rules and configs: the data path's pure decisions
+    # (chain selection, the pod's addresses), never the running proxy's parts
+    "explain": ("proxy.explain", "proxy.config", "proxy.datapath.chains", "proxy.datapath.localaddrs",
+                "proxy.exitcodes"),
 }
 RUNTIME = ("proxy.config", "proxy.datapath", "proxy.control", "proxy.admin", "proxy.cli")
-TOOLS = ("proxy.kube", "proxy.demo")
+TOOLS = ("proxy.kube", "proxy.demo", "proxy.explain")
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +77,9 @@ def imported_names(path: Path) -> set[str]:
 
 
 def allowed(name: str, prefixes: tuple[str, ...]) -> bool:
-    return name == "proxy" or any(name == p or name.startswith(p + ".") for p in prefixes)
+    """`name` is one of `prefixes`, inside one, or a package holding one (its __init__ loads first)."""
+    return name == "proxy" or any(name == p or name.startswith(p + ".") or p.startswith(name + ".")
+                                  for p in prefixes)
 
 
 @pytest.mark.parametrize("folder", sorted(ALLOWED))
@@ -124,12 +132,12 @@ def _runtime_copy(dest: Path) -> Path:
 
 def test_the_runtime_image_leaves_the_tools_out_and_still_runs(tmp_path):
     root = _runtime_copy(tmp_path)
-    assert not (root / "proxy" / "kube").exists() and not (root / "proxy" / "demo").exists()
+    assert not any((root / "proxy" / tool).exists() for tool in ("kube", "demo", "explain"))
     assert (root / "proxy" / "datapath" / "relay.py").is_file()
     check = subprocess.run([sys.executable, "-m", "proxy", "check"], cwd=root, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     assert "'[::]:5001'" in check.stdout
-    for tool in ("inject", "demo", "services"):
+    for tool in ("inject", "demo", "services", "explain"):
         out = subprocess.run([sys.executable, "-m", "proxy", tool, "-f", "app.yaml"], cwd=root,
                              capture_output=True, text=True)
         assert out.returncode == 2
