@@ -521,19 +521,24 @@ def is_net_cls_mount(path: Path) -> bool:
 
 @pytest.fixture
 def net_cls_dir() -> Iterator[Path]:
-    """Where the net_cls cgroup goes: DIR/net_cls/sidecar-proxy under a
-    fresh temporary directory. redirect.sh mounts the hierarchy on
-    DIR/net_cls itself; the mount and the cgroup are removed afterwards
-    whatever happens."""
+    """Where the net_cls cgroup goes: DIR/net_cls/scp-<run> under a fresh
+    temporary directory. redirect.sh mounts the hierarchy on DIR/net_cls
+    itself; the mount and the cgroup are removed afterwards whatever happens.
+    net_cls is one hierarchy per machine, whatever directory it is mounted
+    on: the cgroup's name is this run's, and only it is removed (the mount
+    shows every other run's cgroups too)."""
     top = Path(tempfile.mkdtemp(prefix="scp-rt-cg-"))
     top.chmod(0o755)  # the proxy's UID must reach the cgroup's files
     root = top / "net_cls"
+    ours = root / top.name
     try:
-        yield root / "sidecar-proxy"
+        yield ours
     finally:
         if is_net_cls_mount(root):
-            for cgroup in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
-                cgroup.rmdir()
+            if ours.is_dir():
+                for cgroup in sorted((p for p in ours.rglob("*") if p.is_dir()), reverse=True):
+                    cgroup.rmdir()
+                ours.rmdir()
             run(["umount", str(root)])
         shutil.rmtree(top)
 
@@ -556,7 +561,7 @@ def test_cgroup_classid(ns, backend, net_cls_dir):
     # what the proxy does when it starts: put itself in, unprivileged
     joined = run(["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
                   "sh", "-c", f'echo "$$" > {net_cls_dir}/cgroup.procs && cat /proc/self/cgroup'])
-    assert re.search(r"^\d+:net_cls:/sidecar-proxy$", joined.stdout, re.M), joined.stdout
+    assert re.search(rf"^\d+:net_cls:/{net_cls_dir.name}$", joined.stdout, re.M), joined.stdout
 
     state = ns.save_all()
     assert ns.script("redirect.sh", *args, mounts=True).returncode == 0, "a re-run"
