@@ -17,18 +17,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from envoyproc import envoy_binary
+from envoyproc import envoy_binary, scratch_namespace
 from support import ProxyProcess, recv_all, wait_until
 
 from proxy import envoy_cli
-from proxy.demo.netns import NetNs, unique_suffix
+from proxy.demo.netns import NetNs
 
 pytestmark = pytest.mark.netns
 
@@ -46,14 +44,8 @@ ENVOYS_OWN_NODE_KEYS = ("user_agent_name", "user_agent_build_version", "extensio
 @pytest.fixture
 def scratch(netns_prerequisites):
     """A namespace with loopback, and a directory UID 1337 can write."""
-    ns = NetNs(f"scp-env-{unique_suffix()}")
-    directory = tempfile.mkdtemp(prefix="scp-envoy-")
-    os.chmod(directory, 0o777)
-    try:
-        yield ns, directory
-    finally:
-        ns.close()
-        shutil.rmtree(directory, ignore_errors=True)
+    with scratch_namespace("scp-env") as made:
+        yield made
 
 
 def argv(binary: Path, address_path: str) -> tuple[str, ...]:
