@@ -324,7 +324,9 @@ class Supervisor(Runner):
         self.retired.update({name: value for name, value in worker.counters.items() if not is_gauge(name)})
         worker.counters = {}
         if self.stopping.is_set():
-            log.error("%s ended on its own (exit status %s) while the proxy stops: not replaced", worker, status)
+            # exit status 0: it drained and exited, as when the SIGTERM went to the whole process group
+            log.log(logging.INFO if status == 0 else logging.ERROR,
+                    "%s ended on its own (exit status %s) while the proxy stops: not replaced", worker, status)
             self.workers.remove(worker)
             return
         delay = self.restarts.after_death(asyncio.get_running_loop().time())

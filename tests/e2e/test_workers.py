@@ -312,6 +312,21 @@ def test_workers_do_not_outlive_their_supervisor(uid_world):
         proxy.stop()
 
 
+def test_sigterm_to_the_whole_process_group_is_a_clean_stop(uid_world):
+    """Ctrl-C in a shell, `timeout` and some runtimes signal every process of the
+    group: workers that drain and exit 0 before the supervisor asks are no error."""
+    w = uid_world
+    proxy = ProxyProcess(w.pod, args=("--concurrency", "2", "--drain-timeout", "1s"))
+    try:
+        for pid in [proxy.pid, *children_of(proxy.pid)]:
+            os.kill(pid, signal.SIGTERM)
+        assert proxy.proc.wait(20) == 0
+        errors = [e["msg"] for e in proxy.lines if e.get("level") == "error"]
+        assert errors == [], errors
+    finally:
+        proxy.stop()
+
+
 def test_a_port_held_by_another_proxy_is_a_start_up_error(uid_world):
     """SO_REUSEPORT would let a second proxy of the same UID share the port; it must not."""
     w = uid_world
