@@ -226,7 +226,8 @@ def chains_taken(log_path: str, expected: int, timeout: float = 20.0) -> dict[tu
         host, _, port = source.rpartition(":")
         host = host.strip("[]").removeprefix("::ffff:")
         key = (host, int(port))
-        taken[key] = "(two log lines)" if key in taken else chain  # each source is one connection
+        # each source is one connection; two lines are a failure, named with both chains (seen once, not explained)
+        taken[key] = f"(two log lines: {taken[key]}, then {line!r})" if key in taken else chain
     return taken
 
 
