@@ -61,6 +61,11 @@ class Document:
 
 def read_text(path: str, limits: Limits = LIMITS) -> str:
     """A file's text: at most `max_bytes`, UTF-8."""
+    return decode(read_bytes(path, limits), path)
+
+
+def read_bytes(path: str, limits: Limits = LIMITS, what: str = "a config file") -> bytes:
+    """A file's bytes: at most `max_bytes`; `what` names the file in the error past it."""
     try:
         with open(path, "rb") as f:
             raw = f.read(limits.max_bytes + 1)
@@ -69,8 +74,8 @@ def read_text(path: str, limits: Limits = LIMITS) -> str:
     except ValueError as exc:  # a NUL in the path
         raise ConfigError("", f"cannot read config: {exc}", source=repr(path)) from None
     if len(raw) > limits.max_bytes:
-        raise ConfigError("", f"larger than {limits.max_bytes} bytes: not a config file", source=path)
-    return decode(raw, path)
+        raise ConfigError("", f"larger than {limits.max_bytes} bytes: not {what}", source=path)
+    return raw
 
 
 def decode(raw: bytes, source: str) -> str:

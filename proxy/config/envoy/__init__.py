@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from ..document import Limits, decode
+from ..document import Limits, decode, read_bytes
 from ..model import DEFAULT_TPROXY_MARK, Config
 from ..source import line_for, read_yaml
 from ..values import ConfigError
@@ -138,15 +138,7 @@ BOOTSTRAP_LIMITS = Limits(max_bytes=16 << 20, max_depth=100, max_values=1_000_00
 def _read(path: str, allow_unknown: bool) -> tuple[Any, dict[str, int]]:
     """The -c file by its extension, as Envoy's MessageUtil::loadFromFile reads it."""
     from . import schema
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(BOOTSTRAP_LIMITS.max_bytes + 1)
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config: {exc.strerror}", source=path) from None
-    except ValueError as exc:  # a NUL in the path
-        raise ConfigError("", f"cannot read config: {exc}", source=repr(path)) from None
-    if len(raw) > BOOTSTRAP_LIMITS.max_bytes:
-        raise ConfigError("", f"larger than {BOOTSTRAP_LIMITS.max_bytes} bytes: not a bootstrap", source=path)
+    raw = read_bytes(path, BOOTSTRAP_LIMITS, what="a bootstrap")
     if path.endswith(".pb"):
         return schema.read_binary(raw, allow_unknown), {}
     text = decode(raw, path)

@@ -117,17 +117,21 @@ def _listener(msg: Any, where: str, clusters: dict[str, Cluster], fields: Fields
     )
 
 
+def _filter_type(filter_msg: Any, at: str, fields: Fields) -> str:
+    """The type URL of a listener or network filter's typed_config, as Envoy requires one."""
+    fields.only(filter_msg, at, built=("name", "typed_config"))
+    if not filter_msg.HasField("typed_config"):
+        raise ConfigError(at, f"Didn't find a registered implementation for '{filter_msg.name}' with type URL: ''")
+    return type_name(filter_msg.typed_config)
+
+
 def _listener_filters(filters: Sequence[Any], where: str, fields: Fields) -> bool:
     """Whether the original_dst listener filter is there (the only one supported besides
     original_src, which `inbound_mode` reads)."""
     original_dst = False
     for i, listener_filter in enumerate(filters):
         at = f"{where}[{i}]"
-        fields.only(listener_filter, at, built=("name", "typed_config"))
-        if not listener_filter.HasField("typed_config"):
-            raise ConfigError(at, f"Didn't find a registered implementation for '{listener_filter.name}' with type "
-                                  "URL: ''")
-        kind = type_name(listener_filter.typed_config)
+        kind = _filter_type(listener_filter, at, fields)
         if kind not in (ORIGINAL_DST_FILTER, ORIGINAL_SRC_FILTER):
             raise ConfigError(at, f"not supported (listener filter {listener_filter.name!r}: of the listener "
                                   "filters, only envoy.filters.listener.original_dst and original_src)")
@@ -221,11 +225,7 @@ def _chain(fc: Any, where: str, listener: str, name: str, clusters: dict[str, Cl
         return Chain(name=name, match=match, action="close")
     for i, network_filter in enumerate(fc.filters):
         at = f"{where}.filters[{i}]"
-        fields.only(network_filter, at, built=("name", "typed_config"))
-        if not network_filter.HasField("typed_config"):
-            raise ConfigError(at, f"Didn't find a registered implementation for '{network_filter.name}' with type "
-                                  "URL: ''")
-        kind = type_name(network_filter.typed_config)
+        kind = _filter_type(network_filter, at, fields)
         if kind != TCP_PROXY:
             what = "HTTP filters are not supported" if "http_connection_manager" in kind else \
                 "of the network filters, only envoy.filters.network.tcp_proxy"
