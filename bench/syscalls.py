@@ -93,6 +93,17 @@ def name_calls(pids: list[int], workdir: str, run) -> list[str]:
         proc = subprocess.Popen(["perf", "trace", "-s", "-p", ",".join(map(str, pids)), "-o", out],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
     try:
+        # perf trace opens its output file before it attaches, which takes it
+        # 0.2 s on an idle machine and over a second on a loaded one (it reads
+        # every system call's tracepoint format first). A SIGINT before then
+        # kills it with nothing written.
+        deadline = time.monotonic() + 30
+        while not os.path.exists(out):
+            if proc.poll() is not None:
+                raise MeasurementError(f"perf trace exited {proc.returncode}: {_tail(err)}")
+            if time.monotonic() > deadline:
+                raise MeasurementError(f"perf trace did not start within 30 s: {_tail(err)}")
+            time.sleep(0.05)
         time.sleep(0.5)  # attached by then (a call it misses is still counted, as "other")
         if proc.poll() is not None:
             raise MeasurementError(f"perf trace exited {proc.returncode}: {_tail(err)}")
