@@ -115,6 +115,8 @@ def markdown_results(summary: dict, rat: dict, subjects: list[Subject], workload
 # The proxy subjects the targets are checked for: as it runs by default, and with two workers.
 TARGET_SUBJECTS = ("proxy-uvloop", "proxy-uvloop-c2")
 PEERS = ("envoy", "socat", "haproxy", "haproxy-splice", "pproxy")
+# A relay on uvloop transports and nothing else: the floor of the proxy's design.
+FLOOR = "uvloop-floor"
 # The Envoy each of them is held against: the same number of workers.
 ENVOY_OF = {"proxy-uvloop": "envoy", "proxy-uvloop-c2": "envoy-c2"}
 
@@ -147,10 +149,10 @@ def targets(summary: dict, rat: dict, workloads: list[Workload], subject: str = 
             behind = f"; behind on: {', '.join(misses)}" if misses else ""
             out.append({"target": title, "met": not misses, "detail": f"{checked} metrics compared{behind}"})
 
-    def against(w: Workload, key: str, refs: tuple[str, ...], title: str) -> None:
-        """At least as good as the better of `refs` on one metric (no tolerance)."""
+    def against(w: Workload, key: str, refs: tuple[str, ...], title: str, who: str = subject) -> None:
+        """`who` (the subject) at least as good as the better of `refs` on one metric (no tolerance)."""
         m = next(m for m in w.metrics if m.key == key)
-        ours = cell(w, key, subject)
+        ours = cell(w, key, who)
         found = [(cell(w, key, r), r) for r in refs if cell(w, key, r) is not None]
         if ours is None or not found:
             return
@@ -192,6 +194,10 @@ def targets(summary: dict, rat: dict, workloads: list[Workload], subject: str = 
         if envoy and w.kind == "conn_rate":
             against(w, "cps", (envoy,), f"conn/s ≥ {envoy} ({w.name})")
             against(w, "cpu_s_per_1000", (envoy,), f"CPU per connection ≤ {envoy}'s ({w.name})")
+            if subject == "proxy-uvloop":  # can the design reach it at all? (bench/floor.py)
+                against(w, "cpu_s_per_1000", (envoy,), f"the design's floor: {FLOOR}'s CPU per connection ≤ "
+                        f"{envoy}'s ({w.name})", who=FLOOR)
+                against(w, "cpu_s_per_1000", (FLOOR,), f"no more CPU per connection than {FLOOR} ({w.name})")
         if envoy and w.kind == "rr_rate":
             against(w, "rps", (envoy,), f"req/s ≥ {envoy}'s ({w.name})")
         if w.kind == "conn_rate":

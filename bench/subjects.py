@@ -14,6 +14,8 @@
                     destination: HAProxy reads SO_ORIGINAL_DST for IPv4)
     haproxy-splice  the same with `option splice-auto`
     pproxy          pproxy's transparent `redir://` listener (the Python peer; uvloop)
+    uvloop-floor    bench/floor.py: the least a relay on uvloop transports does (not a
+                    peer: the floor of the proxy's design, to split its cost per connection)
 
 Every relay runs in the pod namespace as UID 1337 with no capabilities (the
 UID rule lets its own connections out), under `prlimit --nofile` for the
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -154,6 +157,8 @@ def envoy_binary() -> str | None:
 # uvloop.install() and then asyncio.get_event_loop(), which uvloop >= 0.21 no
 # longer answers with a fresh loop ("There is no current event loop"): this shim
 # makes install() also set a loop, and changes nothing else.
+FLOOR = Path(__file__).with_name("floor.py")
+
 PPROXY_MAIN = """
 import asyncio, sys, uvloop
 def install():
@@ -168,7 +173,7 @@ sys.exit(main(sys.argv[1:]))
 @dataclass
 class Subject:
     name: str
-    kind: str  # direct | proxy | envoy | socat | haproxy | pproxy
+    kind: str  # direct | proxy | envoy | socat | haproxy | pproxy | floor
     description: str
     loop: str = ""
     args: tuple[str, ...] = ()  # extra flags (the proxy's, Envoy's)
@@ -227,6 +232,8 @@ class Subject:
             cmd = [envoy_binary(), "-c", cfg, *self.args, "--disable-hot-restart", "-l", "warning"]
         elif self.kind == "pproxy":
             cmd = [PYTHON, "-c", PPROXY_MAIN, "-l", f"redir://:{PORT}"]
+        elif self.kind == "floor":  # its text, not its path: UID 1337 may not reach the checkout
+            cmd = [PYTHON, "-c", FLOOR.read_text(), str(PORT)]
         else:
             raise ValueError(self.kind)
         with open(os.path.join(workdir, "output.log"), "w") as out:
@@ -311,5 +318,6 @@ SUBJECTS = (
     Subject("haproxy-splice", "haproxy", "HAProxy as above with option splice-auto",
             splice=True, tools=("haproxy",)),
     Subject("pproxy", "pproxy", "pproxy -l redir://:5001 (transparent, uvloop)", modules=("pproxy",)),
+    Subject("uvloop-floor", "floor", "bench/floor.py: a relay on uvloop transports and nothing else (not a peer)"),
 )
 BY_NAME = {s.name: s for s in SUBJECTS}

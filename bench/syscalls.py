@@ -50,8 +50,9 @@ from .subjects import Subject
 from .workloads import ECHO
 from .world import SERVICE, BenchWorld, stop_process
 
-# Envoy, HAProxy and the proxy, each as one worker and (Envoy, the proxy) as two.
-SUBJECTS = ("direct", "proxy-uvloop", "proxy-uvloop-c2", "envoy", "envoy-c2", "haproxy")
+# Envoy, HAProxy and the proxy, each as one worker and (Envoy, the proxy) as two; the
+# floor of the proxy's design (bench/floor.py).
+SUBJECTS = ("direct", "proxy-uvloop", "proxy-uvloop-c2", "uvloop-floor", "envoy", "envoy-c2", "haproxy")
 CLIENTS = 32
 ENTER = "syscalls:sys_enter_"
 TOTAL = "raw_syscalls:sys_enter"
