@@ -247,7 +247,7 @@ def _connections(raw: dict[Any, Any], where: str) -> int | None:
 
 
 CHAIN_KEYS = ("name", "match", "action", "cluster", "weighted", "stat_prefix", "idle_timeout",
-              "max_connect_attempts", "access_logs")
+              "max_connect_attempts", "access_logs", "log_name")
 
 
 def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
@@ -279,7 +279,15 @@ def _chain(value: Any, where: str, clusters: set[str]) -> Chain:
                                                                                f"{where}.idle_timeout"),
         max_connect_attempts=None if attempts is None else _positive(attempts, f"{where}.max_connect_attempts"),
         access_logs=items(raw, "access_logs", where, _access_log),
+        log_name=None if raw.get("log_name") is None else _log_name(raw["log_name"], f"{where}.log_name"),
     )
+
+
+def _log_name(value: Any, where: str) -> str:
+    """A chain's name in access logs: any string, also an empty one (Envoy's unnamed chain)."""
+    if not isinstance(value, str):
+        raise ConfigError(where, f"{short(value)} is not a string")
+    return value
 
 
 def _weighted(value: Any, where: str, clusters: set[str]) -> WeightedCluster:

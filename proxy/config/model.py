@@ -123,6 +123,10 @@ class Chain:
     idle_timeout: float | None = None  # None: Config.idle_timeout; 0: never (Envoy's 0s)
     max_connect_attempts: int | None = None  # None: every endpoint of the cluster once
     access_logs: tuple[AccessLog, ...] = ()
+    # what Envoy's %FILTER_CHAIN_NAME% prints for it, when that is not `name`: a
+    # bootstrap's own name ("" if it has none) of a chain the model had to rename
+    # (names are unique across listeners here, and limited to letters, digits, _ . - |)
+    log_name: str | None = None
 
 
 # The chain a connection gets when no configured chain matches it. Istio calls

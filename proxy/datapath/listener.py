@@ -116,6 +116,7 @@ class Shared:
                    for c in chains for log in c.access_logs}
         self.chain_logs = {c.name: tuple(writers[log.path, log.format] for log in c.access_logs)
                            for c in chains if c.access_logs}
+        self.chain_log_names = {c.name: c.log_name for c in chains if c.log_name is not None}
         for names in by_prefix.values():
             stats.declare(*names.all)
         self.direction_stats = {d: f"direction.{d}.cx_total" for d in ("inbound", "outbound")}
@@ -399,9 +400,10 @@ class Listener:
             entry.update(bytes_up=sent, bytes_down=received, end=relay.end or "done",
                          duration_ms=round((time.monotonic() - relay.started) * 1000, 3))
             shared.access_log.write(entry)
-            if chain_logs:  # Envoy's formats: %BYTES_RECEIVED% as tcp_proxy counts it, and
-                # %UPSTREAM_HOST% the last endpoint tried, connected or not
-                entry.update(bytes_up=relayed, upstream=str(up.endpoint) if up is not None else None,
+            if chain_logs:  # Envoy's formats: %BYTES_RECEIVED% as tcp_proxy counts it, %UPSTREAM_HOST%
+                # the last endpoint tried, connected or not, %FILTER_CHAIN_NAME% the bootstrap's name
+                entry.update(chain=shared.chain_log_names.get(relay.chain, relay.chain), bytes_up=relayed,
+                             upstream=str(up.endpoint) if up is not None else None,
                              upstream_local=hostport(*confirmed.key[:2]) if confirmed is not None else None)
                 for chain_log in chain_logs:
                     chain_log.write(entry)

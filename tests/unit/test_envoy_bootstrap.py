@@ -111,6 +111,13 @@ def test_names_the_proxy_gives_unnamed_and_clashing_chains(tmp_path):
     assert [ch.name for ch in c.listeners[1].chains] == ["web", "in_bound.web"]
     assert c.listeners[1].default_chain.name == "in_bound-default"
     assert [ch.name for ch in c.listeners[2].chains] == ["other.web", "other.passthrough"]
+    # Envoy's %FILTER_CHAIN_NAME% prints the bootstrap's names ("-" for none), whatever the model's
+    logged = [ch.log_name for lr in c.listeners for ch in (*lr.chains, lr.default_chain) if ch is not None]
+    assert logged == ["", "", None, "web", "", "web", "passthrough"]
+    entry = {"chain": c.listeners[2].chains[1].log_name}
+    assert cfg.compile_format("%FILTER_CHAIN_NAME%")(entry) == "passthrough"
+    assert cfg.compile_format("%FILTER_CHAIN_NAME%")({"chain": ""}) == "-"
+    assert cfg.from_data(c.to_dict()).listeners[2].chains[1].log_name == "passthrough"  # as a worker gets it
 
 
 def test_what_envoy_accepts_and_moves_on_from(tmp_path):

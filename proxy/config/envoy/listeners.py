@@ -11,6 +11,7 @@ together (iptables/README.md, "Inbound by TPROXY").
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Sequence
 from typing import Any
@@ -222,7 +223,7 @@ def _chain(fc: Any, where: str, listener: str, name: str, clusters: dict[str, Cl
         raw_buffer(fc.transport_socket, f"{where}.transport_socket", fields)
     match = _match(fc.filter_chain_match, f"{where}.filter_chain_match", fields)
     if not fc.filters:  # Envoy closes a connection whose chain has no network filter
-        return Chain(name=name, match=match, action="close")
+        return _logged_as(Chain(name=name, match=match, action="close"), fc.name)
     for i, network_filter in enumerate(fc.filters):
         at = f"{where}.filters[{i}]"
         kind = _filter_type(network_filter, at, fields)
@@ -234,4 +235,10 @@ def _chain(fc: Any, where: str, listener: str, name: str, clusters: dict[str, Cl
             raise ConfigError(at, f"terminal filter named {network_filter.name} of type "
                                   "envoy.filters.network.tcp_proxy must be the last filter in a network filter chain")
     at = f"{where}.filters[0].typed_config"
-    return tcp_proxy(schema.unpack(fc.filters[0].typed_config, at), at, name, match, clusters, fields)
+    chain = tcp_proxy(schema.unpack(fc.filters[0].typed_config, at), at, name, match, clusters, fields)
+    return _logged_as(chain, fc.name)
+
+
+def _logged_as(chain: Chain, envoy_name: str) -> Chain:
+    """The chain, with the name Envoy's %FILTER_CHAIN_NAME% prints if the model renamed it."""
+    return chain if chain.name == envoy_name else dataclasses.replace(chain, log_name=envoy_name)
