@@ -278,6 +278,14 @@ async def connections(request: web.Request, proxy: Lifecycle) -> web.Response:
     return _json({"total": snap.total_connections, "connections": snap.connections})
 
 
+async def effective_config(request: web.Request, proxy: Lifecycle) -> web.Response:
+    """The proxy's own model of its configuration, as `sidecar-proxy check` prints it
+    (load.from_data reads it back): what `explain --admin` reads. /config_dump says the
+    same in Envoy's terms, which have no field for some of it (a chain's direction,
+    the inbound mode and source, the bypass cgroup)."""
+    return _json(proxy.config.to_dict())
+
+
 async def healthcheck_fail(request: web.Request, proxy: Lifecycle) -> web.Response:
     proxy.health_check_failed = True
     log.info("admin: health check failed by request: /ready answers 503")
@@ -340,6 +348,8 @@ ENDPOINTS: dict[str, tuple[Handler, bool, str]] = {
                                          "?include_eds)"),
     "/connections": (connections, False, "live connections as JSON (?limit=N)"),
     "/drain_listeners": (drain_listeners, True, "drain listeners"),
+    "/effective_config": (effective_config, False, "the proxy's own configuration as `sidecar-proxy check` "
+                                                   "prints it (JSON)"),
     "/healthcheck/fail": (healthcheck_fail, True, "cause the server to fail health checks"),
     "/healthcheck/ok": (healthcheck_ok, True, "cause the server to pass health checks"),
     "/help": (help_, False, "print out list of admin commands"),

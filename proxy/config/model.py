@@ -18,6 +18,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The design note's numbers: the init step and the proxy must agree on them.
 DEFAULT_PORT = 5001  # ISTIO_PROXY_PORT
 PROXY_UID = 1337  # ISTIO_PROXY_UID
+# inbound_source "127.0.0.6": Istio's InboundPassthroughBindIpv4 and InboundPassthroughBindIpv6
+INBOUND_PASSTHROUGH_V4 = "127.0.0.6"
+INBOUND_PASSTHROUGH_V6 = "::6"
 DEFAULT_MARK = 0x1  # ISTIO_SO_MARK
 NET_CLS_ID = 0x100001  # ISTIO_NET_CLS_ID
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's cluster connect_timeout default

@@ -47,7 +47,7 @@ from functools import partial
 from sys import intern
 from typing import Any, cast
 
-from ..config import ORIGINAL_DST, Chain, Config, Endpoint
+from ..config import INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, ORIGINAL_DST, Chain, Config, Endpoint
 from .balance import LeastRequest, attempts, pick_weighted, policy_for
 from .relay import Relay, Upstream
 from .sockopts import set_mark, set_transparent, unmapped
@@ -102,11 +102,6 @@ CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy
 
 class MarkDenied(Exception):
     """SO_MARK (or IP_TRANSPARENT) was refused: a privilege problem, not the upstream's fault."""
-
-
-# inbound_source "127.0.0.6": Istio's InboundPassthroughBindIpv4 and InboundPassthroughBindIpv6
-INBOUND_PASSTHROUGH_V4 = "127.0.0.6"
-INBOUND_PASSTHROUGH_V6 = "::6"
 
 
 OwnKey = tuple[str, int, str, int]  # (source, source port, destination, destination port) of our socket

@@ -122,8 +122,8 @@ def facts_for(args: argparse.Namespace, request: Request) -> Facts:
         config, source = gather.load_file(args.config), f"config {args.config}"
     elif args.admin:
         try:
-            config = gather.fetch_admin_config(args.admin)
-            source = f"the running proxy's /config_dump, {args.admin}"
+            config, path = gather.fetch_admin_config(args.admin)
+            source = f"the running proxy's {path}, {args.admin}"
         except gather.Unreadable as exc:
             unreadable.append(f"the proxy's configuration: {exc}")
             config, source = None, "no configuration"

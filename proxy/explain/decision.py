@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from ..config import ORIGINAL_DST, Chain, Config, Listener, hostport
+from ..config import INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, ORIGINAL_DST, Chain, Config, Listener, hostport
 from ..datapath.chains import NO_MATCH, STEP_NAMES, ChainTable, Connection, prune
 
 PREFIX_STEPS = (1, 3, 5)  # scored by prefix length + 1
@@ -74,7 +74,23 @@ def decide(config: Config, dst: str, dport: int, src: str | None, sport: int | N
         return decision
     chain = _chain_named(listener, decision.chain)
     _route(decision, config, chain, dst, dport, connections, workers)
+    if decision.action == "original" and direction == "inbound":
+        _to_app(decision, config, dst, src)
     return decision
+
+
+def _to_app(decision: Decision, config: Config, dst: str, src: str | None) -> None:
+    """An inbound connection forwarded as it is goes to the app as the data path
+    sends it (upstream._to_app): with TPROXY from the client's address and
+    with the tproxy mark; with inbound_source 127.0.0.6 from there (::6 for
+    IPv6); else from the pod's address, as any passthrough."""
+    if config.inbound_mode == "tproxy":
+        decision.mark = config.tproxy_mark
+        decision.source_address = src  # unknown without --from: the route's source is shown
+        decision.endpoint_why += "; from the client's own address (inbound_mode tproxy)"
+    elif config.inbound_source != "pod-ip":
+        decision.source_address = INBOUND_PASSTHROUGH_V6 if ":" in dst else INBOUND_PASSTHROUGH_V4
+        decision.endpoint_why += f"; from {decision.source_address} (inbound_source)"
 
 
 def _hand_off(config: Config, listener: Listener, dst: str, dport: int) -> Listener:

@@ -33,6 +33,10 @@ class Unreadable(Exception):
     """One line: what could not be read, and why."""
 
 
+class NotThere(Unreadable):
+    """The admin API has no such path (HTTP 404)."""
+
+
 def _run(*argv: str) -> str:
     if shutil.which(argv[0]) is None:
         raise Unreadable(f"{argv[0]}: not installed")
@@ -247,14 +251,18 @@ def admin_base(url: str) -> str:
     return (url if "://" in url else f"http://{url}").rstrip("/")
 
 
-def fetch_admin_config(url: str) -> cfg.Config:
-    """The running proxy's config, from its /config_dump (Envoy's ConfigDump):
-    the bootstrap it dumps, read by the proxy's own bootstrap front end (meant
-    for a proxy started from an Envoy bootstrap: sidecar-envoy). One started
-    from our YAML dumps the model as a bootstrap would say it, with
-    clusters of the proxy's own (original_dst, blackhole) that a bootstrap may
-    not name: for it, --config is the way."""
+def fetch_admin_config(url: str) -> tuple[cfg.Config, str]:
+    """The running proxy's config, and the admin path it came from: its own
+    model from /effective_config (this proxy, started from our YAML or from a
+    bootstrap), else, for a real Envoy, the bootstrap in its /config_dump read
+    by the proxy's bootstrap front end."""
     base = admin_base(url)
+    try:
+        return cfg.from_data(_get_json(f"{base}/effective_config")), "/effective_config"
+    except NotThere:
+        pass  # not this proxy: Envoy's admin answers 404
+    except cfg.ConfigError as exc:
+        raise Unreadable(f"{base}/effective_config: {exc}") from None
     dump = _get_json(f"{base}/config_dump")
     sections = dump.get("configs", []) if isinstance(dump, dict) else []
     boot = next((s.get("bootstrap") for s in sections if isinstance(s, dict)
@@ -263,8 +271,8 @@ def fetch_admin_config(url: str) -> cfg.Config:
         raise Unreadable(f"{base}/config_dump: no bootstrap in it")
     from ..config.envoy import from_bootstrap
     try:
-        return from_bootstrap(boot)
-    except cfg.ConfigError as exc:  # e.g. a proxy started from our YAML: its dump names our own clusters
+        return from_bootstrap(boot), "/config_dump"
+    except cfg.ConfigError as exc:
         raise Unreadable(f"{base}/config_dump: its bootstrap does not load ({exc}); give the proxy's "
                          "config file with --config") from None
 
@@ -291,6 +299,8 @@ def _get_json(url: str) -> Any:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise NotThere(f"{url}: HTTP 404") from None
         raise Unreadable(f"{url}: HTTP {exc.code}") from None
     except urllib.error.URLError as exc:
         raise Unreadable(f"{url}: {exc.reason}") from None

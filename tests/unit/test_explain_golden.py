@@ -15,6 +15,7 @@ tests/unit/golden/explain/<case>.txt; after an intended change:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -122,6 +123,16 @@ CASES = {
         lambda: iptables_rules(4, "--method", "explicit", "--services", SERVICES), {}, ask("198.51.100.10:80")),
     "explicit_nft_not_listed": (lambda: nft_rules("explicit"), {}, ask("198.51.100.30:80")),
     "explicit_nft_ipv6_listed": (lambda: nft_rules("explicit"), {}, ask("[2001:db8:2::20]:80")),
+    # how the proxy's connection to the app leaves: from 127.0.0.6 (::6), or from the client with the tproxy mark
+    "uid_inbound_from_127_0_0_6": (lambda: iptables_rules(4, "--method", "uid", "--inbound-source", "127.0.0.6"),
+                                   {"config": dataclasses.replace(CONFIG, inbound_source="127.0.0.6")},
+                                   ask(f"{POD_V4}:8080", src="192.0.2.2", inbound=True)),
+    "uid_inbound_ipv6_from_6": (lambda: iptables_rules(6, "--method", "uid", "--inbound-source", "127.0.0.6"),
+                                {"config": dataclasses.replace(CONFIG, inbound_source="127.0.0.6")},
+                                ask(f"[{POD_V6}]:8080", src="2001:db8:1::2", inbound=True)),
+    "uid_inbound_tproxy": (lambda: iptables_rules(4, "--method", "uid", "--inbound-mode", "tproxy"),
+                           {"config": dataclasses.replace(CONFIG, inbound_mode="tproxy")},
+                           ask(f"{POD_V4}:8080", src="192.0.2.2", inbound=True)),
 }
 
 
@@ -157,7 +168,27 @@ VERDICTS = {
     "explicit_listed_passthrough_loops": ("captured", "passthrough", "original_dst", "198.51.100.10:80", "loop"),
     "explicit_nft_not_listed": ("not captured", None, None, None, None),
     "explicit_nft_ipv6_listed": ("captured", "reviews-v6", "reviews-v6", "[2001:db8:2::21]:8080", "none"),
+    "uid_inbound_from_127_0_0_6": ("captured", "passthrough", "original_dst", "192.0.2.1:8080", "none"),
+    "uid_inbound_ipv6_from_6": ("captured", "passthrough", "original_dst", "[2001:db8:1::1]:8080", "none"),
+    "uid_inbound_tproxy": ("captured", "passthrough", "original_dst", "192.0.2.1:8080", "none"),
 }
+
+
+@pytest.mark.parametrize("name, source, mark, rule", [
+    ("uid_inbound", None, None, "sidecar-proxy: proxy own traffic, uid 1337"),
+    ("uid_inbound_from_127_0_0_6", "127.0.0.6", None, "sidecar-proxy: proxy to the app, from 127.0.0.6"),
+    ("uid_inbound_ipv6_from_6", "::6", None, "sidecar-proxy: proxy to the app, from ::6"),
+    ("uid_inbound_tproxy", "192.0.2.2", 0x539, "sidecar-proxy: proxy to the app, tproxy mark 0x539"),
+])
+def test_the_connection_to_the_app_leaves_as_the_data_path_makes_it(name, source, mark, rule):
+    """inbound_source and inbound_mode change the proxy's own connection to the app
+    (upstream._to_app): explain's loop walk follows that connection, and the rule
+    that lets it out is the one made for it."""
+    rules, facts_args, request = CASES[name]
+    e = explain(request, facts(rules(), **facts_args))
+    assert e.decision is not None and e.loop is not None and e.loop.walk is not None
+    assert (e.decision.source_address, e.decision.mark) == (source, mark)
+    assert e.loop.verdict == "none" and e.loop.walk.hits[-1].rule.comment == rule
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
