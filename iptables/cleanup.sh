@@ -92,9 +92,9 @@ cleanup_family() {
 cleanup_routes() {
 	if has_ipv6; then _cr_all='4 6'; else _cr_all=4; fi
 	if [ "$opt_dry_run" = true ]; then
-		_cr_have=$(routes_listing "$_cr_all")
+		_cr_have=$(routes_listing "$_cr_all" ours)
 		[ -z "$_cr_have" ] || printf '# ==== sidecar-proxy policy routing removal ====\n%s\n' "$_cr_have"
-		! passthrough6_present || printf '# would delete ::6/128 from lo (--inbound-source 127.0.0.6)\n'
+		! passthrough6_ours || printf '# would delete ::6/128 from lo (--inbound-source 127.0.0.6)\n'
 		return 0
 	fi
 	routes_remove "$_cr_all" || fail "$ROUTE_ERR"

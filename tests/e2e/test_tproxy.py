@@ -224,3 +224,44 @@ def test_inbound_source_127_0_0_6(world, app, method, tmp_path):
     script(world, "cleanup.sh")
     assert dump(world) == before, "cleanup.sh left something behind"
 
+
+
+def test_cleanup_leaves_the_same_routing_someone_else_put_there(world, app):
+    """The same fwmark rule and local route, and ::6 on lo, put there before us
+    (Istio's init step installs the same): redirect.sh uses them as they are,
+    the proxy works through them, and cleanup.sh removes only what carries our
+    mark of ownership (route.sh), here nothing, in both modes."""
+    for family in ("-4", "-6"):
+        world.pod.ip(family, "rule", "add", "fwmark", "0x539", "lookup", "133")
+        world.pod.ip(family, "route", "add", "local", "default", "dev", "lo", "table", "133")
+    world.pod.ip("-6", "addr", "add", "::6/128", "dev", "lo")
+    before = dump(world)
+    script(world, "redirect.sh", "--inbound-mode", "tproxy", "--ipv6", "on")
+    assert dump(world).count("lookup 133") == before.count("lookup 133"), "a second copy of the rule"
+    proxy = ProxyProcess(world.pod, config={"inbound_mode": "tproxy"}, caps=("net_admin",))
+    try:
+        seen_host, _, count, _ = call(world.remote, (PodWorld.POD_V4, APP_PORT), b"x" * 1000)
+        assert (seen_host, count) == (PodWorld.REMOTE_V4, 1000)
+    finally:
+        proxy.stop()
+    dry = script(world, "cleanup.sh", "--dry-run")
+    assert "policy routing removal" not in dry and "::6/128" not in dry, dry
+    script(world, "cleanup.sh")
+    assert dump(world) == before, "cleanup.sh removed routing that was not its own"
+    # the 127.0.0.6 mode keeps a ::6 it found too
+    script(world, "redirect.sh", "--inbound-source", "127.0.0.6", "--ipv6", "on")
+    script(world, "cleanup.sh")
+    assert dump(world) == before, "cleanup.sh removed a ::6 it did not add"
+    # and what it adds itself, it removes
+    for family in ("-4", "-6"):
+        world.pod.ip(family, "rule", "del", "fwmark", "0x539", "lookup", "133")
+        world.pod.ip(family, "route", "del", "local", "default", "dev", "lo", "table", "133")
+    world.pod.ip("-6", "addr", "del", "::6/128", "dev", "lo")
+    empty = dump(world)
+    script(world, "redirect.sh", "--inbound-mode", "tproxy", "--ipv6", "on")
+    assert "proto 83" in world.pod.ip("-4", "rule")
+    script(world, "cleanup.sh")
+    script(world, "redirect.sh", "--inbound-source", "127.0.0.6", "--ipv6", "on")
+    assert "::6/128 scope" in world.pod.ip("-6", "addr", "show", "dev", "lo")
+    script(world, "cleanup.sh")
+    assert dump(world) == empty, "cleanup.sh left something of its own behind"
