@@ -35,7 +35,12 @@ pytestmark = pytest.mark.netns
 REDIRECT = Path(__file__).resolve().parents[2] / "iptables" / "redirect.sh"
 PORT = 15001  # the listener both proxies take the redirected connections on
 SINK = ("198.51.100.250", 7)  # every chain's upstream: a server in the remote that closes when the client does
-LOG_FORMAT = "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %FILTER_CHAIN_NAME%\n"
+# A connection is named in the logs by the bytes it sent (case i sends i + 1), not by its
+# source port: a case that reuses a fixed source port (41000, 41001) with another destination
+# would meet the first one's conntrack entry after the REDIRECT (both answer from the proxy's
+# address), so netfilter gives it another source port at random, which may be the port of a
+# later case. (The source-port criterion meets the port it was given on its first use only.)
+LOG_FORMAT = "%BYTES_RECEIVED% %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %FILTER_CHAIN_NAME%\n"
 
 SOURCES = ["192.0.2.1", "192.0.2.10", "192.0.2.11", "192.0.2.129", "2001:db8:1::1", "2001:db8:1::10",
            "2001:db8:1::8000"]
@@ -190,43 +195,40 @@ def drain(conn: socket.socket) -> None:
         pass
 
 
-def run_cases(world: PodWorld, cases: list[Case]) -> list[tuple[str, int]]:
-    """Make every connection; the source each one had (it names the connection in the logs)."""
-    sources = []
+def run_cases(world: PodWorld, cases: list[Case]) -> None:
+    """Make every connection: case i sends i + 1 bytes (they name it in the logs)."""
     for i, case in enumerate(cases):
         sock = world.pod.socket(socket.AF_INET6 if ":" in case.dst else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a fixed port still in TIME_WAIT
             sock.settimeout(5)
-            # "any port" is a port of its own: a kernel's ephemeral port may come again, and the
-            # source must name one connection in the log
+            # "any port" is a port of its own, the same in every run: a kernel's ephemeral
+            # port differs from run to run, and could be 41000 or 41001
             sock.bind((case.src, case.sport or ANY_PORT_FROM + i))
             sock.connect((case.dst, case.dport))
         except OSError as exc:
             sock.close()
             raise AssertionError(f"{case}: {exc}") from None
         with sock:
-            sources.append(sock.getsockname()[:2])
+            sock.sendall(b"x" * (i + 1))
             sock.shutdown(socket.SHUT_WR)
             drain(sock)
-    return sources
 
 
-def chains_taken(log_path: str, expected: int, timeout: float = 20.0) -> dict[tuple[str, int], str]:
-    """source -> chain name, from the access log of one run."""
+def chains_taken(log_path: str, expected: int, timeout: float = 20.0) -> dict[int, str]:
+    """case number -> chain name, from the access log of one run."""
     deadline = time.monotonic() + timeout
     while True:
-        lines = Path(log_path).read_text().splitlines() if Path(log_path).exists() else []
+        # whole lines only: a line being written may be read half-way (its chain name cut short)
+        text = Path(log_path).read_text() if Path(log_path).exists() else ""
+        lines = text[:text.rfind("\n") + 1].splitlines()
         if len(lines) >= expected or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    taken = {}
+    taken: dict[int, str] = {}
     for line in lines:
-        source, _, chain = line.split()
-        host, _, port = source.rpartition(":")
-        host = host.strip("[]").removeprefix("::ffff:")
-        key = (host, int(port))
-        # each source is one connection; two lines are a failure, named with both chains (seen once, not explained)
+        sent, _, _, chain = line.split()
+        key = int(sent) - 1
         taken[key] = f"(two log lines: {taken[key]}, then {line!r})" if key in taken else chain
     return taken
 
@@ -254,11 +256,11 @@ def side(kind: str, bootstrap_path: str, log_path: str, cases: list[Case]) -> li
     try:
         runner = subject(kind, world.pod, bootstrap_path)
         try:
-            sources = run_cases(world, cases)
+            run_cases(world, cases)
             taken = chains_taken(log_path, len(cases))
         finally:
             runner.stop()
-        return [taken.get(tuple(source), "(no log line)") for source in sources]
+        return [taken.get(i, "(no log line)") for i in range(len(cases))]
     finally:
         server.close()
         world.close()
