@@ -118,12 +118,14 @@ LABEL org.opencontainers.image.title="sidecar-proxy-init" \
 # Alpine (the default base) or Debian (a local base): whichever package
 # manager is there; Debian's iptables package has both backends, and its
 # busybox gives validate.sh the nc and ip that Alpine's base has already.
+# iproute2: route.sh's policy routing for --inbound-mode tproxy tags its rule
+# with a protocol (`ip rule ... protocol`), which BusyBox's ip cannot.
 # hadolint ignore=DL3008,DL3018
 RUN if command -v apk >/dev/null; then \
-        apk add --no-cache iptables ip6tables iptables-legacy nftables; \
+        apk add --no-cache iptables ip6tables iptables-legacy nftables iproute2; \
     elif command -v apt-get >/dev/null; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends iptables nftables busybox \
+        && apt-get install -y --no-install-recommends iptables nftables busybox iproute2 \
         && apt-get clean \
         && rm -rf /var/lib/apt/lists/*; \
     else \

@@ -319,6 +319,10 @@ check_cgroup_dir() {
 # and --inbound-source (also read by cleanup.sh): the mark as a decimal in
 # tproxy_mark, the table in opt_tproxy_table.
 check_inbound_mode_options() {
+	# Istio spells them REDIRECT and TPROXY (INBOUND_INTERCEPTION_MODE)
+	case "$opt_inbound_mode" in
+	REDIRECT | TPROXY) opt_inbound_mode=$(printf '%s' "$opt_inbound_mode" | tr 'A-Z' 'a-z') ;;
+	esac
 	check_choice --inbound-mode "$opt_inbound_mode" redirect tproxy
 	check_u32 --tproxy-mark "$opt_tproxy_mark" "mark"
 	tproxy_mark="$REPLY"

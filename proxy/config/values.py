@@ -287,7 +287,8 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "idle_timeout": parse_duration,
     "drain_timeout": parse_duration,
     "splice": parse_splice,
-    "inbound_mode": parse_choice(INBOUND_MODES),
+    "inbound_mode": lambda value, where: parse_choice(INBOUND_MODES)(
+        value.lower() if value in ("REDIRECT", "TPROXY") else value, where),  # Istio spells them so
     "tproxy_mark": parse_mark,
     "inbound_source": parse_choice(INBOUND_SOURCES),
     "admin_address": parse_address,

@@ -129,6 +129,12 @@ def inject_document(doc: Document, options: sidecar.Options, *, native: bool | N
 
     native = obj["kind"] in mf.RUN_TO_COMPLETION if native is None else native
     options = replace(options, native=native)
+    mode = (pod_meta.get("annotations") or {}).get(sidecar.INTERCEPTION_ANNOTATION)
+    if mode is not None:  # Istio's per-pod choice wins over --interception-mode
+        if mode not in sidecar.INTERCEPTION_MODES:
+            raise doc.error(f"{'.'.join(meta_path)}.annotations.{sidecar.INTERCEPTION_ANNOTATION}: {mode!r} is not "
+                            f"one of {', '.join(sidecar.INTERCEPTION_MODES)}")
+        options = replace(options, interception=mode)
     base = ".".join(spec_path)
     problems = sidecar.conflicts(spec, options)
     if problems:
@@ -196,6 +202,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
     options = sidecar.Options(
         method=args.method, image=args.image, init_image=args.init_image, proxy_uid=args.proxy_uid,
         cgroup_root=args.cgroup_root, services_configmap=args.services_configmap, validation=args.validation,
+        interception=args.interception_mode,
     )
     if args.filename.count("-") > 1:
         print("sidecar-proxy inject: -f - (stdin) can be given once", file=sys.stderr)
@@ -247,6 +254,11 @@ def add_parser(sub) -> None:
                         help="a validation init container after the init step: validate.sh checks that the "
                              "redirect works before the app starts, and stops the pod (exit 126) if not "
                              "(default: yes)")
+    parser.add_argument("--interception-mode", choices=sidecar.INTERCEPTION_MODES, default="REDIRECT",
+                        help="how inbound connections reach the proxy: REDIRECT (the app sees the pod's "
+                             "address), or TPROXY (the app sees the client's; the proxy then runs as UID 0 "
+                             "with NET_ADMIN). A pod's annotation "
+                             f"{sidecar.INTERCEPTION_ANNOTATION} wins (default REDIRECT)")
     parser.add_argument("-n", "--namespace", metavar="NS",
                         help="namespace of documents that name none (as with kubectl -n)")
     parser.add_argument("--proxy-uid", type=_uid, default=sidecar.PROXY_UID, metavar="UID",

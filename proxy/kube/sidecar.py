@@ -21,6 +21,15 @@ Theory of operation. A pod gets three things:
   (it sets no ambient capabilities: kubernetes/kubernetes#56374, KEP-2763),
   so that variant runs as UID 0 with NET_ADMIN as its only capability.
 
+Inbound interception by TPROXY (`inject --interception-mode TPROXY`, or
+Istio's pod annotation `sidecar.istio.io/interceptionMode: TPROXY`): the
+app sees its clients' addresses (iptables/README.md, "Inbound by TPROXY").
+Both containers get INBOUND_INTERCEPTION_MODE=TPROXY, which redirect.sh and
+the proxy read. IP_TRANSPARENT needs CAP_NET_ADMIN, so the proxy runs as
+UID 0 with NET_ADMIN alone, as Istio's TPROXY sidecar does, in group 1337
+(the proxy's UID): with the uid method the rules then also bypass that
+group (SIDECAR_PROXY_GID), since the UID no longer names the proxy.
+
 Two ways to place the proxy:
 
 - classic: first of `containers`, with a postStart hook that waits for
@@ -56,6 +65,8 @@ INIT_SCRIPTS = "/usr/local/lib/sidecar-proxy/iptables"
 STATUS_ANNOTATION = "sidecar-proxy/status"
 INJECT_ANNOTATION = "sidecar-proxy/inject"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+INTERCEPTION_ANNOTATION = "sidecar.istio.io/interceptionMode"  # Istio's, per pod
+INTERCEPTION_MODES = ("REDIRECT", "TPROXY")
 
 DEFAULT_IMAGE = f"sidecar-proxy:{__version__}"
 DEFAULT_INIT_IMAGE = f"sidecar-proxy-init:{__version__}"
@@ -105,6 +116,11 @@ class Options:
     cgroup_root: str = CGROUP_ROOT
     services_configmap: str = SERVICES_CONFIGMAP
     validation: bool = True  # the validation init container after the init step
+    interception: str = "REDIRECT"  # how inbound reaches the proxy: REDIRECT or TPROXY (Istio's names)
+
+    @property
+    def tproxy(self) -> bool:
+        return self.interception == "TPROXY"
 
 
 def design_env(options: Options) -> list[dict]:
@@ -117,6 +133,10 @@ def design_env(options: Options) -> list[dict]:
         # The pod's own cgroup directory, named by the pod's UID so pods on
         # one node never share one; $(POD_UID) in args expands to it.
         env.append({"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
+    if options.tproxy:
+        env.append({"name": "INBOUND_INTERCEPTION_MODE", "value": "TPROXY"})
+        if options.method == "uid":  # the proxy runs as UID 0 in group proxy_uid: bypass the group
+            env.append({"name": "SIDECAR_PROXY_GID", "value": str(options.proxy_uid)})
     return env
 
 
@@ -200,10 +220,13 @@ def init_container(options: Options) -> dict:
 
 def proxy_security_context(options: Options) -> dict:
     needed = list(METHODS[options.method].proxy_capabilities)
+    if options.tproxy and "NET_ADMIN" not in needed:
+        needed.append("NET_ADMIN")  # IP_TRANSPARENT
     if needed:
-        # SO_MARK needs CAP_NET_ADMIN; Kubernetes gives capabilities to UID 0
-        # only (see the module docstring). Nothing else of root's is kept.
-        identity = {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
+        # SO_MARK and IP_TRANSPARENT need CAP_NET_ADMIN; Kubernetes gives capabilities
+        # to UID 0 only (see the module docstring). Nothing else of root's is kept.
+        group = options.proxy_uid if options.tproxy else 0
+        identity = {"runAsUser": 0, "runAsGroup": group, "runAsNonRoot": False}
         capabilities = {"drop": ["ALL"], "add": needed}
     else:
         identity = {"runAsUser": options.proxy_uid, "runAsGroup": options.proxy_uid, "runAsNonRoot": True}
@@ -277,6 +300,7 @@ def status(options: Options) -> str:
     return json.dumps({
         "version": __version__,
         "method": options.method,
+        **({"interceptionMode": options.interception} if options.tproxy else {}),  # REDIRECT: as before
         "nativeSidecar": options.native,
         "initContainers": ([INIT_NAME] + ([VALIDATION_NAME] if options.validation else [])
                            + ([PROXY_NAME] if options.native else [])),
@@ -338,6 +362,7 @@ def conflicts(spec: dict, options: Options) -> list[tuple[str, str]]:
     """(field path in the pod spec, problem) for a spec the sidecar cannot work in."""
     problems: list[tuple[str, str]] = []
     pod_uid = (spec.get("securityContext") or {}).get("runAsUser")
+    pod_gid = (spec.get("securityContext") or {}).get("runAsGroup")
     for field in ("initContainers", "containers"):
         for i, container in enumerate(spec.get(field) or []):
             where = f"{field}[{i}]"
@@ -360,4 +385,12 @@ def conflicts(spec: dict, options: Options) -> list[tuple[str, str]]:
                 problems.append(("securityContext.runAsUser",
                                  f"{pod_uid} is the proxy's UID and {where} ({container.get('name')}) inherits it; "
                                  "its traffic would bypass the proxy"))
+            if not options.tproxy:
+                continue
+            # with TPROXY the proxy runs in group proxy_uid, and the rules bypass that group too
+            own_gid = (container.get("securityContext") or {}).get("runAsGroup")
+            if own_gid == options.proxy_uid or (own_gid is None and pod_gid == options.proxy_uid):
+                path = f"{where}.securityContext.runAsGroup" if own_gid is not None else "securityContext.runAsGroup"
+                problems.append((path, f"{options.proxy_uid} is the proxy's group with TPROXY; {where}'s traffic "
+                                       "would bypass the proxy"))
     return problems

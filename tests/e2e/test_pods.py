@@ -288,11 +288,18 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_injected_pod(podman, images, node, method):
-    name = f"app-{method}"
+# The uid method once more with inbound by TPROXY: the proxy runs as UID 0 with NET_ADMIN
+# alone (IP_TRANSPARENT) in group 1337, which the rules then bypass; the app sees the client.
+VARIANTS = [(method, "REDIRECT") for method in METHODS] + [("uid", "TPROXY")]
+
+
+@pytest.mark.parametrize("method, interception", VARIANTS, ids=lambda v: v)
+def test_injected_pod(podman, images, node, method, interception):
+    tproxy = interception == "TPROXY"
+    name = f"app-{method}{'-tproxy' if tproxy else ''}"
     with pods.net_cls_root() if method == "cgroup" else contextlib.nullcontext() as cgroup_root:
-        flags = ["--method", method] + (["--cgroup-root", str(cgroup_root)] if cgroup_root else [])
+        flags = ["--method", method, "--interception-mode", interception]
+        flags += ["--cgroup-root", str(cgroup_root)] if cgroup_root else []
         injected = inject([app_pod(name)], *flags)
         manifest = pods.for_podman(injected, {})
         pods.create_pods(podman, manifest)
@@ -302,7 +309,9 @@ def test_injected_pod(podman, images, node, method):
         try:
             pod = pods.start_pod(podman, name, node, POD_V4, POD_V6)
             wait_ready(pod)
-            assert_identity(pod, *METHODS[method])
+            assert_identity(pod, *((0, 1 << 12) if tproxy else METHODS[method]))
+            if tproxy:
+                assert pod.proc_status("sidecar-proxy")["Gid"].split() == ["1337"] * 4
             assert_init_ran_once(podman, pod)
             if method == "cgroup":
                 [leaf] = cgroup_root.glob("sidecar-proxy-*")
@@ -319,9 +328,13 @@ def test_injected_pod(podman, images, node, method):
                 count, digest = sent["reply"].split()
                 assert (int(count), digest) == (PAYLOAD, sent["sha256"]), f"outbound to {host}: bytes changed"
                 assert [peer[0] for peer in server.accepted] == [source]
-            # inbound: the app sees the proxy's connection, not the node's
+            # inbound: with REDIRECT the app sees the proxy's connection, not the node's; with
+            # TPROXY the node's (the client's) address, through the proxy (its access log, below)
             _, _, peer = send_to_app(node.ns, POD_V4, APP_PORT)
-            assert peer in (POD_V4, "127.0.0.1"), f"the app saw {peer}: not through the proxy"
+            if tproxy:
+                assert peer == Node.GATEWAY4, f"the app saw {peer}, not the client {Node.GATEWAY4}"
+            else:
+                assert peer in (POD_V4, "127.0.0.1"), f"the app saw {peer}: not through the proxy"
 
             stats = pod.stats()
             assert stats["direction.outbound.cx_total"] == 2 and stats["direction.inbound.cx_total"] == 1, stats
@@ -333,8 +346,9 @@ def test_injected_pod(podman, images, node, method):
             # the proxy's own upstream connections (3) were not captured: the
             # rules sent the proxy exactly the app's connections
             counts = redirect_counts(pod)
-            assert {k: counts[k] - validated[k] for k in counts} == {
-                "SIDECAR_REDIRECT/4": 1, "SIDECAR_IN_REDIRECT/4": 1, "SIDECAR_REDIRECT/6": 1, "SIDECAR_IN_REDIRECT/6": 0}
+            assert {k: counts[k] - validated[k] for k in counts} == {  # TPROXY'd inbound is not in nat
+                "SIDECAR_REDIRECT/4": 1, "SIDECAR_IN_REDIRECT/4": 0 if tproxy else 1, "SIDECAR_REDIRECT/6": 1,
+                "SIDECAR_IN_REDIRECT/6": 0}
 
             # a live connection when the pod stops: the proxy drains it, then exits 0
             podman.run("exec", "-d", pod.container("app"), "python", "/opt/podapps/app.py", "hold", *map(str, HELD))

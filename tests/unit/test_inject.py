@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import re
 import subprocess
 import sys
@@ -248,17 +249,57 @@ def test_explicit_method_reads_the_services_file_from_a_configmap(inject):
     assert proxy["volumeMounts"] == [mount]
 
 
+@pytest.mark.parametrize("method", sidecar.METHODS)
+def test_tproxy_gives_the_proxy_net_admin_in_the_proxys_group(inject, method):
+    """Istio's TPROXY sidecar: UID 0 with NET_ADMIN alone (IP_TRANSPARENT), group 1337;
+    INBOUND_INTERCEPTION_MODE in both containers, and with the uid method the group's bypass."""
+    [obj], _ = inject(workload("Deployment"), args=("--method", method, "--interception-mode", "TPROXY"))
+    spec = pod_spec(obj)
+    init, proxy = container(spec, INIT), container(spec, PROXY)
+    assert env(init) == env(proxy)
+    assert env(proxy)["INBOUND_INTERCEPTION_MODE"] == "TPROXY"
+    assert env(proxy).get("SIDECAR_PROXY_GID") == ("1337" if method == "uid" else None)
+    context = proxy["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["runAsNonRoot"]) == (0, 1337, False)
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert json.loads(pod_meta(obj)["annotations"][sidecar.STATUS_ANNOTATION])["interceptionMode"] == "TPROXY"
+
+
+def test_the_pods_annotation_picks_the_interception_mode(inject, capsys, monkeypatch):
+    tproxy = workload("Deployment")
+    tproxy["spec"]["template"].setdefault("metadata", {})["annotations"] = {sidecar.INTERCEPTION_ANNOTATION: "TPROXY"}
+    redirect = workload("Deployment")
+    redirect["spec"]["template"].setdefault("metadata", {})["annotations"] = {
+        sidecar.INTERCEPTION_ANNOTATION: "REDIRECT"}
+    [a, b], _ = inject(tproxy, redirect, args=("--interception-mode", "TPROXY"))
+    assert env(container(pod_spec(a), PROXY))["INBOUND_INTERCEPTION_MODE"] == "TPROXY"
+    assert "INBOUND_INTERCEPTION_MODE" not in env(container(pod_spec(b), PROXY))
+    wrong = workload("Deployment")
+    wrong["spec"]["template"].setdefault("metadata", {})["annotations"] = {sidecar.INTERCEPTION_ANNOTATION: "NONE"}
+    code, out, err = run(capsys, monkeypatch, dump(wrong))
+    assert code == 2 and out == "" and "interceptionMode: 'NONE' is not one of REDIRECT, TPROXY" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_tproxy_refuses_an_app_in_the_proxys_group(capsys, monkeypatch):
+    obj = workload("Deployment")
+    obj["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"runAsGroup": 1337}
+    code, _, err = run(capsys, monkeypatch, dump(obj), "--interception-mode", "TPROXY")
+    assert code == 2 and "1337 is the proxy's group with TPROXY" in err, err
+
+
 # --- the contracts with the other halves: redirect.sh and `sidecar-proxy run` -----------
 
 REDIRECT_SH = Path(__file__).resolve().parents[2] / "iptables" / "redirect.sh"
 VALIDATE_SH = REDIRECT_SH.with_name("validate.sh")
 
 
+@pytest.mark.parametrize("interception", sidecar.INTERCEPTION_MODES)
 @pytest.mark.parametrize("method", sidecar.METHODS)
-def test_redirect_sh_accepts_the_init_containers_args_and_env(inject, method, tmp_path):
+def test_redirect_sh_accepts_the_init_containers_args_and_env(inject, method, interception, tmp_path):
     """The init container's command line and environment, given to the real
     script with --dry-run (which validates everything and touches nothing)."""
-    [obj], _ = inject(workload("Deployment"), args=("--method", method))
+    [obj], _ = inject(workload("Deployment"), args=("--method", method, "--interception-mode", interception))
     init = container(pod_spec(obj), INIT)
     services = tmp_path / "services"
     services.write_text("198.51.100.10:80\n")
@@ -271,6 +312,9 @@ def test_redirect_sh_accepts_the_init_containers_args_and_env(inject, method, tm
     expected = {"uid": "--uid-owner 1337", "mark": "--mark 0x1", "cgroup": "--cgroup 1048577",
                 "explicit": "-d 198.51.100.10/32"}[method]
     assert expected in result.stdout and "--to-ports 5001" in result.stdout
+    if interception == "TPROXY":  # the environment alone turns it on, and the group's bypass
+        assert "TPROXY --on-port 5001" in result.stdout
+        assert ("--gid-owner 1337" in result.stdout) == (method == "uid")
     # and validate.sh takes the same (its plan reads every option; no root needed to make it)
     validation = container(pod_spec(obj), VALIDATION)
     assert validation["args"] == init["args"]

@@ -33,10 +33,14 @@ def test_yaml_and_environment(tmp_path):
     c = cfg.load(None, env={"INBOUND_INTERCEPTION_MODE": "tproxy", "INBOUND_TPROXY_MARK": "1337"})
     assert (c.inbound_mode, c.tproxy_mark) == ("tproxy", 1337)
     assert cfg.load(write(tmp_path, "inbound_source: 127.0.0.6\n"), env={}).inbound_source == "127.0.0.6"
+    # Istio's spelling of the variable's values, as its injector writes them
+    assert cfg.load(None, env={"INBOUND_INTERCEPTION_MODE": "TPROXY"}).inbound_mode == "tproxy"
+    assert cfg.load(None, env={"INBOUND_INTERCEPTION_MODE": "REDIRECT"}).inbound_mode == "redirect"
 
 
 @pytest.mark.parametrize(("text", "culprit"), [
     ("inbound_mode: nat\n", "inbound_mode"),
+    ("inbound_mode: Tproxy\n", "inbound_mode"),
     ("tproxy_mark: 0\n", "tproxy_mark"),
     ("inbound_source: 127.0.0.7\n", "inbound_source"),
 ])
