@@ -82,7 +82,7 @@ def footprint(pid: int) -> dict:
 
 def admin_get(world: BenchWorld, path: str) -> tuple[int, str]:
     with world.pod.connect(ADMIN, timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)

@@ -75,14 +75,29 @@ class Reply(NamedTuple):
 
 
 def admin(ns, method: str, path: str, addr: tuple = ADMIN) -> Reply:
-    """One HTTP/1.0 request to the admin API, from inside `ns`."""
+    """One HTTP/1.1 request to the admin API (HTTP/1.0 gets Envoy's 426), from inside `ns`."""
     with ns.connect(addr, timeout=10) as s:
-        s.sendall(f"{method} {path} HTTP/1.0\r\nHost: {addr[0]}\r\n\r\n".encode())
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: {addr[0]}\r\nContent-Length: 0\r\n"
+                  f"Connection: close\r\n\r\n".encode())
         raw = recv_all(s)
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *lines = head.decode().split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = dechunk(body)
     return Reply(int(status_line.split()[1]), headers, body.decode())
+
+
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body put together."""
+    out = b""
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size.split(b";")[0], 16)
+        if n == 0:
+            break
+        out, body = out + body[:n], body[n + 2:]
+    return out
 
 
 def stats_of(ns) -> dict[str, int]:

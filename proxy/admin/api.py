@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from ..config import ORIGINAL_DST, Config, hostport
 from ..control import logs
@@ -300,11 +300,13 @@ async def healthcheck_ok(request: web.Request, proxy: Lifecycle) -> web.Response
 
 async def drain_listeners(request: web.Request, proxy: Lifecycle) -> web.Response:
     """Envoy's: the listeners stop (`inboundonly`: those of inbound only; `graceful`: once
-    drain_time is over); control/server.py. pilot-agent sends `?inboundonly&graceful`
-    and does not read the answer."""
+    drain_time is over; `skip_exit`: never); control/server.py. pilot-agent sends
+    `?inboundonly&graceful` and does not read the answer."""
     inbound_only, graceful = "inboundonly" in request.query, "graceful" in request.query
-    log.info("admin: /drain_listeners%s%s", " inboundonly" if inbound_only else "", " graceful" if graceful else "")
-    proxy.drain_listeners(inbound_only=inbound_only, graceful=graceful)
+    skip_exit = "skip_exit" in request.query
+    log.info("admin: /drain_listeners%s%s%s", " inboundonly" if inbound_only else "", " graceful" if graceful else "",
+             " skip_exit" if skip_exit else "")
+    proxy.drain_listeners(inbound_only=inbound_only, graceful=graceful, skip_exit=skip_exit)
     return _text("OK\n")
 
 
@@ -377,6 +379,10 @@ def usage() -> str:
 def build_app(proxy: Lifecycle) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler):
+        if request.version < HttpVersion11:  # Envoy's admin takes HTTP/1.1 (and 2) only, whatever the path
+            response = web.Response(body=b"Upgrade Required", status=426, headers={"Content-Type": "text/plain"})
+            response.force_close()
+            return response
         try:
             return await handler(request)
         except fmt.BadRequest as exc:

@@ -85,8 +85,9 @@ class Lifecycle(Protocol):
     def stop(self) -> None:
         """Stop accepting, drain, exit (/quitquitquit; SIGTERM keeps outbound open meanwhile)."""
 
-    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
-        """Envoy's /drain_listeners (`inboundonly`, `graceful`); live connections and the process go on."""
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False) -> None:
+        """Envoy's /drain_listeners (`inboundonly`, `graceful`, `skip_exit`: the listeners are not
+        stopped); live connections and the process go on."""
 
     async def log_levels_changed(self, changes: list[tuple[str, int]]) -> None:
         """The admin API changed log levels here: tell whoever else logs (the workers)."""
@@ -264,7 +265,7 @@ class Runner:
         """SIGTERM, SIGINT: as Istio drains a sidecar (server.py); stop() unless a runner knows better."""
         self.stop()
 
-    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False) -> None:
         raise NotImplementedError
 
     async def snapshot(self, limit: int) -> Snapshot:

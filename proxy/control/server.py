@@ -162,18 +162,26 @@ class Proxy(Runner):
         loop.default_exception_handler(context)
 
     # draining ----------------------------------------------------------------------------
-    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False) -> None:
         """Envoy's /drain_listeners: the listeners of a direction stop now, or
         (graceful) once drain_time is over, taking connections as ever until then
-        (Envoy 1.40 does: only HTTP connections hear of its drain). Live
-        connections, the process and its state (LIVE, as in Envoy) go on."""
+        (Envoy 1.40 does: only HTTP connections hear of its drain). With
+        skip_exit they never stop (Envoy 1.40: a graceful drain still counts as
+        under way). Live connections, the process and its state (LIVE, as in
+        Envoy) go on."""
         direction = "inbound" if inbound_only else "all"
         directions = DIRECTIONS[direction]
         if not graceful:
+            if skip_exit:
+                log.info("drain_listeners: skip_exit: %s listeners go on", direction)
+                return
             self._stop_directions(directions)
             log.info("drain_listeners: %s listeners stopped; %d live connections go on", direction, self._live())
         elif not ({direction, "all"} & self.graceful):  # Envoy: a drain already under way is not restarted
             self.graceful.add(direction)
+            if skip_exit:
+                log.info("drain_listeners: %s drain under way; skip_exit: its listeners go on", direction)
+                return
             loop = asyncio.get_running_loop()
             self.timers.append(loop.call_later(self.config.drain_time, self._stop_directions, directions))
             log.info("drain_listeners: %s listeners stop in %gs; until then they accept as ever",

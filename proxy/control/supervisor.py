@@ -173,9 +173,9 @@ class Supervisor(Runner):
         for worker in self.workers:
             worker.send({"op": "log", "changes": changes})
 
-    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False) -> None:
+    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False) -> None:
         """Each worker drains its own listeners (server.py), from when it hears of it."""
-        drain = {"op": "drain", "inbound_only": inbound_only, "graceful": graceful}
+        drain = {"op": "drain", "inbound_only": inbound_only, "graceful": graceful, "skip_exit": skip_exit}
         self.drains.append(drain)
         log.info("draining %s%s: the workers drain their listeners; live connections go on",
                  "inbound" if inbound_only else "all", " gracefully" if graceful else "")

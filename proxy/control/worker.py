@@ -73,7 +73,8 @@ def run_worker(control_fd: int, runner_for: Callable[[str], asyncio.Runner]) -> 
             elif op == "snapshot":
                 channel.answer(message, proxy.take(message["limit"]).to_json())
             elif op == "drain":
-                proxy.drain_listeners(bool(message.get("inbound_only")), bool(message.get("graceful")))
+                proxy.drain_listeners(bool(message.get("inbound_only")), bool(message.get("graceful")),
+                                      bool(message.get("skip_exit")))
             elif op == "stop":
                 proxy.stop()
             elif op == "terminate":

@@ -1,7 +1,7 @@
 """The admin API against a running proxy: real namespaces, real traffic, real HTTP.
 
 The admin API listens on 127.0.0.1:15000 inside the pod namespace, so every
-request here is plain HTTP/1.0 over a socket opened in that namespace
+request here is plain HTTP/1.1 over a socket opened in that namespace
 (`admin()` below): the bytes on the wire are exactly what pilot-agent, a
 kubelet probe or curl would send and receive.
 """
@@ -557,7 +557,8 @@ def test_a_page_on_another_origin_cannot_stop_the_proxy_or_fail_its_health(uid_w
         # DNS rebinding: the page's own name in Host, even for a read
         for method, path in (("GET", "/config_dump"), ("POST", "/quitquitquit")):
             with w.pod.connect(ADMIN, timeout=10) as s:
-                s.sendall(f"{method} {path} HTTP/1.0\r\nHost: rebind.example:15000\r\n\r\n".encode())
+                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: rebind.example:15000\r\nConnection: close\r\n"
+                          f"Content-Length: 0\r\n\r\n".encode())
                 reply = recv_all(s).decode()
             assert reply.startswith(("HTTP/1.0 403", "HTTP/1.1 403")), reply[:200]
             assert "Host 'rebind.example:15000' is not this admin API" in reply

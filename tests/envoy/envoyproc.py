@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+from support import dechunk
 
 from proxy.demo.netns import NetNs, unique_suffix
 from proxy.demo.sandbox import setpriv_argv
@@ -154,19 +155,9 @@ def admin_request(ns: NetNs, port: int, method: str, path: str, timeout: float =
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = _dechunk(body)
+        body = dechunk(body)
     return AdminReply(int(lines[0].split()[1]), headers.get("content-type", ""), body.decode())
 
-
-def _dechunk(body: bytes) -> bytes:
-    out = b""
-    while body:
-        size, _, body = body.partition(b"\r\n")
-        n = int(size.split(b";")[0], 16)
-        if n == 0:
-            break
-        out, body = out + body[:n], body[n + 2:]
-    return out
 
 
 @contextlib.contextmanager

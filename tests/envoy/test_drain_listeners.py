@@ -146,3 +146,58 @@ def test_inboundonly_graceful_drains_as_envoy_does(scratch, strategy):
         ("after", ["refused"] * 3, "served", True, True, (200, "LIVE\n")),
     ], seen["envoy"]
     assert seen["sidecar-envoy"] == seen["envoy"]
+
+
+def raw_reply(ns: NetNs, request: bytes) -> tuple[int, str, str]:
+    """(status, content type, body) of a request sent as it is."""
+    with ns.connect(("127.0.0.1", 15000), timeout=10) as s:
+        s.sendall(request)
+        head, _, body = recv_all(s).partition(b"\r\n\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in
+                                                             head.decode().split("\r\n")[1:])}
+    return int(head.split()[1]), headers.get("content-type", ""), body.decode()
+
+
+def observe_skip_exit(ns: NetNs) -> list[tuple]:
+    """skip_exit: alone, and with graceful (after which a graceful drain counts as under way)."""
+    seen = [("skip_exit", admin(ns, "POST", "/drain_listeners?skip_exit"), attempt(ns, INBOUND), attempt(ns, OUTBOUND))]
+    seen.append(("graceful&skip_exit", admin(ns, "POST", "/drain_listeners?graceful&skip_exit")))
+    time.sleep(DRAIN_TIME + 1)
+    seen.append(("after the drain time", attempt(ns, INBOUND), attempt(ns, OUTBOUND)))
+    seen.append(("graceful", admin(ns, "POST", "/drain_listeners?graceful")))
+    time.sleep(DRAIN_TIME + 1)
+    seen.append(("after another drain time", attempt(ns, INBOUND), attempt(ns, OUTBOUND), admin(ns, "GET", "/ready")))
+    # and the admin API takes HTTP/1.1 only, whatever the path or the Host
+    for request in (b"GET /ready HTTP/1.0\r\n\r\n", b"GET /nowhere HTTP/1.0\r\nHost: elsewhere\r\n\r\n"):
+        seen.append(("HTTP/1.0", raw_reply(ns, request)))
+    return seen
+
+
+def test_skip_exit_and_http_1_0_as_envoy_does(scratch):
+    ns, path = scratch
+    seen = {}
+    for name, binary in (("envoy", envoy_binary()), ("sidecar-envoy", SIDECAR_ENVOY)):
+        subject = ProxyProcess(ns, command=(binary, "-c", path, "--drain-time-s", str(DRAIN_TIME), "-l", "info",
+                                            "--disable-hot-restart"), wait=False)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if admin(ns, "GET", "/ready")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            seen[name] = observe_skip_exit(ns)
+        finally:
+            subject.stop()
+    upgrade = ("HTTP/1.0", (426, "text/plain", "Upgrade Required"))
+    assert seen["envoy"] == [
+        ("skip_exit", (200, "OK\n"), "served", "served"),
+        ("graceful&skip_exit", (200, "OK\n")),
+        ("after the drain time", "served", "served"),
+        ("graceful", (200, "OK\n")),
+        ("after another drain time", "served", "served", (200, "LIVE\n")),
+        upgrade, upgrade,
+    ], seen["envoy"]
+    assert seen["sidecar-envoy"] == seen["envoy"]
