@@ -321,7 +321,8 @@ check_cgroup_dir() {
 check_inbound_mode_options() {
 	# Istio spells them REDIRECT and TPROXY (INBOUND_INTERCEPTION_MODE)
 	case "$opt_inbound_mode" in
-	REDIRECT | TPROXY) opt_inbound_mode=$(printf '%s' "$opt_inbound_mode" | tr 'A-Z' 'a-z') ;;
+	REDIRECT) opt_inbound_mode=redirect ;;
+	TPROXY) opt_inbound_mode=tproxy ;;
 	esac
 	check_choice --inbound-mode "$opt_inbound_mode" redirect tproxy
 	check_u32 --tproxy-mark "$opt_tproxy_mark" "mark"

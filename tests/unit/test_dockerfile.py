@@ -253,13 +253,14 @@ def test_healthcheck_command_works_against_an_admin_api():
         thread.join()
 
 
-def test_init_image_is_sh_iptables_and_the_scripts():
+def test_init_image_is_sh_iptables_iproute2_and_the_scripts():
     init = STAGES["init"]
     assert init.base.startswith("alpine:")
     [install] = init.all("RUN")
-    # Alpine's packages (the default base), or Debian's (a local base)
-    assert "apk add --no-cache iptables ip6tables iptables-legacy nftables;" in install.rest
-    assert "apt-get install -y --no-install-recommends iptables nftables busybox " in install.rest
+    # Alpine's packages (the default base), or Debian's (a local base); iproute2 for
+    # route.sh's tagged policy routing (BusyBox's ip has no `rule ... protocol`)
+    assert "apk add --no-cache iptables ip6tables iptables-legacy nftables iproute2;" in install.rest
+    assert "apt-get install -y --no-install-recommends iptables nftables busybox iproute2 " in install.rest
     assert "rm -rf /var/lib/apt/lists/*" in install.rest
     [copy] = init.all("COPY")
     source, destination = copy.rest.split()
