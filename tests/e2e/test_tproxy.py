@@ -226,15 +226,21 @@ def test_inbound_source_127_0_0_6(world, app, method, tmp_path):
 
 
 
+def foreign_routing(world: PodWorld, action: str) -> None:
+    """`add` or `del` what Istio's init step would put there: our rule and route, and ::6,
+    without our marks of ownership."""
+    for family in ("-4", "-6"):
+        world.pod.ip(family, "rule", action, "fwmark", "0x539", "lookup", "133")
+        world.pod.ip(family, "route", action, "local", "default", "dev", "lo", "table", "133")
+    world.pod.ip("-6", "addr", action, "::6/128", "dev", "lo")
+
+
 def test_cleanup_leaves_the_same_routing_someone_else_put_there(world, app):
     """The same fwmark rule and local route, and ::6 on lo, put there before us
     (Istio's init step installs the same): redirect.sh uses them as they are,
     the proxy works through them, and cleanup.sh removes only what carries our
     mark of ownership (route.sh), here nothing, in both modes."""
-    for family in ("-4", "-6"):
-        world.pod.ip(family, "rule", "add", "fwmark", "0x539", "lookup", "133")
-        world.pod.ip(family, "route", "add", "local", "default", "dev", "lo", "table", "133")
-    world.pod.ip("-6", "addr", "add", "::6/128", "dev", "lo")
+    foreign_routing(world, "add")
     before = dump(world)
     script(world, "redirect.sh", "--inbound-mode", "tproxy", "--ipv6", "on")
     assert dump(world).count("lookup 133") == before.count("lookup 133"), "a second copy of the rule"
@@ -253,10 +259,7 @@ def test_cleanup_leaves_the_same_routing_someone_else_put_there(world, app):
     script(world, "cleanup.sh")
     assert dump(world) == before, "cleanup.sh removed a ::6 it did not add"
     # and what it adds itself, it removes
-    for family in ("-4", "-6"):
-        world.pod.ip(family, "rule", "del", "fwmark", "0x539", "lookup", "133")
-        world.pod.ip(family, "route", "del", "local", "default", "dev", "lo", "table", "133")
-    world.pod.ip("-6", "addr", "del", "::6/128", "dev", "lo")
+    foreign_routing(world, "del")
     empty = dump(world)
     script(world, "redirect.sh", "--inbound-mode", "tproxy", "--ipv6", "on")
     assert "proto 83" in world.pod.ip("-4", "rule")

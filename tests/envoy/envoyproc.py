@@ -192,6 +192,23 @@ def subject(kind: str, ns: NetNs, bootstrap_path: str, args: tuple[str, ...] = (
     return process
 
 
+TYPE = "type.googleapis.com/"
+ORIGINAL_DST_FILTER = {"name": "envoy.filters.listener.original_dst", "typed_config": {
+    "@type": TYPE + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
+
+
+def tcp_proxy(stat_prefix: str, cluster: str, log_path: str | None = None, log_format: str | None = None) -> list[dict]:
+    """A filter chain's `filters`: one tcp_proxy to `cluster`, with a file access log in
+    `log_format` if `log_path` is given."""
+    config: dict = {"@type": TYPE + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": stat_prefix, "cluster": cluster}
+    if log_path is not None:
+        config["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": log_path, "log_format": {"text_format_source": {"inline_string": log_format}}}}]
+    return [{"name": "envoy.filters.network.tcp_proxy", "typed_config": config}]
+
+
 def write_bootstrap(directory: str, bootstrap: dict, name: str = "envoy.yaml") -> str:
     """The bootstrap as a YAML file UID 1337 can read; its path."""
     os.chmod(directory, os.stat(directory).st_mode & 0o777 | 0o755)  # UID 1337 may enter it

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from envoyproc import LOOPS, SUBJECTS, subject, validate, write_bootstrap
+from envoyproc import LOOPS, SUBJECTS, subject, tcp_proxy, validate, write_bootstrap
 
 from proxy import config as cfg
 from proxy.demo.netns import PodWorld, ThreadedServer
@@ -165,12 +165,7 @@ def _within(rng: random.Random, ranges: list[dict] | None, pool: list[str]) -> s
 
 def envoy_bootstrap(chains: list[dict], log_path: str) -> dict:
     def tcp(name: str) -> list[dict]:
-        return [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            "stat_prefix": name, "cluster": "sink",
-            "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": log_path, "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}}}}]}}]
+        return tcp_proxy(name, "sink", log_path, LOG_FORMAT)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
         "static_resources": {

@@ -12,12 +12,14 @@ on; a live connection is never closed; /ready stays LIVE.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,25 @@ def observe(ns: NetNs) -> list[tuple]:
     return seen
 
 
+@contextlib.contextmanager
+def ready(ns: NetNs, binary: str, path: str, *args: str) -> Iterator[None]:
+    """Envoy's command line (`binary`: Envoy or sidecar-envoy) on the bootstrap, until /ready answers."""
+    subject = ProxyProcess(ns, command=(binary, "-c", path, "--drain-time-s", str(DRAIN_TIME), *args, "-l", "info",
+                                        "--disable-hot-restart"), wait=False)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if admin(ns, "GET", "/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        yield
+    finally:
+        subject.stop()
+
+
 @pytest.fixture
 def scratch(netns_prerequisites):
     ns = NetNs(f"scp-drn-{unique_suffix()}")
@@ -125,20 +146,8 @@ def test_inboundonly_graceful_drains_as_envoy_does(scratch, strategy):
     ns, path = scratch
     seen = {}
     for name, binary in (("envoy", envoy_binary()), ("sidecar-envoy", SIDECAR_ENVOY)):
-        subject = ProxyProcess(ns, command=(binary, "-c", path, "--drain-time-s", str(DRAIN_TIME), "--drain-strategy",
-                                            strategy, "-l", "info", "--disable-hot-restart"), wait=False)
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if admin(ns, "GET", "/ready")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
+        with ready(ns, binary, path, "--drain-strategy", strategy):
             seen[name] = observe(ns)
-        finally:
-            subject.stop()
     assert seen["envoy"] == [
         ("before", "served", "served", True, True),
         ("call", (200, "OK\n")),
@@ -177,20 +186,8 @@ def test_skip_exit_and_http_1_0_as_envoy_does(scratch):
     ns, path = scratch
     seen = {}
     for name, binary in (("envoy", envoy_binary()), ("sidecar-envoy", SIDECAR_ENVOY)):
-        subject = ProxyProcess(ns, command=(binary, "-c", path, "--drain-time-s", str(DRAIN_TIME), "-l", "info",
-                                            "--disable-hot-restart"), wait=False)
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if admin(ns, "GET", "/ready")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
+        with ready(ns, binary, path):
             seen[name] = observe_skip_exit(ns)
-        finally:
-            subject.stop()
     upgrade = ("HTTP/1.0", (426, "text/plain", "Upgrade Required"))
     assert seen["envoy"] == [
         ("skip_exit", (200, "OK\n"), "served", "served"),

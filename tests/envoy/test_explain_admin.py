@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from envoyproc import SUBJECTS, subject, write_bootstrap
+from envoyproc import ORIGINAL_DST_FILTER, SUBJECTS, subject, tcp_proxy, write_bootstrap
 from support import PYTHON
 
 from proxy.demo.netns import PodWorld, ThreadedServer
@@ -37,26 +37,19 @@ LOG_FORMAT = "%DOWNSTREAM_LOCAL_ADDRESS% %FILTER_CHAIN_NAME% %UPSTREAM_HOST%\n"
 
 
 def bootstrap(log_path: str) -> dict:
-    def tcp(name: str, cluster: str) -> list[dict]:
-        return [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            "stat_prefix": name, "cluster": cluster,
-            "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": log_path, "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}}}}]}}]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
         "static_resources": {
             "listeners": [{
                 "name": "virtualOutbound",
                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": PORT}},
-                "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+                "listener_filters": [ORIGINAL_DST_FILTER],
                 "filter_chains": [{"name": "to-backend", "filter_chain_match": {
                     "destination_port": SERVICE[1],
                     "prefix_ranges": [{"address_prefix": SERVICE[0], "prefix_len": 32}]},
-                    "filters": tcp("backend", "backend")}],
-                "default_filter_chain": {"name": "passthrough", "filters": tcp("passthrough", "PassthroughCluster")},
+                    "filters": tcp_proxy("backend", "backend", log_path, LOG_FORMAT)}],
+                "default_filter_chain": {"name": "passthrough", "filters": tcp_proxy(
+                    "passthrough", "PassthroughCluster", log_path, LOG_FORMAT)},
             }],
             "clusters": [
                 {"name": "backend", "type": "STATIC", "connect_timeout": "2s", "load_assignment": {
