@@ -10,8 +10,8 @@ Then real pods run from them, in network namespaces the test makes:
   needs a ConfigMap with the proxy's config and its services file, which
   the pod set-up here does not make yet (the netns tests cover the method;
   deploy/README.md says what a pod needs);
-- the examples users copy, deploy/sidecar-uid.yaml and sidecar-mark.yaml,
-  with only their images substituted.
+- the examples users copy, deploy/sidecar-uid.yaml, sidecar-mark.yaml and
+  sidecar-tproxy.yaml, with only their images substituted.
 
 What each pod must show, read from inside it (`podman exec`, or the pod's
 network namespace): the app's outbound and inbound connections went through
@@ -383,8 +383,10 @@ def http_get(ns, url: str) -> str:
         return reply.read().decode()
 
 
-@pytest.mark.parametrize("example, method", [("sidecar-uid.yaml", "uid"), ("sidecar-mark.yaml", "mark")])
+@pytest.mark.parametrize("example, method", [("sidecar-uid.yaml", "uid"), ("sidecar-mark.yaml", "mark"),
+                                             ("sidecar-tproxy.yaml", "uid")])
 def test_deploy_example(podman, images, node, example, method):
+    tproxy = example == "sidecar-tproxy.yaml"  # the uid method, inbound by TPROXY
     docs = list(yaml.safe_load_all((REPO / "deploy" / example).read_text()))
     manifest = pods.for_podman(docs, DEPLOY_IMAGES)
     deployment = [d for d in manifest if d["kind"] == "Deployment"]
@@ -398,7 +400,7 @@ def test_deploy_example(podman, images, node, example, method):
     [target] = [p["containerPort"] for p in echo_container["ports"] if p["name"] == port["targetPort"]]
     node.service(podman, service["metadata"]["name"], SERVICE_VIP, port["port"],
                  [(address, target) for address in ECHO_PODS])
-    uid, cap_eff = METHODS[method]
+    uid, cap_eff = (0, 1 << 12) if tproxy else METHODS[method]
     started: list[pods.Pod] = []
     try:
         names = pods.create_pods(podman, deployment)
@@ -410,11 +412,16 @@ def test_deploy_example(podman, images, node, example, method):
             assert_identity(pod, uid, cap_eff)
             assert_init_ran_once(podman, pod)
         # through the Service from the node: kube-proxy's DNAT, then each
-        # replica's inbound capture; agnhost sees its proxy, not the node
+        # replica's inbound capture; agnhost sees its proxy, not the node (with
+        # TPROXY: the node, through its proxy, whose access log says so)
         for pod, address in zip(started, ECHO_PODS, strict=True):
             assert http_get(node.ns, f"http://{SERVICE_VIP}/echo?msg=through-{pod.name}") == f"through-{pod.name}"
             seen = http_get(node.ns, f"http://{address}:{target}/clientip").rpartition(":")[0]
-            assert seen in (address, "127.0.0.1"), f"{pod.name}'s app saw {seen}: not through its proxy"
+            if tproxy:
+                assert seen == Node.GATEWAY4, f"{pod.name}'s app saw {seen}, not the client {Node.GATEWAY4}"
+                assert f"inbound {Node.GATEWAY4}" in pod.logs("sidecar-proxy"), "not through its proxy"
+            else:
+                assert seen in (address, "127.0.0.1"), f"{pod.name}'s app saw {seen}: not through its proxy"
 
         # the Job's pod: its connect to echo:80 goes out through its own proxy
         [client_name] = pods.create_pods(podman, client)

@@ -38,6 +38,7 @@ VERSIONS = (MIN_VERSION, kubernetes_validate.latest_version())
 GOLDEN = {  # file in deploy/ -> inject flags
     "sidecar-uid.yaml": (),
     "sidecar-mark.yaml": ("--method", "mark"),
+    "sidecar-tproxy.yaml": ("--interception-mode", "TPROXY"),
 }
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
