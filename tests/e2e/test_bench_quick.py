@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBJECTS = ["direct", "proxy-uvloop", "proxy-uvloop-c2", "proxy-uvloop-copy", "proxy-asyncio", "envoy", "envoy-c2",
-            "socat", "haproxy", "haproxy-splice", "pproxy"]
+            "socat", "haproxy", "haproxy-splice", "pproxy", "uvloop-floor"]
 PEERS = ("envoy", "socat", "haproxy", "haproxy-splice", "pproxy")  # one worker each
-SYSCALL_SUBJECTS = ["direct", "proxy-uvloop", "proxy-uvloop-c2", "envoy", "envoy-c2", "haproxy"]
+SYSCALL_SUBJECTS = ["direct", "proxy-uvloop", "proxy-uvloop-c2", "envoy", "envoy-c2", "haproxy", "uvloop-floor"]
 WORKLOADS = ["bulk-up-1", "bulk-up-8", "bulk-down-1", "bulk-down-8", "rr-1", "rr-1-onecpu", "rr-64", "conn-32",
              "idle-200"]
 CHARTS = ["throughput.png", "latency.png", "rates.png", "resources.png", "rules.png", "syscalls.png", "profile.png"]
