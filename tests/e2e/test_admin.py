@@ -563,8 +563,9 @@ def test_a_page_on_another_origin_cannot_stop_the_proxy_or_fail_its_health(uid_w
             assert reply.startswith(("HTTP/1.0 403", "HTTP/1.1 403")), reply[:200]
             assert "Host 'rebind.example:15000' is not this admin API" in reply
         assert proxy.alive()
-        assert any("refused" in line.get("msg", "") and "rebind.example" in line.get("msg", "")
-                   for line in proxy.lines)
+        # the log writer thread and our reader run behind the reply: wait for the line
+        proxy.wait_for(lambda line: "refused" in line.get("msg", "") and "rebind.example" in line.get("msg", ""),
+                       timeout=10, what="the refusal in the log")
     finally:
         page_server.close()
         assert proxy.stop() == 0
