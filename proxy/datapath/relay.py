@@ -575,6 +575,16 @@ class Relay:
         self._ended = True
         self._cancel_deadline()
         self.owner.ended(self)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Break the connection's reference cycles (relay and sides, side and peer)
+        once both sockets are closed and nothing will call back: reference counting
+        then frees it at once, instead of the cyclic garbage collector, which would
+        otherwise have the whole connection to trace and free, every connection."""
+        for side in (self.downstream, self.upstream):
+            if side is not None:
+                del side.relay, side.peer
 
     def describe(self) -> dict[str, Any]:
         """The connection as plain data (the access log, /connections)."""

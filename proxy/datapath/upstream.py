@@ -196,20 +196,30 @@ def start(coro: Connecting, sock: socket.socket, on_error: Callable[[BaseExcepti
     coroutine is done, a transport that is already closed gets `sock`
     detached from the number.
     """
-    def step(_: object = None) -> None:
+    _Start(coro, sock, on_error).step()
+
+
+class _Start:
+    """The steps of `start`: a bound method as the future's callback, not a closure
+    that refers to itself (a reference cycle per connection for the garbage collector)."""
+
+    __slots__ = ("coro", "sock", "on_error")
+
+    def __init__(self, coro: Connecting, sock: socket.socket, on_error: Callable[[BaseException], None]) -> None:
+        self.coro, self.sock, self.on_error = coro, sock, on_error
+
+    def step(self, _: object = None) -> None:
         try:
-            future = coro.send(None)
+            future = self.coro.send(None)
         except StopIteration as done:
             transport = done.value[0]
             if transport.is_closing():
-                _forget_if_closed(transport, sock)
+                _forget_if_closed(transport, self.sock)
             return
         except (Exception, asyncio.CancelledError) as exc:
-            on_error(exc)
+            self.on_error(exc)
             return
-        future.add_done_callback(step)
-
-    step()
+        future.add_done_callback(self.step)
 
 
 def _forget_if_closed(transport: asyncio.BaseTransport, sock: socket.socket) -> None:

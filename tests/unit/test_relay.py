@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -191,6 +193,34 @@ def test_the_backend_half_closes_first(run):
             assert await recv_eof(backend) == b""
             await w.until(lambda: not w.shared.live, "the relay ended")
             assert relay.end == "done"
+            writer.close()
+            backend.close()
+    run(scenario())
+
+
+def test_a_finished_connection_is_freed_at_once_not_by_the_garbage_collector(run):
+    """Once a connection has ended, nothing points at its relay any more (its sides'
+    links to it and to each other are cut): reference counting frees it at once,
+    and the cyclic collector has no connection to trace (bench: per-connection CPU)."""
+    async def scenario():
+        async with world([listening()]) as w:
+            reader, writer = await w.client()
+            backend = await w.accept()
+            writer.write(b"ping")
+            assert await recv_exactly(backend, 4) == b"ping"
+            await asyncio.get_running_loop().sock_sendall(backend, b"pong")
+            assert await asyncio.wait_for(reader.readexactly(4), STEP) == b"pong"
+            relay = w.relay()
+            down, up = relay.downstream, relay.upstream
+            writer.write_eof()
+            backend.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(reader.read(), STEP) == b""
+            await w.until(lambda: not w.shared.live, "the relay ended")
+            assert relay.end == "done"
+            del down, up  # the test's own references to the sides
+            await asyncio.sleep(0)  # the loop lets go of the closed transports' callbacks
+            referrers = [type(r).__name__ for r in gc.get_referrers(relay) if r is not sys._getframe()]
+            assert sys.getrefcount(relay) == 2, f"still referred to by {referrers}"  # ours and the call's
             writer.close()
             backend.close()
     run(scenario())
