@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import support
 import yaml
 from envoyproc import envoy_binary
 from support import ProxyProcess, Server, echo, recv_all
@@ -68,16 +69,8 @@ def attempt(ns: NetNs, addr: tuple) -> str:
 
 
 def admin(ns: NetNs, method: str, path: str) -> tuple[int, str]:
-    """(status, body) of one HTTP/1.1 request to the admin API (Envoy answers HTTP/1.0 with 426)."""
-    with ns.connect(("127.0.0.1", 15000), timeout=10) as s:
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
-                  "Connection: close\r\n\r\n".encode())
-        raw = recv_all(s)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():  # one chunk and the last one: enough here
-        size, _, rest = body.partition(b"\r\n")
-        body = rest[:int(size, 16)]
-    return int(head.split()[1]), body.decode()
+    """(status, body) of one HTTP/1.1 request to the admin API, Envoy's or ours."""
+    return support.admin(ns, method, path).brief()
 
 
 def echoes(c: socket.socket, data: bytes) -> bool:
