@@ -26,9 +26,12 @@ Istio's pod annotation `sidecar.istio.io/interceptionMode: TPROXY`): the
 app sees its clients' addresses (iptables/README.md, "Inbound by TPROXY").
 Both containers get INBOUND_INTERCEPTION_MODE=TPROXY, which redirect.sh and
 the proxy read. IP_TRANSPARENT needs CAP_NET_ADMIN, so the proxy runs as
-UID 0 with NET_ADMIN alone, as Istio's TPROXY sidecar does, in group 1337
-(the proxy's UID): with the uid method the rules then also bypass that
-group (SIDECAR_PROXY_GID), since the UID no longer names the proxy.
+UID 0 with NET_ADMIN alone, in group 1337 (the proxy's UID), as Istio's
+TPROXY sidecar does (its injection template,
+manifests/charts/istio-control/istio-discovery/files/injection-template.yaml:
+runAsUser 0, runAsGroup 1337, NET_ADMIN added and ALL dropped). With the uid
+method the rules then also bypass that group (SIDECAR_PROXY_GID), since the
+UID no longer names the proxy.
 
 Two ways to place the proxy:
 
