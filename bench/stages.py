@@ -59,27 +59,38 @@ PAYLOAD = b"x" * 64
 PARALLEL = 16
 WARM_UP = 800
 
-# (label, where, attribute): a stage is a call of `where.attribute`; two spaces of
-# indent per level say which stage's time a stage is part of.
+# (label, module, name): a stage is a call of `name` in `module` ("Class.method" or a
+# function); two spaces of indent per level say which stage's time a stage is part of.
+# A stage whose name the code no longer has is left out (an older or newer version).
 STAGES: tuple[tuple[str, Any, str], ...] = (
-    ("accept: Relay, limits", listener_mod.Listener, "protocol"),
-    ("accepted: decide, chain, start the upstream", relay_mod.Downstream, "connection_made"),
-    ("  the attempt (Connector._next)", upstream_mod.Connector, "_next"),
+    ("accept: Relay, limits", listener_mod, "Listener.protocol"),
+    ("accepted: decide, chain, start the upstream", relay_mod, "Downstream.connection_made"),
+    ("  the attempt (Connector._next)", upstream_mod, "Connector._next"),
     ("    socket, connect(), loop-guard key", upstream_mod, "open_socket"),
-    ("      loop-guard key (getsockname)", upstream_mod.OwnSockets, "add"),
-    ("    connect timer (Relay.attach)", relay_mod.Relay, "attach"),
-    ("event loop: create_connection's steps", upstream_mod._Start, "step"),
-    ("upstream transport made", relay_mod.Upstream, "connection_made"),
+    ("      loop-guard key (getsockname)", upstream_mod, "OwnSockets.add"),
+    ("    connect timer (Relay.attach)", relay_mod, "Relay.attach"),
+    ("event loop: create_connection's steps", upstream_mod, "_Start.step"),
+    ("upstream transport made", relay_mod, "Upstream.connection_made"),
     ("  SO_LINGER 0 armed", relay_mod, "arm_reset"),
-    ("  confirmed: counted, client resumed", relay_mod.Relay, "confirm"),
-    ("client's bytes", relay_mod.Downstream, "data_received"),
-    ("upstream's bytes", relay_mod.Upstream, "data_received"),
-    ("upstream's FIN", relay_mod.Upstream, "eof_received"),
-    ("client's FIN: both ways done, close", relay_mod.Downstream, "eof_received"),
+    ("  confirmed: counted, client resumed", relay_mod, "Relay.confirm"),
+    ("client's bytes", relay_mod, "Downstream.data_received"),
+    ("upstream's bytes", relay_mod, "Upstream.data_received"),
+    ("upstream's FIN", relay_mod, "Upstream.eof_received"),
+    ("client's FIN: both ways done, close", relay_mod, "Downstream.eof_received"),
     ("  SO_LINGER 0 turned off", relay_mod, "disarm_reset"),
-    ("sockets closed", relay_mod.Side, "connection_lost"),
-    ("  ended: counters, access log", listener_mod.Listener, "ended"),
+    ("sockets closed", relay_mod, "Side.connection_lost"),
+    ("  ended: counters, access log", listener_mod, "Listener.ended"),
 )
+
+
+def _target(module: Any, name: str) -> tuple[Any, str, Any] | None:
+    """(the object holding it, its attribute name, the function) or None if it is not there."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = getattr(module, owner_name, None) if owner_name else module
+    if owner is None:
+        return None
+    found = owner.__dict__.get(attribute) if isinstance(owner, type) else getattr(owner, attribute, None)
+    return None if found is None else (owner, attribute, found)
 
 
 class Timer:
@@ -93,12 +104,13 @@ class Timer:
     def install(self) -> list[str]:
         """Wrap every stage that exists in this version of the code; the labels wrapped."""
         wrapped = []
-        for label, where, name in STAGES:
-            original = where.__dict__.get(name) if isinstance(where, type) else getattr(where, name, None)
-            if original is None:
+        for label, module, name in STAGES:
+            target = _target(module, name)
+            if target is None:
                 continue
-            self._originals.append((where, name, original))
-            setattr(where, name, self._wrap(label, original))
+            owner, attribute, original = target
+            self._originals.append((owner, attribute, original))
+            setattr(owner, attribute, self._wrap(label, original))
             wrapped.append(label)
         return wrapped
 

@@ -258,7 +258,12 @@ class Listener:
             if shared.tproxy:  # a TPROXY'd connection arrives as it was addressed (sockopts.py)
                 orig = tproxied_dst(transport.get_extra_info("sockname"), self.port)
             if orig is None:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
-                orig = original_dst(transport.get_extra_info("socket"), ipv4=":" not in src)
+                sock = relay.downstream.raw_socket()
+                if sock is None:  # reset already: the loop has let go of the socket
+                    self._count(relay)
+                    relay.close("downstream_reset", reset=True)
+                    return
+                orig = original_dst(sock, ipv4=":" not in src)
         except OSError as exc:
             self._count(relay)
             self._refuse(relay, "error", f"cannot read the original destination: {exc}")

@@ -93,7 +93,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Endpoint
-from .sockopts import SocketLike, arm_reset, disarm_reset
+from .sockopts import BorrowedSocket, SocketLike, arm_reset, borrow, disarm_reset
 from .splice import SPLICE_AFTER, Pump
 
 if TYPE_CHECKING:  # only for the annotation of Upstream.attempts (upstream.py imports this module)
@@ -161,7 +161,7 @@ class Owner(Protocol):
 class Side(asyncio.Protocol):
     """One socket of a relayed connection."""
 
-    __slots__ = ("relay", "transport", "peer", "eof", "received", "lost", "relaying", "paused", "pump")
+    __slots__ = ("relay", "transport", "peer", "eof", "received", "lost", "relaying", "paused", "pump", "sock")
     name = ""
 
     def __init__(self, relay: Relay) -> None:
@@ -178,6 +178,7 @@ class Side(asyncio.Protocol):
         self.relaying = False  # bytes read here go straight to the peer (the upstream is confirmed)
         self.paused = False  # our write buffer is over its high-water mark
         self.pump: Pump | PumpState | None = None  # None: read by its transport
+        self.sock: SocketLike | None = None  # the socket itself, for its options (raw_socket)
 
     # asyncio.Protocol ---------------------------------------------------------
     def pause_writing(self) -> None:
@@ -219,9 +220,12 @@ class Side(asyncio.Protocol):
 
 
     def raw_socket(self) -> SocketLike | None:
-        """The socket, for its options."""
-        sock: SocketLike | None = self.transport.get_extra_info("socket")
-        return sock
+        """The socket, for its options (None once the transport has let it go)."""
+        if self.sock is None:
+            stand_in: SocketLike | None = self.transport.get_extra_info("socket")
+            if stand_in is not None:
+                self.sock = borrow(stand_in)  # once: the loop's stand-in costs a system call per use
+        return self.sock
 
 
 class Downstream(Side):
@@ -229,6 +233,11 @@ class Downstream(Side):
 
     __slots__ = ()
     name = "downstream"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(self.sock, BorrowedSocket):  # the loop has closed the descriptor: the number may be reused
+            self.sock.detach()
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream's (not cast(): a call per connection)
@@ -256,19 +265,15 @@ class Downstream(Side):
 class Upstream(Side):
     """One connect attempt to one endpoint (a connection may make several)."""
 
-    __slots__ = ("endpoint", "key", "sock", "attempts")
+    __slots__ = ("endpoint", "key", "attempts")
     name = "upstream"
 
     def __init__(self, relay: Relay, endpoint: Endpoint, key: OwnKey, sock: socket.socket, attempts: Attempts) -> None:
         super().__init__(relay)
         self.endpoint = endpoint
         self.key = key  # our socket's 4-tuple, for the loop guard
-        self.sock = sock  # the socket itself, to ask whether it is connected
+        self.sock: socket.socket = sock  # ours: for its options, and to ask whether it is connected
         self.attempts = attempts  # the connection's endpoints still to try after this one
-
-    def raw_socket(self) -> SocketLike:
-        """The socket itself (cheaper to ask than the loop's stand-in for it)."""
-        return self.sock
 
     @property
     def open(self) -> bool:

@@ -31,6 +31,7 @@ addresses do.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 import struct
@@ -50,6 +51,32 @@ class SocketLike(Protocol):
     def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
 
     def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None: ...
+
+    def fileno(self) -> int: ...
+
+
+class BorrowedSocket(_socket.socket):
+    """A socket object for a descriptor the event loop owns: its options can be
+    read and set through it, and it never closes the descriptor (dropped, it
+    only lets go of the number; `detach()` once the loop has closed it).
+
+    Why: uvloop's stand-in for a transport's socket makes a socket object for
+    every getsockopt or setsockopt and drops it, and making one checks the
+    descriptor with a getsockname(): a system call and an object per call. One
+    of these per accepted connection, made once, serves them all."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        """Not the socket's own finalizer, which would close the descriptor."""
+
+
+def borrow(stand_in: SocketLike) -> BorrowedSocket:
+    """The descriptor behind `stand_in` (what a transport's get_extra_info("socket")
+    returns) as a BorrowedSocket. Its family is read from the descriptor; type and
+    protocol are given, which saves two getsockopt calls."""
+    return BorrowedSocket(-1, socket.SOCK_STREAM, socket.IPPROTO_TCP, stand_in.fileno())
+
 
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, addr, scope id (read apart)
