@@ -81,6 +81,17 @@ class World:
         (relay,) = self.shared.live.values()
         return relay
 
+    async def exchanged(self, request: bytes, response: bytes):
+        """A client relayed to the first backend: `request` reaches it, `response` comes back;
+        (reader, writer) of the client and the backend's socket."""
+        reader, writer = await self.client()
+        backend = await self.accept()
+        writer.write(request)
+        assert await recv_exactly(backend, len(request)) == request
+        await asyncio.get_running_loop().sock_sendall(backend, response)
+        assert await asyncio.wait_for(reader.readexactly(len(response)), STEP) == response
+        return reader, writer, backend
+
     async def until(self, condition, what: str) -> None:
         deadline = asyncio.get_running_loop().time() + STEP
         while not condition():
@@ -204,12 +215,7 @@ def test_a_finished_connection_is_freed_at_once_not_by_the_garbage_collector(run
     and the cyclic collector has no connection to trace (bench: per-connection CPU)."""
     async def scenario():
         async with world([listening()]) as w:
-            reader, writer = await w.client()
-            backend = await w.accept()
-            writer.write(b"ping")
-            assert await recv_exactly(backend, 4) == b"ping"
-            await asyncio.get_running_loop().sock_sendall(backend, b"pong")
-            assert await asyncio.wait_for(reader.readexactly(4), STEP) == b"pong"
+            reader, writer, backend = await w.exchanged(b"ping", b"pong")
             relay = w.relay()
             down, up = relay.downstream, relay.upstream
             writer.write_eof()
@@ -418,12 +424,7 @@ def test_a_chains_stat_prefix_idle_timeout_and_access_log(run, tmp_path):
     async def scenario():
         async with world([listening()], stat_prefix="front_tcp", idle_timeout=0.3,
                          access_logs=(LogSpec(str(log_path), fmt),)) as w:
-            reader, writer = await w.client()
-            backend = await w.accept()
-            writer.write(b"12345")
-            assert await recv_exactly(backend, 5) == b"12345"
-            await asyncio.get_running_loop().sock_sendall(backend, b"abc")
-            assert await asyncio.wait_for(reader.readexactly(3), STEP) == b"abc"
+            reader, writer, backend = await w.exchanged(b"12345", b"abc")
             relay = w.relay()
             assert relay.idle_timeout == 0.3 and w.stats["tcp.front_tcp.downstream_cx_total"] == 1
             live = w.shared.live_counts()
