@@ -101,18 +101,14 @@ class Timer:
         self.calls: Counter[str] = Counter()
         self._originals: list[tuple[Any, str, Any]] = []
 
-    def install(self) -> list[str]:
-        """Wrap every stage that exists in this version of the code; the labels wrapped."""
-        wrapped = []
+    def install(self) -> None:
+        """Wrap every stage that exists in this version of the code."""
         for label, module, name in STAGES:
             target = _target(module, name)
-            if target is None:
-                continue
-            owner, attribute, original = target
-            self._originals.append((owner, attribute, original))
-            setattr(owner, attribute, self._wrap(label, original))
-            wrapped.append(label)
-        return wrapped
+            if target is not None:
+                owner, attribute, original = target
+                self._originals.append((owner, attribute, original))
+                setattr(owner, attribute, self._wrap(label, original))
 
     def uninstall(self) -> None:
         for where, name, original in reversed(self._originals):
@@ -191,9 +187,8 @@ async def measure(count: int, rounds: int, access_log: bool, log_dir: str) -> di
     # looked up at each accept (the proxy hands create_server the bound method): so it can be timed
     server = await loop.create_server(lambda: front.protocol(), "127.0.0.1", 0, backlog=1024)
     proxy_port = server.sockets[0].getsockname()[1]
-    timer = Timer()
-    stages = timer.install()  # to learn the labels: the wrappers are in place only while a `timed` way runs
-    timer.uninstall()
+    timer = Timer()  # its wrappers are in place only while a `timed` way runs
+    stages = [label for label, module, name in STAGES if _target(module, name) is not None]
     runs: list[dict] = []
     try:
         await connections(backend_port, WARM_UP)
@@ -210,8 +205,8 @@ async def measure(count: int, rounds: int, access_log: bool, log_dir: str) -> di
                 started = time.process_time()
                 await connections(backend_port if way == "direct" else proxy_port, count)
                 run[way] = (time.process_time() - started) / count * 1e6
-                timer.uninstall()
                 if way == "timed":
+                    timer.uninstall()
                     run["stages"] = {label: timer.ns[label] / count / 1000 for label in stages}
                     run["calls"] = {label: timer.calls[label] / count for label in stages}
             runs.append(run)
@@ -227,10 +222,7 @@ async def measure(count: int, rounds: int, access_log: bool, log_dir: str) -> di
 
 def summarise(doc: dict) -> dict:
     """Medians over the rounds: the whole cost, and each stage's time and calls per connection."""
-    runs = doc["runs"]
-
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
+    runs, median = doc["runs"], statistics.median
     return {
         "direct": median([r["direct"] for r in runs]),
         "proxy": median([r["proxy"] - r["direct"] for r in runs]),

@@ -239,8 +239,7 @@ class Listener:
         transport = relay.downstream.transport
         peer = transport.get_extra_info("peername")
         if peer is None:  # reset before we could even ask who it was
-            self._count(relay)
-            relay.close("downstream_reset", reset=True)
+            self._reset_early(relay)
             return
         # interned: a pod sees the same few addresses over and over, and an
         # idle connection should not keep its own copy of each
@@ -260,8 +259,7 @@ class Listener:
             if orig is None:  # an IPv4 client, also one on a dual-stack socket, needs the IPv4 call
                 sock = relay.downstream.raw_socket()
                 if sock is None:  # reset already: the loop has let go of the socket
-                    self._count(relay)
-                    relay.close("downstream_reset", reset=True)
+                    self._reset_early(relay)
                     return
                 orig = original_dst(sock, ipv4=":" not in src)
         except OSError as exc:
@@ -335,6 +333,11 @@ class Listener:
             relay.close_unserved("no_route")
         else:
             shared.connector.forward(relay, chain)
+
+    def _reset_early(self, relay: Relay) -> None:
+        """The client reset before it could be decided about: counted here, ended."""
+        self._count(relay)
+        relay.close("downstream_reset", reset=True)
 
     def _refuse(self, relay: Relay, reason: str, why: str) -> None:
         log.warning("conn=%d %s -> %s refused (%s): %s", relay.id, relay.source or "-",
