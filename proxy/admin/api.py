@@ -120,15 +120,20 @@ def cluster_views(config: Config, snap: Snapshot) -> list[fmt.ClusterView]:
         data = envoy.get(c.name)
         open_hosts = hosts.get(c.name, {})
         endpoints = tuple(fmt.HostView(e.host, e.port, open_hosts.get((e.host, e.port), {})) for e in c.endpoints)
+        name = data.get("name", c.name) if data else c.name
         if c.kind == "original_dst":  # Envoy lists the destinations an ORIGINAL_DST cluster holds
-            endpoints = tuple(fmt.HostView(h, p, stats) for (h, p), stats in sorted(open_hosts.items()))
-        views.append(fmt.ClusterView(data.get("name", c.name) if data else c.name, endpoints,
+            endpoints = _original_hosts(name, open_hosts)
+        views.append(fmt.ClusterView(name, endpoints,
                                      _thresholds(data, c.max_connections), c.name))
     if _forwards_to_original(config):
-        passthrough = sorted(hosts.get(ORIGINAL_DST, {}).items())
-        views.append(fmt.ClusterView(ORIGINAL_DST, tuple(fmt.HostView(h, p, stats) for (h, p), stats in passthrough),
+        views.append(fmt.ClusterView(ORIGINAL_DST, _original_hosts(ORIGINAL_DST, hosts.get(ORIGINAL_DST, {})),
                                      _thresholds(None, None)))
     return sorted(views, key=lambda v: v.name)
+
+
+def _original_hosts(cluster: str, hosts: dict[tuple[str, int], dict[str, int]]) -> tuple[fmt.HostView, ...]:
+    """An ORIGINAL_DST cluster's destinations, each named as Envoy names it: cluster name, then address."""
+    return tuple(fmt.HostView(h, p, stats, f"{cluster}{hostport(h, p)}") for (h, p), stats in sorted(hosts.items()))
 
 
 def _bootstrap_clusters(config: Config) -> dict[str, dict]:

@@ -17,7 +17,8 @@ clusters where they look for them:
                                 BlackHoleCluster, which resets as the proxy's reject does)
     cluster                  -> Cluster: STATIC or ORIGINAL_DST, lb_policy, connect_timeout, endpoints,
                                 circuit_breakers (max_connections), upstream_bind_config (source address,
-                                SO_MARK: the cluster's mark, else the global one)
+                                SO_MARK: the cluster's mark, else the global one), cleanup_interval
+                                (ORIGINAL_DST, when not Envoy's 5 s)
     admin_address/admin_port -> admin.address
 
 What Envoy has no field for is left out: a chain's `direction` (ours), the
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ORIGINAL_DST, Chain, Cluster, Config, Endpoint, Listener
+from ..config import DEFAULT_CLEANUP_INTERVAL, ORIGINAL_DST, Chain, Cluster, Config, Endpoint, Listener
 from ..config.model import DEFAULT_IDLE_TIMEOUT
 
 BLACKHOLE_CLUSTER = "blackhole"
@@ -184,6 +185,8 @@ def _cluster(cluster: Cluster, config: Config) -> dict[str, Any]:
     if not original and cluster.endpoints:
         out["load_assignment"] = {"cluster_name": cluster.name, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": socket_address(e)}} for e in cluster.endpoints]}]}
+    if original and cluster.cleanup_interval != DEFAULT_CLEANUP_INTERVAL:
+        out["cleanup_interval"] = duration(cluster.cleanup_interval)
     if cluster.max_connections is not None:
         out["circuit_breakers"] = {"thresholds": [{"max_connections": cluster.max_connections}]}
     mark = cluster.mark if cluster.mark is not None else config.mark

@@ -176,6 +176,7 @@ class HostView(NamedTuple):
     host: str
     port: int
     stats: dict[str, int]  # HOST_STATS names; missing ones are 0
+    hostname: str = ""  # an ORIGINAL_DST host's is its cluster's name and its address, as Envoy names it
 
 
 class Threshold(NamedTuple):
@@ -216,7 +217,7 @@ def render_clusters_text(clusters: Sequence[ClusterView]) -> str:
             prefix = f"{c.name}::{hostport(h.host, h.port)}::"
             out.extend(f"{prefix}{name}::{h.stats.get(name, 0)}\n" for name in TEXT_HOST_STATS)
             out.extend(f"{prefix}{key}::{value}\n" for key, value in (
-                ("hostname", ""), ("health_flags", "healthy"), ("weight", 1), ("region", ""),
+                ("hostname", h.hostname), ("health_flags", "healthy"), ("weight", 1), ("region", ""),
                 ("zone", ""), ("sub_zone", ""), ("canary", "false"), ("priority", 0),
                 ("success_rate", -1), ("local_origin_success_rate", -1)))
     return "".join(out)
@@ -242,7 +243,8 @@ def render_clusters_json(clusters: Sequence[ClusterView]) -> str:
                 stats.append({**({"type": "GAUGE"} if gauge else {}), **({"value": str(value)} if value else {}),
                               "name": name})
             hosts.append({"address": _socket_address(h.host, h.port), "stats": stats,
-                          "health_status": {"eds_health_status": "HEALTHY"}, "weight": 1, "locality": {}})
+                          "health_status": {"eds_health_status": "HEALTHY"}, "weight": 1,
+                          **({"hostname": h.hostname} if h.hostname else {}), "locality": {}})
         if hosts:
             status["host_statuses"] = hosts
         status["circuit_breakers"] = {"thresholds": [_threshold_json(t) for t in c.thresholds]}

@@ -17,6 +17,7 @@ from .logformat import compile_format
 from .model import (
     BLACKHOLE,
     DEFAULT_ADMIN_PORT,
+    DEFAULT_CLEANUP_INTERVAL,
     DEFAULT_MARK,
     DEFAULT_PORT,
     DIRECTIONS,
@@ -49,6 +50,7 @@ from .values import LOOP_ENV, SETTINGS, SHORT_FORM, ConfigError, parse_duration
 __all__ = [
     "BLACKHOLE",
     "DEFAULT_ADMIN_PORT",
+    "DEFAULT_CLEANUP_INTERVAL",
     "DEFAULT_MARK",
     "DEFAULT_PORT",
     "DIRECTIONS",

@@ -40,6 +40,7 @@ from .model import (
     ACTIONS,
     BLACKHOLE,
     CLUSTER_KINDS,
+    DEFAULT_CLEANUP_INTERVAL,
     DEFAULT_CONNECT_TIMEOUT,
     DIRECTIONS,
     LB_POLICIES,
@@ -342,7 +343,7 @@ def _match(value: Any, where: str) -> Match:
 
 
 CLUSTER_KEYS = ("name", "endpoints", "kind", "lb_policy", "connect_timeout", "mark", "source_address",
-                "max_connections")
+                "max_connections", "cleanup_interval")
 
 
 def _cluster(value: Any, where: str) -> Cluster:
@@ -366,6 +367,8 @@ def _cluster(value: Any, where: str) -> Cluster:
         source_address=None if raw.get("source_address") is None else parse_address(raw["source_address"],
                                                                                       f"{where}.source_address"),
         max_connections=None if limit is None else _positive(limit, f"{where}.max_connections"),
+        cleanup_interval=parse_duration(raw.get("cleanup_interval", DEFAULT_CLEANUP_INTERVAL),
+                                        f"{where}.cleanup_interval"),
     )
 
 

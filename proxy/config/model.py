@@ -24,6 +24,7 @@ INBOUND_PASSTHROUGH_V6 = "::6"
 DEFAULT_MARK = 0x1  # ISTIO_SO_MARK
 NET_CLS_ID = 0x100001  # ISTIO_NET_CLS_ID
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's cluster connect_timeout default
+DEFAULT_CLEANUP_INTERVAL = 5.0  # Envoy's cluster cleanup_interval default (ORIGINAL_DST hosts)
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's tcp_proxy idle_timeout default
 DEFAULT_DRAIN_TIMEOUT = 5.0  # Istio's terminationDrainDuration default
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1"
@@ -81,6 +82,9 @@ class Cluster:
     mark: int | None = None  # overrides Config.mark for this cluster's sockets
     source_address: str | None = None  # bind the upstream sockets to this address
     max_connections: int | None = None  # the circuit breaker (Envoy's default threshold is 1024)
+    # original_dst: how often hosts with no open connection that were not picked since the
+    # last sweep leave /clusters (Envoy's cleanup_interval)
+    cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,13 @@ class Stats:
             counters = hosts[host] = Counter()
         return counters
 
-    def drop_host(self, cluster: str, host: Endpoint) -> None:
-        self.hosts.get(cluster, {}).pop(host, None)
+    def sweep_hosts(self, cluster: str, keep: set[Endpoint]) -> int:
+        """Forget the hosts of `cluster` with no connection open, but those in `keep`;
+        how many are left."""
+        hosts = self.hosts.get(cluster, {})
+        for host in [h for h, counters in hosts.items() if not counters["cx_active"] and h not in keep]:
+            del hosts[host]
+        return len(hosts)
 
     # set-up and rendering ----------------------------------------------------------
     def declare(self, *names: str) -> None:

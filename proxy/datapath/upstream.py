@@ -47,7 +47,15 @@ from functools import partial
 from sys import intern
 from typing import Any, cast
 
-from ..config import INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, ORIGINAL_DST, Chain, Config, Endpoint
+from ..config import (
+    DEFAULT_CLEANUP_INTERVAL,
+    INBOUND_PASSTHROUGH_V4,
+    INBOUND_PASSTHROUGH_V6,
+    ORIGINAL_DST,
+    Chain,
+    Config,
+    Endpoint,
+)
 from .balance import LeastRequest, attempts, pick_weighted, policy_for
 from .relay import Relay, Upstream
 from .sockopts import set_mark, set_transparent, unmapped
@@ -254,6 +262,7 @@ class Route:
     source: str | None  # the address upstream sockets are bound to
     limit: int | None  # the circuit breaker: at most this many connections open (or opening)
     bind_client: bool = False  # bound to the client's address instead, with IP_TRANSPARENT (TPROXY)
+    cleanup: float = DEFAULT_CLEANUP_INTERVAL  # original_dst: how often its idle hosts are swept away
 
 
 class Attempts:
@@ -276,11 +285,15 @@ class Connector:
         self.policies = {c.name: policy_for(c) for c in config.clusters if c.kind == "static"}
         self.routes = {c.name: Route(Names(f"cluster.{c.name}.", CLUSTER_STATS), c.connect_timeout,
                                      c.mark if c.mark is not None else config.mark, c.kind, c.source_address,
-                                     c.max_connections) for c in config.clusters}
+                                     c.max_connections, cleanup=c.cleanup_interval) for c in config.clusters}
         self.routes[ORIGINAL_DST] = Route(Names(f"cluster.{ORIGINAL_DST}.", CLUSTER_STATS),
                                           config.connect_timeout, config.mark, "original_dst", None, None)
         self.to_app = _to_app(self.routes[ORIGINAL_DST], config)
         self.opening = dict.fromkeys(self.routes, 0)  # per cluster: sockets open or opening (the breaker)
+        # Per original_dst cluster with hosts in /clusters: the hosts picked since its last sweep
+        # (a sweep is due while the cluster is here). As Envoy's cleanup_interval: a host leaves
+        # at the first sweep that finds it with no connection open and not picked since the one before.
+        self.picked: dict[str, set[Endpoint]] = {}
         for route in self.routes.values():
             stats.declare(*route.names.all)
         for cluster in config.clusters:  # /clusters lists every configured endpoint from the start
@@ -302,6 +315,7 @@ class Connector:
                 relay.close("no_original_destination", reset=True)
                 return
             endpoints = [relay.destination]
+            self._picked(cluster, route.cleanup, relay.destination)
         else:
             endpoints = self.policies[cluster].order()
         if not endpoints:  # Envoy: no healthy upstream; Istio's BlackHoleCluster
@@ -391,11 +405,25 @@ class Connector:
         host = stats.host(cluster, up.endpoint)
         host["cx_active"] -= 1
         host["rq_active"] -= 1
-        if up.attempts.route.kind == "original_dst" and not host["cx_active"]:
-            stats.drop_host(cluster, up.endpoint)  # Envoy too forgets idle original destinations
         policy = self.policies.get(cluster)
         if isinstance(policy, LeastRequest):
             policy.closed(up.endpoint)
+
+    def _picked(self, cluster: str, every: float, endpoint: Endpoint) -> None:
+        """An original destination is picked: it stays in /clusters past the next sweep."""
+        picked = self.picked.get(cluster)
+        if picked is None:
+            picked = self.picked[cluster] = set()
+            self.loop.call_later(every, self._sweep, cluster, every)
+        picked.add(endpoint)
+
+    def _sweep(self, cluster: str, every: float) -> None:
+        """Envoy's ORIGINAL_DST cleanup: forget the hosts with no connection open that
+        were not picked since the last sweep; sweep again while any host is left."""
+        left = self.stats.sweep_hosts(cluster, keep=self.picked.pop(cluster))
+        if left:
+            self.picked[cluster] = set()
+            self.loop.call_later(every, self._sweep, cluster, every)
 
     def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
         """No endpoint is left: the client is closed as Envoy closes it (the end reason is the last attempt's)."""
@@ -414,9 +442,6 @@ class Connector:
         stats.inc(names.upstream_cx_destroy_local if timed_out else names.upstream_cx_destroy_remote)
         if timed_out:
             stats.inc(names.upstream_cx_connect_timeout)
-        # Original destinations are not remembered when they fail (there is
-        # no bound on how many a client can try); the cluster's stats count them.
-        if route.kind != "original_dst":
-            host = stats.host(cluster, endpoint)
-            host["cx_total"] += 1
-            host["cx_connect_fail"] += 1
+        host = stats.host(cluster, endpoint)
+        host["cx_total"] += 1
+        host["cx_connect_fail"] += 1

@@ -239,8 +239,10 @@ def test_stats_count_real_traffic_in_every_format(uid_world, loop_name):
                      "web::198.51.100.21:8080::cx_total::1", "web::198.51.100.21:8080::cx_connect_fail::1",
                      "web::198.51.100.21:8080::health_flags::healthy", "original_dst::added_via_api::false"):
             assert line in clusters
-        assert not any(line.startswith("original_dst::198.51.100.10:80::") for line in clusters), \
-            "original_dst lists only destinations with open connections"
+        # a closed original destination stays listed until a sweep 5-10 s on forgets it, as in Envoy
+        # (tests/envoy/test_original_dst_hosts.py checks when); while listed, it is named as Envoy names it
+        listed = [line for line in clusters if line.startswith("original_dst::198.51.100.10:80::")]
+        assert not listed or "original_dst::198.51.100.10:80::hostname::original_dst198.51.100.10:80" in listed
         as_json = admin(w.pod, "GET", "/clusters?format=json").json()
         web = next(c for c in as_json["cluster_statuses"] if c["name"] == "web")
         host = next(h for h in web["host_statuses"] if h["address"]["socket_address"]["address"] == "198.51.100.21")

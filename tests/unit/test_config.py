@@ -130,6 +130,8 @@ BAD = [
     ("mark: 0\n", r"proxy.yaml:1: mark: 0 is not a mark"),
     ("idle_timeout: soon\n", r"idle_timeout: 'soon' is not a duration"),
     ("idle_timeout: -1\n", r"idle_timeout: -1 must be positive"),
+    ("clusters:\n  - name: p\n    kind: original_dst\n    cleanup_interval: 0s\n",
+     r"proxy.yaml:4: clusters\[0\].cleanup_interval: '0s' must be positive"),
     ("loop: trio\n", r"loop: 'trio' is not one of uvloop, asyncio"),
     ("port: 1\nport: 2\n", r"proxy.yaml:2: port: duplicate key"),
     ("chains:\n  - name: a\n    match: {ports: [80]}\n  - name: b\n    match: {ports: [1, 70000]}\n",
@@ -279,6 +281,7 @@ clusters:
     endpoints: ["198.51.100.30:8080"]
   - name: passthrough-cluster
     kind: original_dst
+    cleanup_interval: 30s
   - name: black-hole
     endpoints: []
 listeners:
@@ -318,6 +321,7 @@ def test_the_long_form_says_what_an_envoy_bootstrap_can_and_reads_back(tmp_path)
     assert split.match.source_type == "local" and split.match.source_ports == (40000,)
     assert c.cluster("web").lb_policy == "least_request" and c.cluster("web").max_connections == 100
     assert c.cluster("black-hole").endpoints == () and c.cluster("passthrough-cluster").kind == "original_dst"
+    assert c.cluster("passthrough-cluster").cleanup_interval == 30 and c.cluster("web").cleanup_interval == 5
     assert cfg.from_data(c.to_dict()) == c  # a worker gets exactly this
 
 

@@ -53,6 +53,7 @@ def test_an_istio_sidecar_bootstrap():
     clusters = {cl.name: cl for cl in c.clusters}
     assert clusters["PassthroughCluster"].kind == "original_dst" and clusters["PassthroughCluster"].endpoints == ()
     assert clusters["PassthroughCluster"].max_connections == 4294967295
+    assert clusters["PassthroughCluster"].cleanup_interval == 5.0  # Envoy's default
     assert clusters["BlackHoleCluster"].kind == "static" and clusters["BlackHoleCluster"].endpoints == ()
     assert clusters["BlackHoleCluster"].max_connections == 1024  # Envoy's default threshold
     assert clusters["InboundPassthroughCluster"].source_address == "127.0.0.6"
@@ -179,6 +180,11 @@ def test_config_yaml_merges_as_protobuf_merges(tmp_path):
         """)))
     assert c.bootstrap["node"]["id"] == "other" and c.bootstrap["node"]["cluster"] == "app.default"
     assert [cl.name for cl in c.clusters][-1] == "extra" and len(c.clusters) == 5
+    c = load_bootstrap(Options(config_path=str(ISTIO), config_yaml=textwrap.dedent("""\
+        static_resources:
+          clusters: [{name: fast, type: ORIGINAL_DST, lb_policy: CLUSTER_PROVIDED, cleanup_interval: 0.25s}]
+        """)))
+    assert c.clusters[-1].cleanup_interval == 0.25
     c = load_bootstrap(Options(config_path=str(ISTIO), service_node="n", service_cluster="k", service_zone="z"))
     assert c.bootstrap["node"]["id"].startswith("sidecar~")  # the bootstrap stays as loaded
     assert (c.envoy_node["id"], c.envoy_node["cluster"], c.envoy_node["locality"]) == (
@@ -193,6 +199,8 @@ def test_config_yaml_merges_as_protobuf_merges(tmp_path):
      "raw_buffer)"),
     ("staticResources:\n  clusters:\n  - name: c\n    connectTimeout: 0s\n",
      "envoy.yaml:4: static_resources.clusters[0].connect_timeout: value must be greater than 0s"),
+    ("static_resources:\n  clusters:\n  - name: c\n    cleanup_interval: 0s\n",
+     "envoy.yaml:4: static_resources.clusters[0].cleanup_interval: value must be greater than 0s"),
     ("static_resources:\n  clusters:\n  - name: c\n    type: EDS\n",
      "envoy.yaml:4: static_resources.clusters[0].type: EDS is not supported (STATIC and ORIGINAL_DST only; xDS and "
      "DNS are not)"),

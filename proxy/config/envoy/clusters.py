@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..model import RESERVED_NAMES, Cluster, Endpoint
+from ..model import DEFAULT_CLEANUP_INTERVAL, RESERVED_NAMES, Cluster, Endpoint
 from ..values import ConfigError, parse_address
 from .fields import Fields, enum_name, model_name, raw_buffer, seconds, socket_address
 
@@ -21,13 +21,13 @@ SO_MARK = (1, 36)  # (SOL_SOCKET, SO_MARK) as a SocketOption's level and name
 LB_POLICIES = {"ROUND_ROBIN": "round_robin", "LEAST_REQUEST": "least_request", "RANDOM": "random"}
 
 CLUSTER_BUILT = ("name", "type", "connect_timeout", "lb_policy", "load_assignment", "circuit_breakers",
-                 "upstream_bind_config", "transport_socket", "original_dst_lb_config")
+                 "upstream_bind_config", "transport_socket", "original_dst_lb_config", "cleanup_interval")
 CLUSTER_IGNORED = (
     "alt_stat_name", "per_connection_buffer_limit_bytes", "max_requests_per_connection",
     "upstream_http_protocol_options", "common_http_protocol_options", "http_protocol_options",
     "http2_protocol_options", "typed_extension_protocol_options", "dns_refresh_rate", "dns_jitter",
     "dns_failure_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "dns_resolvers", "use_tcp_for_dns_lookups",
-    "dns_resolution_config", "typed_dns_resolver_config", "wait_for_warm_on_init", "cleanup_interval",
+    "dns_resolution_config", "typed_dns_resolver_config", "wait_for_warm_on_init",
     "ring_hash_lb_config", "maglev_lb_config", "least_request_lb_config", "round_robin_lb_config",
     "common_lb_config", "metadata", "protocol_selection", "upstream_connection_options",
     "close_connections_on_host_health_failure", "ignore_health_on_host_removal", "lrs_server",
@@ -90,6 +90,8 @@ def _cluster(msg: Any, where: str, default_bind: tuple[str | None, int | None] |
         connect_timeout=seconds(msg.connect_timeout) if msg.HasField("connect_timeout") else ENVOY_CONNECT_TIMEOUT,
         mark=mark, source_address=source,
         max_connections=_max_connections(msg, f"{where}.circuit_breakers", fields),
+        cleanup_interval=(seconds(msg.cleanup_interval) if msg.HasField("cleanup_interval")
+                          else DEFAULT_CLEANUP_INTERVAL),
     )
 
 
