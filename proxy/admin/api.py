@@ -106,6 +106,24 @@ def _collect_stats(proxy: Lifecycle, snap: Snapshot) -> list[fmt.Stat]:
         fmt.Stat("cluster_manager.cds.update_success", 1),
         fmt.Stat("cluster_manager.active_clusters", len(proxy.config.clusters) + 1, gauge=True),
     ]
+    return out + _membership(proxy.config, snap)
+
+
+def _membership(config: Config, snap: Snapshot) -> list[fmt.Stat]:
+    """Envoy's membership stats of each cluster: a STATIC one's endpoints (set once, a change
+    if there are any), an ORIGINAL_DST one's destinations listed now (its membership_change
+    is counted as they come and go: datapath/upstream.py). Every host is healthy, none
+    degraded, excluded or weighted, as in an Envoy without health checks."""
+    out = []
+    for name, kind, endpoints in [*((c.name, c.kind, len(c.endpoints)) for c in config.clusters),
+                                  (ORIGINAL_DST, "original_dst", 0)]:
+        prefix = f"cluster.{name}."
+        members = len(snap.hosts.get(name, ())) if kind == "original_dst" else endpoints
+        if kind != "original_dst":
+            out.append(fmt.Stat(prefix + "membership_change", int(members > 0), used=members > 0))
+        out += [fmt.Stat(prefix + stat, value, gauge=True, used=value != 0) for stat, value in (
+            ("max_host_weight", 0), ("membership_degraded", 0), ("membership_excluded", 0),
+            ("membership_healthy", members), ("membership_total", members))]
     return out
 
 

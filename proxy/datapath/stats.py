@@ -84,11 +84,12 @@ class Stats:
 
     def sweep_hosts(self, cluster: str, keep: set[Endpoint]) -> int:
         """Forget the hosts of `cluster` with no connection open, but those in `keep`;
-        how many are left."""
+        how many went."""
         hosts = self.hosts.get(cluster, {})
-        for host in [h for h, counters in hosts.items() if not counters["cx_active"] and h not in keep]:
+        gone = [h for h, counters in hosts.items() if not counters["cx_active"] and h not in keep]
+        for host in gone:
             del hosts[host]
-        return len(hosts)
+        return len(gone)
 
     # set-up and rendering ----------------------------------------------------------
     def declare(self, *names: str) -> None:

@@ -106,6 +106,8 @@ CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_destroy
                  # connection is one request in Envoy's TCP pool, hence the _with_active_rq twins
                  "upstream_cx_destroy_local", "upstream_cx_destroy_remote", "upstream_cx_destroy_with_active_rq",
                  "upstream_cx_destroy_local_with_active_rq", "upstream_cx_destroy_remote_with_active_rq")
+# an ORIGINAL_DST cluster's hosts come and go (a STATIC one's: admin/api.py renders them)
+ORIGINAL_DST_STATS = (*CLUSTER_STATS, "membership_change")
 
 
 class MarkDenied(Exception):
@@ -237,6 +239,10 @@ def _forget_if_closed(transport: asyncio.BaseTransport, sock: socket.socket) -> 
         sock.detach()
 
 
+def _names(cluster: str, kind: str) -> Names:
+    return Names(f"cluster.{cluster}.", ORIGINAL_DST_STATS if kind == "original_dst" else CLUSTER_STATS)
+
+
 def _to_app(passthrough: Route, config: Config) -> Route:
     """How inbound connections reach the app (the original destination, one of ours):
     with TPROXY from the client's address and with the tproxy mark (iptables/rules.sh:
@@ -283,10 +289,10 @@ class Connector:
         memory (counted and logged by the caller)."""
         self.stats, self.own, self.loop, self.note_exhaustion = stats, own, loop, note_exhaustion
         self.policies = {c.name: policy_for(c) for c in config.clusters if c.kind == "static"}
-        self.routes = {c.name: Route(Names(f"cluster.{c.name}.", CLUSTER_STATS), c.connect_timeout,
+        self.routes = {c.name: Route(_names(c.name, c.kind), c.connect_timeout,
                                      c.mark if c.mark is not None else config.mark, c.kind, c.source_address,
                                      c.max_connections, cleanup=c.cleanup_interval) for c in config.clusters}
-        self.routes[ORIGINAL_DST] = Route(Names(f"cluster.{ORIGINAL_DST}.", CLUSTER_STATS),
+        self.routes[ORIGINAL_DST] = Route(_names(ORIGINAL_DST, "original_dst"),
                                           config.connect_timeout, config.mark, "original_dst", None, None)
         self.to_app = _to_app(self.routes[ORIGINAL_DST], config)
         self.opening = dict.fromkeys(self.routes, 0)  # per cluster: sockets open or opening (the breaker)
@@ -315,7 +321,7 @@ class Connector:
                 relay.close("no_original_destination", reset=True)
                 return
             endpoints = [relay.destination]
-            self._picked(cluster, route.cleanup, relay.destination)
+            self._picked(cluster, route, relay.destination)
         else:
             endpoints = self.policies[cluster].order()
         if not endpoints:  # Envoy: no healthy upstream; Istio's BlackHoleCluster
@@ -409,21 +415,29 @@ class Connector:
         if isinstance(policy, LeastRequest):
             policy.closed(up.endpoint)
 
-    def _picked(self, cluster: str, every: float, endpoint: Endpoint) -> None:
-        """An original destination is picked: it stays in /clusters past the next sweep."""
+    def _picked(self, cluster: str, route: Route, endpoint: Endpoint) -> None:
+        """An original destination is picked: listed from now (a new host changes the
+        cluster's membership, as in Envoy), and past the next sweep."""
         picked = self.picked.get(cluster)
         if picked is None:
             picked = self.picked[cluster] = set()
-            self.loop.call_later(every, self._sweep, cluster, every)
+            self.loop.call_later(route.cleanup, self._sweep, cluster, route)
         picked.add(endpoint)
+        stats = self.stats
+        if endpoint not in stats.hosts.get(cluster, ()):
+            stats.host(cluster, endpoint)
+            stats.counters[route.names.membership_change] += 1
 
-    def _sweep(self, cluster: str, every: float) -> None:
+    def _sweep(self, cluster: str, route: Route) -> None:
         """Envoy's ORIGINAL_DST cleanup: forget the hosts with no connection open that
-        were not picked since the last sweep; sweep again while any host is left."""
-        left = self.stats.sweep_hosts(cluster, keep=self.picked.pop(cluster))
-        if left:
+        were not picked since the last sweep (one membership change, however many go);
+        sweep again while any host is left."""
+        stats = self.stats
+        if stats.sweep_hosts(cluster, keep=self.picked.pop(cluster)):
+            stats.counters[route.names.membership_change] += 1
+        if stats.hosts[cluster]:
             self.picked[cluster] = set()
-            self.loop.call_later(every, self._sweep, cluster, every)
+            self.loop.call_later(route.cleanup, self._sweep, cluster, route)
 
     def _gave_up(self, relay: Relay, endpoint: Endpoint, reason: str, timed_out: bool) -> None:
         """No endpoint is left: the client is closed as Envoy closes it (the end reason is the last attempt's)."""

@@ -83,6 +83,12 @@ NEVER_COUNTED = ("upstream_flush_total", "upstream_flush_active")
 # per_connection_buffer_limit_bytes, the proxy's 256 KiB plus the kernel's): it
 # differs from one run to the next of the same proxy
 TIMING = ("downstream_flow_control_paused_reading_total", "downstream_flow_control_resumed_reading_total")
+# an ORIGINAL_DST cluster's hosts leave at a sweep every cleanup_interval (5 s) whose phase is
+# each process's own, so which destinations of this longer run are still listed at its end, and
+# how often the set changed, depend on when the sweeps fell (test_original_dst_hosts.py compares
+# them where the timing is held)
+SWEPT = ("PassthroughCluster.membership_change", "PassthroughCluster.membership_healthy",
+         "PassthroughCluster.membership_total")
 
 # destination ports of the chains
 P_RR, P_RETRY, P_REFUSED, P_TIMEOUT, P_BLACKHOLE, P_IDLE = 81, 83, 84, 85, 9, 86
@@ -402,7 +408,7 @@ def test_stats_move_alike(observed, loop):
     for family in ("listener.0.0.0.0_15001.", "cluster.timed-out.", "cluster.BlackHoleCluster.", "tcp.idle."):
         assert any(n.startswith(family) for n in shared), f"no {family} stats in common"
     differ = [f"{name}: envoy {envoy[name]}, sidecar-envoy {ours[name]}" for name in shared
-              if not name.startswith(NOT_COMPARED) and not name.endswith((*NEVER_COUNTED, *TIMING))
+              if not name.startswith(NOT_COMPARED) and not name.endswith((*NEVER_COUNTED, *TIMING, *SWEPT))
               and envoy[name] != ours[name]]
     assert not differ, f"stats that moved differently ({loop}):\n  " + "\n  ".join(differ)
 

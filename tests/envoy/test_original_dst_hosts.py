@@ -6,7 +6,8 @@ every cleanup_interval finds it with no connection open and not picked
 since the sweep before. The same bootstrap (cleanup_interval 1s) runs as
 real Envoy and as sidecar-envoy on each loop, in a fresh pod with the
 project's redirect rules: right after a served and a refused connection
-both list the same host lines, and both forget them within two intervals.
+both list the same host lines, and both forget them within two intervals;
+the cluster's membership stats move alike.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def host_lines(runner) -> list[str]:
                   if line.startswith("PassthroughCluster::198.51.100."))
 
 
+def membership(runner) -> dict[str, int]:
+    """Every cluster's membership stats (hosts listed, changes to them), but the proxy's own
+    `original_dst`, which Envoy has not."""
+    return {name: value for name, value in runner.stats().items()
+            if name.startswith("cluster.") and not name.startswith("cluster.original_dst.")
+            and ("membership_" in name or "max_host_weight" in name)}
+
+
 def wait_for(check, seconds: float):
     deadline = time.monotonic() + seconds
     while True:
@@ -43,14 +52,16 @@ def wait_for(check, seconds: float):
         time.sleep(0.05)
 
 
-def run(kind: str, bootstrap_path: str) -> tuple[list[str], float]:
-    """(host lines once both connections are closed, seconds until they are gone)."""
+def run(kind: str, bootstrap_path: str) -> tuple[list[str], float, list[dict[str, int]]]:
+    """(host lines once both connections are closed, seconds until they are gone,
+    membership stats at the start, once both are closed, once they are gone)."""
     world = PodWorld()
     server = ThreadedServer(world.remote, ECHO, echo)
     try:
         world.pod.exec("sh", str(REDIRECT), "--method", "uid", "--proxy-port", str(PORT))
         runner = subject(kind, world.pod, bootstrap_path)
         try:
+            stats = [membership(runner)]
             with world.pod.connect(ECHO) as c:
                 c.sendall(b"hello")
                 assert c.recv(5) == b"hello"
@@ -60,9 +71,12 @@ def run(kind: str, bootstrap_path: str) -> tuple[list[str], float]:
             closed = time.monotonic()
             lines = wait_for(lambda: [ln for ln in host_lines(runner) if ln.endswith("::cx_active::0")] and
                              host_lines(runner), 2.0)
+            stats.append(membership(runner))
             gone = wait_for(lambda: not host_lines(runner), 4 * INTERVAL)
             assert gone, f"{kind}: the hosts are still listed {4 * INTERVAL:g}s on: {host_lines(runner)}"
-            return lines, time.monotonic() - closed
+            took = time.monotonic() - closed
+            stats.append(membership(runner))
+            return lines, took, stats
         finally:
             runner.stop()
     finally:
@@ -75,6 +89,13 @@ def bootstrap_path(netns_prerequisites):
     directory = tempfile.mkdtemp(prefix="scp-odhosts-")
     bootstrap = copy.deepcopy(BOOTSTRAP)
     bootstrap["static_resources"]["clusters"][0]["cleanup_interval"] = f"{INTERVAL:g}s"
+    # STATIC clusters with endpoints and without, unused: their membership is set once
+    bootstrap["static_resources"]["clusters"] += [
+        {"name": "web", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+            "cluster_name": "web", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": host, "port_value": 80}}}}
+                for host in ("198.51.100.20", "198.51.100.21")]}]}},
+        {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "1s"}]
     try:
         yield write_bootstrap(directory, bootstrap)
     finally:
@@ -88,13 +109,18 @@ def envoy(bootstrap_path):
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_original_destinations_stay_listed_until_swept_as_in_envoy(envoy, bootstrap_path, loop):
-    envoy_lines, envoy_gone = envoy
-    ours, ours_gone = run(loop, bootstrap_path)
+    envoy_lines, envoy_gone, envoy_stats = envoy
+    ours, ours_gone, ours_stats = run(loop, bootstrap_path)
     served = f"PassthroughCluster::{ECHO[0]}:{ECHO[1]}::"
     refused = f"PassthroughCluster::{REFUSED[0]}:{REFUSED[1]}::"
     # what the two connections leave: the served host and the refused one, with their counters
     assert served + "cx_total::1" in envoy_lines and refused + "cx_connect_fail::1" in envoy_lines
     assert ours == envoy_lines, (f"only Envoy's: {sorted(set(envoy_lines) - set(ours))}; "
                                  f"only ours ({loop}): {sorted(set(ours) - set(envoy_lines))}")
+    # the cluster's membership as it comes and goes: none, two hosts (two changes), none (one more)
+    assert envoy_stats[1]["cluster.PassthroughCluster.membership_total"] == 2
+    assert envoy_stats[2]["cluster.PassthroughCluster.membership_change"] == 3
+    assert envoy_stats[0]["cluster.web.membership_total"] == 2 and envoy_stats[0]["cluster.web.membership_change"] == 1
+    assert ours_stats == envoy_stats
     # swept within two intervals of the close in both (the second sweep after the last pick)
     assert envoy_gone <= 2 * INTERVAL + 0.5 and ours_gone <= 2 * INTERVAL + 0.5, (envoy_gone, ours_gone)

@@ -36,7 +36,7 @@ def world(interval: float = 2.0):
 
 def picked(connector: Connector, stats: Stats, endpoint: cfg.Endpoint, active: int = 0) -> None:
     """What a connection to `endpoint` leaves: picked, counted, `active` still open."""
-    connector._picked("pass", connector.routes["pass"].cleanup, endpoint)
+    connector._picked("pass", connector.routes["pass"], endpoint)
     host = stats.host("pass", endpoint)
     host["cx_total"] += 1
     host["cx_active"] += active
@@ -44,15 +44,17 @@ def picked(connector: Connector, stats: Stats, endpoint: cfg.Endpoint, active: i
 
 def test_an_idle_host_leaves_at_the_second_sweep_after_its_pick():
     connector, stats, timers = world(interval=2.0)
+    changes = "cluster.pass.membership_change"
     picked(connector, stats, A)
     picked(connector, stats, A)  # one sweep is due however many picks come before it
     assert [delay for delay, _, _ in timers.due] == [2.0]
+    assert stats[changes] == 1  # the host came
     timers.fire()  # picked since the last sweep: stays
-    assert stats.hosts["pass"][A]["cx_total"] == 2
+    assert stats.hosts["pass"][A]["cx_total"] == 2 and stats[changes] == 1
     timers.fire()  # idle and not picked since: gone, and no sweep is due any more
-    assert stats.hosts["pass"] == {} and timers.due == []
+    assert stats.hosts["pass"] == {} and timers.due == [] and stats[changes] == 2
     picked(connector, stats, A)  # a later pick starts over
-    assert stats.hosts["pass"][A]["cx_total"] == 1 and len(timers.due) == 1
+    assert stats.hosts["pass"][A]["cx_total"] == 1 and len(timers.due) == 1 and stats[changes] == 3
 
 
 def test_a_host_with_a_connection_open_stays():
@@ -65,6 +67,16 @@ def test_a_host_with_a_connection_open_stays():
     stats.hosts["pass"][A]["cx_active"] -= 1  # its connection closes
     timers.fire()
     assert stats.hosts["pass"] == {} and timers.due == []
+    assert stats["cluster.pass.membership_change"] == 4  # A came, B came, B went, A went
+
+
+def test_hosts_that_go_in_one_sweep_are_one_membership_change():
+    connector, stats, timers = world()
+    picked(connector, stats, A)
+    picked(connector, stats, B)
+    timers.fire()
+    timers.fire()
+    assert stats.hosts["pass"] == {} and stats["cluster.pass.membership_change"] == 3  # as Envoy counts
 
 
 def test_the_implicit_original_dst_cluster_sweeps_at_envoys_default():
