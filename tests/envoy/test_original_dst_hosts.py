@@ -19,7 +19,7 @@ import time
 
 import pytest
 from envoyproc import LOOPS, subject, write_bootstrap
-from support import echo
+from support import echo, wait_until
 from test_stats_delta import BOOTSTRAP, ECHO, PORT, REDIRECT, REFUSED
 
 from proxy.demo.netns import PodWorld, ThreadedServer
@@ -43,13 +43,10 @@ def membership(runner) -> dict[str, int]:
             and ("membership_" in name or "max_host_weight" in name)}
 
 
-def wait_for(check, seconds: float):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
+def all_closed(lines: list[str]) -> list[str]:
+    """The lines, if they list hosts and none has a connection open (else [])."""
+    active = [line for line in lines if "::cx_active::" in line]
+    return lines if active and all(line.endswith("::cx_active::0") for line in active) else []
 
 
 def run(kind: str, bootstrap_path: str) -> tuple[list[str], float, list[dict[str, int]]]:
@@ -69,11 +66,9 @@ def run(kind: str, bootstrap_path: str) -> tuple[list[str], float, list[dict[str
                 c.settimeout(5)
                 assert c.recv(10) == b""
             closed = time.monotonic()
-            lines = wait_for(lambda: [ln for ln in host_lines(runner) if ln.endswith("::cx_active::0")] and
-                             host_lines(runner), 2.0)
+            lines = wait_until(lambda: all_closed(host_lines(runner)), 2.0, f"{kind}: hosts listed, none open")
             stats.append(membership(runner))
-            gone = wait_for(lambda: not host_lines(runner), 4 * INTERVAL)
-            assert gone, f"{kind}: the hosts are still listed {4 * INTERVAL:g}s on: {host_lines(runner)}"
+            wait_until(lambda: not host_lines(runner), 4 * INTERVAL, f"{kind}: end to the hosts' listing")
             took = time.monotonic() - closed
             stats.append(membership(runner))
             return lines, took, stats
